@@ -1,0 +1,245 @@
+//! Packet capture, free of PostgreSQL: devices, the in-kernel filter, the TPACKET_V3
+//! ring, header parsing and the direction rule. The worker and the benchmark both drive
+//! it; plain `cargo test` covers it.
+
+pub mod filter;
+pub mod packet;
+#[cfg(target_os = "linux")]
+pub mod ring;
+#[cfg(test)]
+pub(crate) mod testframes;
+
+use filter::{FilterError, LinkLayer, PACKET_OUTGOING};
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+
+/// Longest interface name Linux allows (IFNAMSIZ - 1).
+pub const MAX_DEVICE_NAME: usize = 15;
+
+#[derive(Debug)]
+pub enum CaptureError {
+    /// No device by that name (yet).
+    NoSuchDevice(String),
+    /// The process lacks CAP_NET_RAW.
+    Permission(io::Error),
+    /// The device exists but is down (ENETDOWN).
+    DeviceDown(String),
+    Filter(FilterError),
+    Io { what: &'static str, err: io::Error },
+}
+
+impl CaptureError {
+    pub fn from_io(what: &'static str, err: io::Error) -> CaptureError {
+        match err.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => CaptureError::Permission(err),
+            Some(libc::ENODEV) | Some(libc::ENXIO) => CaptureError::NoSuchDevice(what.to_string()),
+            _ => CaptureError::Io { what, err },
+        }
+    }
+}
+
+impl fmt::Display for CaptureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CaptureError::NoSuchDevice(d) => write!(f, "no network device \"{d}\""),
+            CaptureError::Permission(e) => write!(f, "cannot open a packet socket: {e} (CAP_NET_RAW is required)"),
+            CaptureError::DeviceDown(d) => write!(f, "network device \"{d}\" is down"),
+            CaptureError::Filter(e) => write!(f, "cannot build the packet filter: {e}"),
+            CaptureError::Io { what, err } => write!(f, "{what} failed: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for CaptureError {}
+
+/// What the capture needs to know about a network device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub ifindex: u32,
+    pub up: bool,
+    pub loopback: bool,
+    pub link: LinkLayer,
+}
+
+/// Checks that `name` can be an interface name at all (the kernel's own rules).
+pub fn valid_device_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_DEVICE_NAME
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':' && b != b',')
+}
+
+#[cfg(target_os = "linux")]
+fn ioctl_ifreq(name: &str, request: libc::c_ulong) -> io::Result<libc::ifreq> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: ifreq is plain data; zeroed is valid. The name fits (checked below).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if !valid_device_name(name) {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV));
+    }
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // Any socket will do for interface ioctls; a UDP one needs no privilege.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM.cloexec(), None)?;
+    // SAFETY: `ifr` is a valid ifreq for SIOCGIF* requests, which only write into it.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &mut ifr) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ifr)
+}
+
+/// Looks a device up by name. `Ok(None)` when there is no such device.
+#[cfg(target_os = "linux")]
+pub fn device_info(name: &str) -> io::Result<Option<DeviceInfo>> {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_LOOPBACK: u16 = 772;
+    let cname = match CString::new(name) {
+        Ok(c) if valid_device_name(name) => c,
+        _ => return Ok(None),
+    };
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Ok(None);
+    }
+    let flags = match ioctl_ifreq(name, libc::SIOCGIFFLAGS) {
+        // SAFETY: SIOCGIFFLAGS fills the flags member of the union.
+        Ok(ifr) => (unsafe { ifr.ifr_ifru.ifru_flags }) as i32,
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let hatype = match ioctl_ifreq(name, libc::SIOCGIFHWADDR) {
+        // SAFETY: SIOCGIFHWADDR fills the hwaddr member.
+        Ok(ifr) => unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_family },
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let link = match hatype {
+        ARPHRD_ETHER | ARPHRD_LOOPBACK => LinkLayer::Ethernet,
+        _ => LinkLayer::Cooked,
+    };
+    Ok(Some(DeviceInfo {
+        name: name.to_string(),
+        ifindex,
+        up: flags & libc::IFF_UP != 0,
+        loopback: flags & libc::IFF_LOOPBACK != 0,
+        link,
+    }))
+}
+
+/// All devices, in ifindex order.
+#[cfg(target_os = "linux")]
+pub fn list_devices() -> io::Result<Vec<DeviceInfo>> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            if let Ok(name) = std::ffi::CStr::from_ptr((*p).if_name).to_str() {
+                if let Ok(Some(info)) = device_info(name) {
+                    out.push(info);
+                }
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out.sort_by_key(|d| d.ifindex);
+    Ok(out)
+}
+
+/// The device captured when none is configured: the first that is up and not loopback.
+#[cfg(target_os = "linux")]
+pub fn default_device() -> io::Result<Option<String>> {
+    Ok(list_devices()?.into_iter().find(|d| d.up && !d.loopback).map(|d| d.name))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// Decides which way a captured frame went, or `None` when it must not be counted.
+///
+/// Off loopback the kernel knows: PACKET_OUTGOING is what this host sent. On loopback
+/// every packet is both sent and received, and the kernel delivers both copies: we keep
+/// only the received copy (the filter already drops the other in the kernel; this is
+/// the safety net) and decide by which side holds one of our server ports. A connection
+/// the server itself opens elsewhere keeps its true direction, because off loopback we
+/// never look at ports.
+pub fn classify(loopback: bool, pkttype: u8, meta: Option<&packet::PacketMeta>, ports: &[u16]) -> Option<Direction> {
+    if !loopback {
+        return Some(if pkttype == PACKET_OUTGOING { Direction::Out } else { Direction::In });
+    }
+    if pkttype == PACKET_OUTGOING {
+        return None;
+    }
+    let m = meta?;
+    if ports.contains(&m.src_port) {
+        Some(Direction::Out)
+    } else if ports.contains(&m.dst_port) {
+        Some(Direction::In)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet::PacketMeta;
+
+    fn meta(s: u16, d: u16) -> PacketMeta {
+        PacketMeta { src_port: s, dst_port: d, ipv6: false }
+    }
+
+    #[test]
+    fn direction_off_loopback_comes_from_the_kernel() {
+        // A walreceiver or postgres_fdw connection the server opens: destination port is
+        // 5432 but the packet leaves the host, so it is out.
+        assert_eq!(classify(false, PACKET_OUTGOING, Some(&meta(40000, 5432)), &[5432]), Some(Direction::Out));
+        assert_eq!(classify(false, 0, Some(&meta(5432, 40000)), &[5432]), Some(Direction::In));
+        assert_eq!(classify(false, 0, None, &[5432]), Some(Direction::In));
+    }
+
+    #[test]
+    fn direction_on_loopback_comes_from_the_server_port() {
+        assert_eq!(classify(true, 0, Some(&meta(40000, 5432)), &[5432]), Some(Direction::In));
+        assert_eq!(classify(true, 0, Some(&meta(5432, 40000)), &[5432]), Some(Direction::Out));
+        assert_eq!(classify(true, 0, Some(&meta(6432, 40000)), &[5432, 6432]), Some(Direction::Out));
+        assert_eq!(classify(true, PACKET_OUTGOING, Some(&meta(40000, 5432)), &[5432]), None);
+        assert_eq!(classify(true, 0, Some(&meta(1, 2)), &[5432]), None);
+        assert_eq!(classify(true, 0, None, &[5432]), None);
+    }
+
+    #[test]
+    fn device_names() {
+        assert!(valid_device_name("eth0"));
+        assert!(valid_device_name("veth-pg_1"));
+        assert!(!valid_device_name(""));
+        assert!(!valid_device_name("a_name_too_long_"));
+        assert!(!valid_device_name("eth0 "));
+        assert!(!valid_device_name("a/b"));
+        assert!(!valid_device_name(".."));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn loopback_is_found_and_marked() {
+        let lo = device_info("lo").unwrap().expect("lo exists");
+        assert!(lo.loopback && lo.up);
+        assert_eq!(lo.link, LinkLayer::Ethernet);
+        assert_eq!(device_info("pgns-nope0").unwrap(), None);
+        assert!(list_devices().unwrap().iter().any(|d| d.name == "lo"));
+    }
+}
