@@ -72,6 +72,38 @@ pub fn valid_device_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':' && b != b',')
 }
 
+/// Most devices captured at once.
+pub const MAX_DEVICES: usize = 16;
+
+/// Parses the `pg_netstat.devices` setting: a comma-separated list of interface names,
+/// blanks around names ignored. An empty (or all-blank) value means "choose for me".
+/// Returns a message fit for a GUC error detail.
+pub fn parse_device_list(value: &str) -> Result<Vec<String>, String> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (i, raw) in value.split(',').enumerate() {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err(format!("Entry {} of the list is empty; write names separated by single commas, e.g. 'eth0,lo'.", i + 1));
+        }
+        if !valid_device_name(name) {
+            return Err(format!(
+                "\"{name}\" is not a valid network device name: 1 to {MAX_DEVICE_NAME} characters, no blanks, '/', ':' or ','."
+            ));
+        }
+        if out.iter().any(|d| d == name) {
+            return Err(format!("Device \"{name}\" is listed twice."));
+        }
+        out.push(name.to_string());
+    }
+    if out.len() > MAX_DEVICES {
+        return Err(format!("{} devices are listed; at most {MAX_DEVICES} can be captured.", out.len()));
+    }
+    Ok(out)
+}
+
 #[cfg(target_os = "linux")]
 fn ioctl_ifreq(name: &str, request: libc::c_ulong) -> io::Result<libc::ifreq> {
     use std::os::fd::AsRawFd;
@@ -231,6 +263,22 @@ mod tests {
         assert!(!valid_device_name("eth0 "));
         assert!(!valid_device_name("a/b"));
         assert!(!valid_device_name(".."));
+    }
+
+    #[test]
+    fn device_lists() {
+        assert_eq!(parse_device_list(""), Ok(vec![]));
+        assert_eq!(parse_device_list("  "), Ok(vec![]));
+        assert_eq!(parse_device_list("eth0"), Ok(vec!["eth0".to_string()]));
+        assert_eq!(parse_device_list(" eth0 , lo "), Ok(vec!["eth0".to_string(), "lo".to_string()]));
+        assert!(parse_device_list("eth0,,lo").unwrap_err().contains("Entry 2"));
+        assert!(parse_device_list("eth0,").unwrap_err().contains("empty"));
+        assert!(parse_device_list("eth0,eth0").unwrap_err().contains("twice"));
+        assert!(parse_device_list("a b").unwrap_err().contains("not a valid"));
+        assert!(parse_device_list("averyveryverylongname").unwrap_err().contains("1 to 15"));
+        let many: Vec<String> = (0..=MAX_DEVICES).map(|i| format!("d{i}")).collect();
+        assert!(parse_device_list(&many.join(",")).unwrap_err().contains("at most 16"));
+        assert_eq!(parse_device_list(&many[..MAX_DEVICES].join(",")).unwrap().len(), MAX_DEVICES);
     }
 
     #[cfg(target_os = "linux")]

@@ -1,0 +1,22 @@
+-- The view keeps the original supabase/pg_netstat's columns, types and order exactly.
+CREATE VIEW pg_netstat AS
+    SELECT device, ts,
+           packets_in, packets_out, packets_in_speed, packets_out_speed,
+           bytes_in, bytes_out, bytes_in_speed, bytes_out_speed,
+           created_at
+      FROM pg_netstat_history()
+     ORDER BY device, ts;
+
+CREATE VIEW pg_netstat_devices AS
+    SELECT * FROM pg_netstat_device_status() ORDER BY device;
+
+COMMENT ON VIEW pg_netstat IS 'Packets and bytes in/out on the server port(s), per device and closed interval';
+COMMENT ON VIEW pg_netstat_devices IS 'Capture status per network device';
+
+-- Traffic figures are monitoring data: superusers and pg_monitor, not PUBLIC.
+REVOKE ALL ON FUNCTION pg_netstat_history() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pg_netstat_device_status() FROM PUBLIC;
+REVOKE ALL ON pg_netstat, pg_netstat_devices FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pg_netstat_history() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION pg_netstat_device_status() TO pg_monitor;
+GRANT SELECT ON pg_netstat, pg_netstat_devices TO pg_monitor;

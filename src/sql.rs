@@ -1,0 +1,123 @@
+//! SQL entry points. They only read shared memory; the view and grants are in sql/.
+
+use crate::shmem::{Slot, STATE};
+use pgrx::prelude::*;
+
+/// Unix microseconds to PostgreSQL's timestamptz (microseconds since 2000-01-01 UTC).
+fn timestamptz(unix_us: i64) -> TimestampWithTimeZone {
+    const PG_EPOCH_OFFSET_US: i64 = 946_684_800 * 1_000_000;
+    TimestampWithTimeZone::try_from(unix_us - PG_EPOCH_OFFSET_US).unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
+}
+
+type HistoryRow = (
+    name!(device, String),
+    name!(ts, TimestampWithTimeZone),
+    name!(packets_in, i64),
+    name!(packets_out, i64),
+    name!(packets_in_speed, i64),
+    name!(packets_out_speed, i64),
+    name!(bytes_in, i64),
+    name!(bytes_out, i64),
+    name!(bytes_in_speed, i64),
+    name!(bytes_out_speed, i64),
+    name!(created_at, TimestampWithTimeZone),
+);
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn history_row(device: &str, s: &Slot) -> HistoryRow {
+    let secs = s.secs.max(1) as u64;
+    let c = s.counters;
+    (
+        device.to_string(),
+        timestamptz(s.start * 1_000_000),
+        as_i64(c.packets_in),
+        as_i64(c.packets_out),
+        as_i64(c.packets_in / secs),
+        as_i64(c.packets_out / secs),
+        as_i64(c.bytes_in),
+        as_i64(c.bytes_out),
+        as_i64(c.bytes_in / secs),
+        as_i64(c.bytes_out / secs),
+        timestamptz(s.created_at_us),
+    )
+}
+
+/// Every closed interval of every captured device; the `pg_netstat` view orders it.
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_history() -> TableIterator<'static, (
+    name!(device, String),
+    name!(ts, TimestampWithTimeZone),
+    name!(packets_in, i64),
+    name!(packets_out, i64),
+    name!(packets_in_speed, i64),
+    name!(packets_out_speed, i64),
+    name!(bytes_in, i64),
+    name!(bytes_out, i64),
+    name!(bytes_in_speed, i64),
+    name!(bytes_out_speed, i64),
+    name!(created_at, TimestampWithTimeZone),
+)> {
+    let rows: Vec<HistoryRow> = {
+        let shared = STATE.share();
+        shared
+            .devices
+            .iter()
+            .filter(|d| d.in_use)
+            .flat_map(|d| d.history().map(move |s| history_row(d.name(), s)))
+            .collect()
+    };
+    TableIterator::new(rows)
+}
+
+type DeviceRow = (
+    name!(device, String),
+    name!(state, String),
+    name!(state_since, TimestampWithTimeZone),
+    name!(packets_in, i64),
+    name!(packets_out, i64),
+    name!(bytes_in, i64),
+    name!(bytes_out, i64),
+    name!(kernel_drops, i64),
+    name!(last_error, Option<String>),
+);
+
+/// Capture status per device: whether it is counting, and if not, why.
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_device_status() -> TableIterator<'static, (
+    name!(device, String),
+    name!(state, String),
+    name!(state_since, TimestampWithTimeZone),
+    name!(packets_in, i64),
+    name!(packets_out, i64),
+    name!(bytes_in, i64),
+    name!(bytes_out, i64),
+    name!(kernel_drops, i64),
+    name!(last_error, Option<String>),
+)> {
+    let rows: Vec<DeviceRow> = {
+        let shared = STATE.share();
+        shared
+            .devices
+            .iter()
+            .filter(|d| d.in_use)
+            .map(|d| {
+                let err = d.last_error();
+                (
+                    d.name().to_string(),
+                    d.state.as_str().to_string(),
+                    timestamptz(d.state_since_us),
+                    as_i64(d.total.packets_in),
+                    as_i64(d.total.packets_out),
+                    as_i64(d.total.bytes_in),
+                    as_i64(d.total.bytes_out),
+                    as_i64(d.kernel_drops),
+                    (!err.is_empty()).then(|| err.to_string()),
+                )
+            })
+            .collect()
+    };
+    TableIterator::new(rows)
+}

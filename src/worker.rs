@@ -1,0 +1,540 @@
+//! The capture worker: one process, one thread, one wait on the latch, postmaster death
+//! and every ring socket at once. It drains rings as soon as the kernel hands over a
+//! block, buckets packets by their own timestamps, and publishes closed intervals.
+
+use crate::capture::ring::{Ring, RingGeometry};
+use crate::capture::{self, classify, packet, CaptureError, DeviceInfo, MAX_DEVICES};
+use crate::gucs::Settings;
+use crate::shmem::{DeviceState, STATE};
+use crate::stats::{Closed, Counters, Intervals};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use std::ffi::c_void;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const WORKER_NAME: &str = "pg_netstat collector";
+/// How soon PostgreSQL starts the worker again after it exits with an error.
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// How often devices are looked at for down/up, removal and re-creation.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+const PG_WAIT_EXTENSION: u32 = 0x0700_0000;
+const PGINVALID_SOCKET: pg_sys::pgsocket = -1;
+
+pub fn register() {
+    BackgroundWorkerBuilder::new(WORKER_NAME)
+        .set_type("pg_netstat")
+        .set_library("pg_netstat")
+        .set_function("pg_netstat_worker_main")
+        .enable_shmem_access(None)
+        .set_start_time(BgWorkerStartTime::PostmasterStart)
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_netstat_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let mut worker = Worker::start();
+    worker.run();
+    worker.shutdown();
+}
+
+fn wall_now() -> (i64, i64) {
+    // Before 1970 only on a badly broken clock; count it as 0 rather than fail.
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs() as i64, d.as_micros() as i64)
+}
+
+fn log_report(level: PgLogLevel, code: PgSqlErrorCode, message: String, hint: Option<&str>) {
+    let mut r = ErrorReport::new(code, message, "pg_netstat worker");
+    if let Some(h) = hint {
+        r = r.set_hint(h);
+    }
+    r.report(level);
+}
+
+const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). Start the server with it, e.g. \
+    setpriv --inh-caps=+net_raw --ambient-caps=+net_raw pg_ctl start ..., or grant it to the binary once with \
+    setcap cap_net_raw=ep on the postgres executable. Capture is retried every minute.";
+
+struct Device {
+    name: String,
+    info: Option<DeviceInfo>,
+    ring: Option<Ring>,
+    intervals: Intervals,
+    state: DeviceState,
+    error: String,
+    retry_at: Instant,
+    backoff: Duration,
+    /// Kernel drops already attributed to a published interval.
+    drops_published: u64,
+    total: Counters,
+    /// State, error or totals changed and are not yet in shared memory.
+    dirty: bool,
+}
+
+impl Device {
+    fn new(name: String, s: &Settings, now: i64) -> Device {
+        Device {
+            name,
+            info: None,
+            ring: None,
+            intervals: Intervals::new(s.interval, s.packet_wait_time, now),
+            state: DeviceState::Starting,
+            error: String::new(),
+            retry_at: Instant::now(),
+            backoff: RETRY_FIRST,
+            drops_published: 0,
+            total: Counters::default(),
+            dirty: true,
+        }
+    }
+
+    /// Records a new state; logs only when the state or the message changes, so a
+    /// device that keeps failing the same way is reported once.
+    fn set_state(&mut self, state: DeviceState, error: String) {
+        if state == self.state && error == self.error {
+            return;
+        }
+        match state {
+            DeviceState::Capturing => {
+                log!("pg_netstat: capturing on device \"{}\"", self.name);
+            }
+            DeviceState::NoPermission => log_report(
+                PgLogLevel::WARNING,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("pg_netstat: cannot capture on device \"{}\": {}", self.name, error),
+                Some(PERMISSION_HINT),
+            ),
+            DeviceState::Missing => log_report(
+                PgLogLevel::WARNING,
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("pg_netstat: network device \"{}\" does not exist", self.name),
+                Some("Check pg_netstat.devices (ip link lists the devices). Capture starts when the device appears."),
+            ),
+            DeviceState::Down => {
+                log!("pg_netstat: network device \"{}\" is down; capture resumes when it is up", self.name)
+            }
+            DeviceState::Error => log_report(
+                PgLogLevel::WARNING,
+                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                format!("pg_netstat: capture on device \"{}\" failed: {}", self.name, error),
+                Some("Capture is retried with a growing delay."),
+            ),
+            DeviceState::Starting => {}
+        }
+        self.state = state;
+        self.error = error;
+        self.dirty = true;
+    }
+
+    fn fail(&mut self, state: DeviceState, error: String) {
+        self.ring = None;
+        self.set_state(state, error);
+        let delay = if state == DeviceState::NoPermission { RETRY_MAX } else { self.backoff };
+        self.retry_at = Instant::now() + delay;
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+
+    fn open(&mut self, ports: &[u16], geometry: RingGeometry) {
+        let info = match capture::device_info(&self.name) {
+            Ok(Some(i)) => i,
+            Ok(None) => return self.fail(DeviceState::Missing, "no such device".into()),
+            Err(e) => return self.fail(DeviceState::Error, format!("device lookup failed: {e}")),
+        };
+        match Ring::open(&info, ports, geometry) {
+            Ok(ring) => {
+                self.ring = Some(ring);
+                self.backoff = RETRY_FIRST;
+                let state = if info.up { DeviceState::Capturing } else { DeviceState::Down };
+                self.info = Some(info);
+                self.set_state(state, String::new());
+            }
+            Err(CaptureError::Permission(e)) => self.fail(DeviceState::NoPermission, format!("{e} (CAP_NET_RAW missing)")),
+            Err(CaptureError::NoSuchDevice(_)) => self.fail(DeviceState::Missing, "no such device".into()),
+            Err(e) => self.fail(DeviceState::Error, e.to_string()),
+        }
+    }
+
+    /// Follows the device: down/up, gone, or re-created under the same name.
+    fn health_check(&mut self, ports: &[u16], geometry: RingGeometry) {
+        if self.ring.is_none() {
+            return;
+        }
+        match capture::device_info(&self.name) {
+            Ok(None) => self.fail(DeviceState::Missing, "device removed".into()),
+            Ok(Some(now)) => {
+                let before = self.info.as_ref().map(|i| i.ifindex);
+                if before != Some(now.ifindex) {
+                    // Same name, new device: the old socket is bound to a dead ifindex.
+                    self.ring = None;
+                    self.open(ports, geometry);
+                } else {
+                    let state = if now.up { DeviceState::Capturing } else { DeviceState::Down };
+                    self.set_state(state, String::new());
+                    self.info = Some(now);
+                }
+            }
+            Err(e) => log!("pg_netstat: cannot look at device \"{}\": {e}", self.name),
+        }
+    }
+
+    fn drain(&mut self, ports: &[u16]) -> u32 {
+        let Device { ring, info, intervals, total, dirty, .. } = self;
+        let (Some(ring), Some(info)) = (ring.as_mut(), info.as_ref()) else {
+            return 0;
+        };
+        let loopback = info.loopback;
+        let link = ring.link();
+        let stats = ring.drain(|f| {
+            // Off loopback the kernel's packet type is the direction; only loopback
+            // needs the ports, so only loopback pays for parsing.
+            let meta = if loopback { packet::parse(f.data, link, f.protocol).ok() } else { None };
+            if let Some(dir) = classify(loopback, f.pkttype, meta.as_ref(), ports) {
+                intervals.record(f.sec as i64, dir, f.len as u64);
+                total.add(dir, f.len as u64);
+            }
+        });
+        if stats.frames > 0 {
+            *dirty = true;
+        }
+        stats.blocks
+    }
+
+    /// A readable socket with no block for us: take the pending error so the socket
+    /// stops polling ready, and learn from it.
+    fn check_socket_error(&mut self) {
+        let Some(ring) = self.ring.as_ref() else { return };
+        match ring.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                self.set_state(DeviceState::Down, String::new());
+            }
+            Ok(Some(e)) if matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENXIO)) => {
+                self.fail(DeviceState::Missing, "device removed".into());
+            }
+            Ok(Some(e)) | Err(e) => self.fail(DeviceState::Error, format!("socket error: {e}")),
+        }
+    }
+}
+
+struct Worker {
+    settings: Settings,
+    ports: Vec<u16>,
+    devices: Vec<Device>,
+    set: *mut pg_sys::WaitEventSet,
+    set_dirty: bool,
+    next_health_check: Instant,
+}
+
+fn resolve_devices(s: &Settings) -> Vec<String> {
+    let mut names = if s.devices.is_empty() {
+        match capture::default_device() {
+            Ok(Some(d)) => vec![d],
+            Ok(None) => {
+                if !s.capture_loopback {
+                    warning!("pg_netstat: no network device is up besides loopback; set pg_netstat.devices or pg_netstat.capture_loopback");
+                }
+                vec![]
+            }
+            Err(e) => {
+                warning!("pg_netstat: cannot list network devices: {e}");
+                vec![]
+            }
+        }
+    } else {
+        s.devices.clone()
+    };
+    if s.capture_loopback {
+        let lo = capture::list_devices()
+            .ok()
+            .and_then(|l| l.into_iter().find(|d| d.loopback).map(|d| d.name))
+            .unwrap_or_else(|| "lo".to_string());
+        if !names.contains(&lo) {
+            names.push(lo);
+        }
+    }
+    names.truncate(MAX_DEVICES);
+    names
+}
+
+fn geometry(s: &Settings) -> RingGeometry {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    RingGeometry::from_pcap_settings(s.buffer_size, s.snaplen, s.timeout_ms, page)
+}
+
+impl Worker {
+    fn start() -> Worker {
+        let settings = Settings::current();
+        // SAFETY: PostPortNumber is set by the postmaster before any worker starts.
+        let port = unsafe { pg_sys::PostPortNumber };
+        let ports = vec![port as u16];
+        let mut w = Worker {
+            settings: settings.clone(),
+            ports,
+            devices: Vec::new(),
+            set: std::ptr::null_mut(),
+            set_dirty: true,
+            next_health_check: Instant::now() + HEALTH_CHECK_EVERY,
+        };
+        w.warn_about_settings();
+        let names = resolve_devices(&settings);
+        log!("pg_netstat: worker started for port {} on device(s) {}", port, names.join(", "));
+        let (now, _) = wall_now();
+        w.devices = names.into_iter().map(|n| Device::new(n, &settings, now)).collect();
+        // History of devices still configured survives a worker restart; the rest goes.
+        STATE.exclusive().retain(&w.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>());
+        w.open_due();
+        w
+    }
+
+    fn warn_about_settings(&self) {
+        let s = &self.settings;
+        if s.timeout_ms as u64 >= s.packet_wait_time as u64 * 1000 {
+            warning!(
+                "pg_netstat: pg_netstat.pcap_timeout ({} ms) is not below pg_netstat.packet_wait_time ({} s): packets may be counted in the interval after their own",
+                s.timeout_ms,
+                s.packet_wait_time
+            );
+        }
+    }
+
+    fn open_due(&mut self) {
+        let now = Instant::now();
+        let g = geometry(&self.settings);
+        for d in self.devices.iter_mut() {
+            if d.ring.is_none() && d.retry_at <= now {
+                d.open(&self.ports, g);
+                if d.ring.is_some() {
+                    self.set_dirty = true;
+                }
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        let mut readable: Vec<usize> = Vec::with_capacity(MAX_DEVICES);
+        loop {
+            self.wait(&mut readable);
+            pg_sys::check_for_interrupts!();
+            if BackgroundWorker::sigterm_received() {
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                self.reload();
+            }
+            for i in 0..self.devices.len() {
+                let blocks = self.devices[i].drain(&self.ports);
+                if blocks == 0 && readable.contains(&i) {
+                    self.devices[i].check_socket_error();
+                    if self.devices[i].ring.is_none() {
+                        self.set_dirty = true;
+                    }
+                }
+            }
+            if Instant::now() >= self.next_health_check {
+                self.next_health_check = Instant::now() + HEALTH_CHECK_EVERY;
+                let g = geometry(&self.settings);
+                for d in self.devices.iter_mut() {
+                    let had = d.ring.as_ref().map(Ring::fd);
+                    d.health_check(&self.ports, g);
+                    if d.ring.as_ref().map(Ring::fd) != had {
+                        self.set_dirty = true;
+                    }
+                }
+            }
+            self.open_due();
+            self.publish(false);
+        }
+    }
+
+    /// Sleeps until a ring has data, the latch is set, or the next interval is due.
+    fn wait(&mut self, readable: &mut Vec<usize>) {
+        readable.clear();
+        if self.set_dirty || self.set.is_null() {
+            self.rebuild_wait_set();
+        }
+        let timeout = self.timeout_ms();
+        // SAFETY: WaitEvent is plain data; zeroed entries are only written by the call.
+        let mut events: [pg_sys::WaitEvent; MAX_DEVICES + 2] = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` was built by rebuild_wait_set and is valid; `events` has room for
+        // the count we pass.
+        let n = unsafe {
+            pg_sys::WaitEventSetWait(self.set, timeout, events.as_mut_ptr(), events.len() as i32, PG_WAIT_EXTENSION)
+        };
+        for e in &events[..n.max(0) as usize] {
+            if e.events & pg_sys::WL_LATCH_SET != 0 {
+                // SAFETY: MyLatch is this process's latch.
+                unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            }
+            if e.events & pg_sys::WL_SOCKET_READABLE != 0 {
+                readable.push(e.user_data as usize);
+            }
+        }
+    }
+
+    fn timeout_ms(&self) -> std::ffi::c_long {
+        let (_, now_us) = wall_now();
+        let cap_ms = self.settings.interval as i64 * 1000;
+        let mut ms = cap_ms.min(HEALTH_CHECK_EVERY.as_millis() as i64);
+        for d in &self.devices {
+            ms = ms.min(d.intervals.next_deadline() * 1000 - now_us / 1000);
+            if d.ring.is_none() {
+                ms = ms.min(d.retry_at.saturating_duration_since(Instant::now()).as_millis() as i64);
+            }
+        }
+        // A clock step makes the deadlines meaningless for a moment: the bounds keep the
+        // worker neither spinning nor asleep for long.
+        ms.clamp(0, cap_ms) as std::ffi::c_long
+    }
+
+    fn rebuild_wait_set(&mut self) {
+        // SAFETY: the set is ours (created below, in TopMemoryContext or with no
+        // resource owner) and freed exactly once before being replaced.
+        unsafe {
+            if !self.set.is_null() {
+                pg_sys::FreeWaitEventSet(self.set);
+                self.set = std::ptr::null_mut();
+            }
+            let set = create_wait_event_set(MAX_DEVICES as i32 + 2);
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, PGINVALID_SOCKET, pg_sys::MyLatch, std::ptr::null_mut());
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, std::ptr::null_mut(), std::ptr::null_mut());
+            for (i, d) in self.devices.iter().enumerate() {
+                if let Some(r) = &d.ring {
+                    pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE, r.fd(), std::ptr::null_mut(), i as *mut c_void);
+                }
+            }
+            self.set = set;
+        }
+        self.set_dirty = false;
+    }
+
+    fn reload(&mut self) {
+        // SAFETY: the documented way for a background worker to re-read the config.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        let new = Settings::current();
+        if new == self.settings {
+            return;
+        }
+        let old = std::mem::replace(&mut self.settings, new.clone());
+        log!("pg_netstat: settings reloaded");
+        self.warn_about_settings();
+        let (now, _) = wall_now();
+
+        // Publish what was counted under the old interval before changing its length.
+        if old.interval != new.interval || old.packet_wait_time != new.packet_wait_time {
+            for d in self.devices.iter_mut() {
+                d.drain(&self.ports);
+            }
+            self.publish(true);
+            for d in self.devices.iter_mut() {
+                d.intervals = Intervals::new(new.interval, new.packet_wait_time, now);
+            }
+        }
+
+        let names = resolve_devices(&new);
+        let ring_changed = geometry(&old) != geometry(&new);
+        // Devices leaving the list: count what they still hold, publish, close.
+        let mut leaving: Vec<Device> = Vec::new();
+        let mut kept: Vec<Device> = Vec::new();
+        for d in self.devices.drain(..) {
+            if names.contains(&d.name) {
+                kept.push(d);
+            } else {
+                leaving.push(d);
+            }
+        }
+        for d in leaving.iter_mut() {
+            d.drain(&self.ports);
+        }
+        self.devices = leaving;
+        self.publish(true);
+        self.devices = kept;
+        for n in &names {
+            if !self.devices.iter().any(|d| &d.name == n) {
+                self.devices.push(Device::new(n.clone(), &new, now));
+            }
+        }
+        self.devices.sort_by_key(|d| names.iter().position(|n| n == &d.name));
+        if ring_changed {
+            for d in self.devices.iter_mut() {
+                d.drain(&self.ports);
+                d.ring = None;
+                d.retry_at = Instant::now();
+            }
+        }
+        STATE.exclusive().retain(&names);
+        self.set_dirty = true;
+        self.open_due();
+    }
+
+    /// Moves closed intervals and changed status into shared memory. `all` publishes
+    /// every open interval too (before the interval length changes or a device goes).
+    fn publish(&mut self, all: bool) {
+        let (now, now_us) = wall_now();
+        let mut work: Vec<(usize, Vec<Closed>, u64)> = Vec::new();
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            let closed = if all { d.intervals.flush() } else { d.intervals.close_due(now) };
+            let mut drops = 0;
+            if !closed.is_empty() {
+                if let Some(r) = d.ring.as_mut() {
+                    if let Ok(st) = r.read_kernel_stats() {
+                        drops = st.dropped.saturating_sub(d.drops_published);
+                        d.drops_published = st.dropped;
+                    }
+                }
+            }
+            if !closed.is_empty() || d.dirty {
+                work.push((i, closed, drops));
+            }
+        }
+        if work.is_empty() {
+            return;
+        }
+        let mut shared = STATE.exclusive();
+        for (i, closed, drops) in work {
+            let d = &mut self.devices[i];
+            let Some(e) = shared.entry_mut(&d.name) else { continue };
+            let n = closed.len();
+            for (k, c) in closed.iter().enumerate() {
+                e.push(c, if k + 1 == n { drops } else { 0 }, now_us);
+            }
+            if e.state != d.state || e.state_since_us == 0 {
+                e.state_since_us = now_us;
+            }
+            e.state = d.state;
+            e.set_error(&d.error);
+            e.total = d.total;
+            e.kernel_drops = d.drops_published;
+            d.dirty = false;
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if !self.set.is_null() {
+            // SAFETY: created by rebuild_wait_set, freed once.
+            unsafe { pg_sys::FreeWaitEventSet(self.set) };
+            self.set = std::ptr::null_mut();
+        }
+        self.devices.clear();
+        log!("pg_netstat: worker stopped");
+    }
+}
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+unsafe fn create_wait_event_set(n: i32) -> *mut pg_sys::WaitEventSet {
+    // SAFETY: TopMemoryContext lives as long as the process.
+    unsafe { pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, n) }
+}
+
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+unsafe fn create_wait_event_set(n: i32) -> *mut pg_sys::WaitEventSet {
+    // SAFETY: with no resource owner the set is ours to free, which we do.
+    unsafe { pg_sys::CreateWaitEventSet(std::ptr::null_mut(), n) }
+}
