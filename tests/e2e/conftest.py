@@ -1,0 +1,54 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import PGBIN, Cluster, Netns, free_port, run, wait_for  # noqa: E402
+
+INTERVAL = 2
+
+# Lines that mean something went badly wrong in the server; any of them fails the run.
+CRASH_MARKERS = ("PANIC", "terminated by signal", "server process (PID", "was terminated by",
+                 "exited with exit code", "all server processes terminated")
+
+
+@pytest.fixture(scope="session")
+def netns():
+    ns = Netns(str(os.getpid() % 100000))
+    yield ns
+    ns.teardown()
+
+
+@pytest.fixture(scope="session")
+def cluster(netns):
+    """One capturing cluster for the session: loopback plus the host end of the veth
+    pair, 2-second intervals, a short retire timeout so intervals close quickly."""
+    c = Cluster(
+        free_port(),
+        conf=[
+            f"pg_netstat.interval = {INTERVAL}",
+            "pg_netstat.packet_wait_time = 1",
+            "pg_netstat.pcap_timeout = 100",
+            f"pg_netstat.devices = '{netns.host_if}'",
+            "pg_netstat.capture_loopback = on",
+        ],
+        listen=f"127.0.0.1,::1,{netns.host_ip}",
+        hba_extra=f"host all all {netns.host_ip.rsplit('.', 1)[0]}.0/30 trust",
+    )
+    c.start()
+    try:
+        c.sql("CREATE EXTENSION pg_netstat")
+        # pgbench tables for the traffic tests, made over the Unix socket (not captured).
+        run([str(PGBIN / "pgbench"), "-i", "-q", "-s", "1", "-h", str(c.dir), "-p", str(c.port), "-U", "postgres", "postgres"])
+        wait_for("both devices capturing", lambda: c.rows(
+            "SELECT device FROM pg_netstat_devices WHERE state = 'capturing'") == sorted([[netns.host_if], ["lo"]]))
+        yield c
+        log = c.log()
+        bad = [line for line in log.splitlines() if any(m in line for m in CRASH_MARKERS)]
+        assert not bad, "server log shows a crash:\n" + "\n".join(bad)
+    finally:
+        c.stop()
+        if os.environ.get("PG_NETSTAT_KEEP_CLUSTER") != "1":
+            c.remove()

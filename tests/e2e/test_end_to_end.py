@@ -1,0 +1,155 @@
+"""End to end: a real server with the extension preloaded, real client traffic over
+TCP on 127.0.0.1, ::1 and a veth pair into a network namespace, and the view's sums
+compared with tcpdump's count of the same packets."""
+
+import time
+
+import pytest
+
+from conftest import INTERVAL
+from harness import PGBIN, Cluster, SqlError, Tcpdump, free_port, run, wait_for
+
+ORIGINAL_COLUMNS = [
+    ("device", "text"), ("ts", "timestamp with time zone"),
+    ("packets_in", "bigint"), ("packets_out", "bigint"),
+    ("packets_in_speed", "bigint"), ("packets_out_speed", "bigint"),
+    ("bytes_in", "bigint"), ("bytes_out", "bigint"),
+    ("bytes_in_speed", "bigint"), ("bytes_out_speed", "bigint"),
+    ("created_at", "timestamp with time zone"),
+]
+
+
+def test_view_has_the_original_columns_types_and_order(cluster):
+    rows = cluster.rows("""
+        SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = 'pg_netstat'::regclass AND attnum > 0 ORDER BY attnum""")
+    assert [tuple(r) for r in rows] == ORIGINAL_COLUMNS
+
+
+def make_traffic(cluster, netns):
+    """Client sessions of different shapes on every path: small queries, large results
+    (server to client), a large statement (client to server), and a short pgbench."""
+    big_in = "x" * 200_000
+    for host, ns in (("127.0.0.1", None), ("::1", None), (netns.host_ip, netns.name)):
+        assert cluster.sql("SELECT 1", host=host, netns=ns) == "1"
+        assert cluster.sql("SELECT length(string_agg(md5(i::text), '')) FROM generate_series(1, 20000) i",
+                           host=host, netns=ns) == "640000"
+        assert cluster.sql(f"SELECT length('{big_in}')", host=host, netns=ns) == "200000"
+        assert len(cluster.sql("SELECT repeat('y', 300000)", host=host, netns=ns)) == 300000
+    pgbench = [str(PGBIN / "pgbench"), "-n", "-S", "-c", "2", "-t", "300", "-p", str(cluster.port),
+               "-U", "postgres", "postgres"]
+    run(pgbench + ["-h", "127.0.0.1"])
+    netns.exec(pgbench + ["-h", netns.host_ip])
+
+
+def view_sums(cluster, device, first_sec, last_sec):
+    """Sum of the view's rows for the intervals from the one holding `first_sec` to
+    the one holding `last_sec`, once the last of them has been published."""
+    lo, hi = first_sec - first_sec % INTERVAL, last_sec - last_sec % INTERVAL
+    wait_for(f"interval {hi} of {device} to be published", lambda: cluster.sql(
+        f"SELECT count(*) FROM pg_netstat WHERE device = '{device}' AND ts = to_timestamp({hi})") == "1",
+        timeout=INTERVAL * 4 + 10)
+    row = cluster.rows(f"""
+        SELECT sum(packets_in), sum(packets_out), sum(bytes_in), sum(bytes_out), count(*)
+          FROM pg_netstat
+         WHERE device = '{device}' AND ts BETWEEN to_timestamp({lo}) AND to_timestamp({hi})""")[0]
+    nrows = int(row[4])
+    assert nrows == (hi - lo) // INTERVAL + 1, f"missing intervals for {device}: {nrows} rows"
+    return dict(packets_in=int(row[0]), packets_out=int(row[1]), bytes_in=int(row[2]), bytes_out=int(row[3]))
+
+
+def quiet_period(cluster):
+    """Starts the test in an interval no earlier traffic touched."""
+    time.sleep(INTERVAL + 0.1)
+
+
+def test_counts_equal_tcpdump_on_loopback_and_veth(cluster, netns, tmp_path):
+    quiet_period(cluster)
+    with Tcpdump("lo", cluster.port, tmp_path) as lo_dump, \
+            Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
+        make_traffic(cluster, netns)
+        time.sleep(0.5)  # the last FIN/ACKs
+    for dump, device in ((lo_dump, "lo"), (veth_dump, netns.host_if)):
+        want = dump.tally()
+        assert want["packets_in"] > 600 and want["packets_out"] > 600, (device, want)
+        got = view_sums(cluster, device, want["first_sec"], want["last_sec"])
+        expected = {k: want[k] for k in got}
+        print(f"{device}: view {got} tcpdump {expected}")
+        assert got == expected, f"{device}: view {got} != tcpdump {expected}"
+
+
+def test_speeds_are_per_second_of_the_interval(cluster):
+    rows = cluster.rows("""
+        SELECT packets_in, packets_in_speed, bytes_out, bytes_out_speed,
+               extract(epoch FROM ts)::bigint % 2, created_at > ts + interval '2 seconds'
+          FROM pg_netstat""")
+    assert rows, "no rows published"
+    for p_in, p_in_speed, b_out, b_out_speed, misaligned, after_end in rows:
+        assert int(p_in_speed) == int(p_in) // INTERVAL
+        assert int(b_out_speed) == int(b_out) // INTERVAL
+        assert misaligned == "0"
+        assert after_end == "t", "an interval was published before it ended"
+
+
+def test_device_status_reports_capture(cluster, netns):
+    rows = cluster.rows("SELECT device, state, packets_in > 0, kernel_drops, last_error IS NULL FROM pg_netstat_devices")
+    assert rows == sorted([[netns.host_if, "capturing", "t", "0", "t"], ["lo", "capturing", "t", "0", "t"]])
+
+
+def test_view_is_for_pg_monitor_not_public(cluster):
+    cluster.sql("CREATE ROLE pgn_plain LOGIN; CREATE ROLE pgn_monitor LOGIN IN ROLE pg_monitor")
+    try:
+        for obj in ("pg_netstat", "pg_netstat_devices", "pg_netstat_history()"):
+            with pytest.raises(SqlError) as e:
+                cluster.sql(f"SELECT count(*) FROM {obj}", user="pgn_plain")
+            assert "permission denied" in e.value.stderr
+            assert int(cluster.sql(f"SELECT count(*) FROM {obj}", user="pgn_monitor")) > 0
+    finally:
+        cluster.sql("DROP ROLE pgn_plain; DROP ROLE pgn_monitor")
+
+
+def test_malformed_device_list_is_rejected_with_the_reason(cluster):
+    for value, reason in (("lo,,eth0", "Entry 2 of the list is empty"),
+                          ("lo,lo", 'Device "lo" is listed twice'),
+                          ("bad name", "is not a valid network device name")):
+        with pytest.raises(SqlError) as e:
+            cluster.sql(f"ALTER SYSTEM SET pg_netstat.devices = '{value}'")
+        assert 'invalid value for parameter "pg_netstat.devices"' in e.value.stderr
+        assert reason in e.value.stderr
+    with pytest.raises(SqlError) as e:
+        cluster.sql("ALTER SYSTEM SET pg_netstat.pcap_snaplen = 40")
+    assert "40 B is outside the valid range" in e.value.stderr and "(96 .. 65535)" in e.value.stderr
+
+
+def test_missing_device_is_reported_and_others_keep_counting(cluster, netns):
+    cluster.sql(f"ALTER SYSTEM SET pg_netstat.devices = '{netns.host_if},pgn-nosuch0'")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        wait_for("the missing device to be reported", lambda: cluster.rows(
+            "SELECT device, state FROM pg_netstat_devices ORDER BY device") ==
+            sorted([[netns.host_if, "capturing"], ["lo", "capturing"], ["pgn-nosuch0", "missing"]]))
+        assert cluster.log().count('network device "pgn-nosuch0" does not exist') == 1
+        # Capture elsewhere goes on: new loopback traffic still reaches the view.
+        before = int(cluster.sql("SELECT sum(packets_in) FROM pg_netstat WHERE device = 'lo'"))
+        cluster.sql("SELECT 1", host="127.0.0.1")
+        wait_for("loopback counting to continue", lambda: int(cluster.sql(
+            "SELECT sum(packets_in) FROM pg_netstat WHERE device = 'lo'")) > before, timeout=15)
+    finally:
+        cluster.sql("ALTER SYSTEM RESET pg_netstat.devices")
+        cluster.sql("SELECT pg_reload_conf()")
+    wait_for("the missing device to be forgotten after reload", lambda: cluster.rows(
+        "SELECT device FROM pg_netstat_devices ORDER BY device") == sorted([[netns.host_if], ["lo"]]))
+
+
+def test_create_extension_without_preload_explains_the_fix():
+    c = Cluster(free_port(), preload=False)
+    c.start()
+    try:
+        r = c.psql_result("CREATE EXTENSION pg_netstat")
+        assert r.returncode != 0
+        assert "pg_netstat must be loaded via shared_preload_libraries" in r.stderr
+        assert "HINT:  Add pg_netstat to shared_preload_libraries" in r.stderr
+        assert c.sql("SELECT 1") == "1", "the server must stay up"
+    finally:
+        c.stop()
+        c.remove()
