@@ -9,40 +9,8 @@ fn timestamptz(unix_us: i64) -> TimestampWithTimeZone {
     TimestampWithTimeZone::try_from(unix_us - PG_EPOCH_OFFSET_US).unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
 }
 
-type HistoryRow = (
-    name!(device, String),
-    name!(ts, TimestampWithTimeZone),
-    name!(packets_in, i64),
-    name!(packets_out, i64),
-    name!(packets_in_speed, i64),
-    name!(packets_out_speed, i64),
-    name!(bytes_in, i64),
-    name!(bytes_out, i64),
-    name!(bytes_in_speed, i64),
-    name!(bytes_out_speed, i64),
-    name!(created_at, TimestampWithTimeZone),
-);
-
 fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn history_row(device: &str, s: &Slot) -> HistoryRow {
-    let secs = s.secs.max(1) as u64;
-    let c = s.counters;
-    (
-        device.to_string(),
-        timestamptz(s.start * 1_000_000),
-        as_i64(c.packets_in),
-        as_i64(c.packets_out),
-        as_i64(c.packets_in / secs),
-        as_i64(c.packets_out / secs),
-        as_i64(c.bytes_in),
-        as_i64(c.bytes_out),
-        as_i64(c.bytes_in / secs),
-        as_i64(c.bytes_out / secs),
-        timestamptz(s.created_at_us),
-    )
 }
 
 /// Every closed interval of every captured device; the `pg_netstat` view orders it.
@@ -60,29 +28,29 @@ fn pg_netstat_history() -> TableIterator<'static, (
     name!(bytes_out_speed, i64),
     name!(created_at, TimestampWithTimeZone),
 )> {
-    let rows: Vec<HistoryRow> = {
+    let row = |device: &str, s: &Slot| {
+        let secs = s.secs.max(1) as u64;
+        let c = s.counters;
+        (
+            device.to_string(),
+            timestamptz(s.start * 1_000_000),
+            as_i64(c.packets_in),
+            as_i64(c.packets_out),
+            as_i64(c.packets_in / secs),
+            as_i64(c.packets_out / secs),
+            as_i64(c.bytes_in),
+            as_i64(c.bytes_out),
+            as_i64(c.bytes_in / secs),
+            as_i64(c.bytes_out / secs),
+            timestamptz(s.created_at_us),
+        )
+    };
+    let rows: Vec<_> = {
         let shared = STATE.share();
-        shared
-            .devices
-            .iter()
-            .filter(|d| d.in_use)
-            .flat_map(|d| d.history().map(move |s| history_row(d.name(), s)))
-            .collect()
+        shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
     };
     TableIterator::new(rows)
 }
-
-type DeviceRow = (
-    name!(device, String),
-    name!(state, String),
-    name!(state_since, TimestampWithTimeZone),
-    name!(packets_in, i64),
-    name!(packets_out, i64),
-    name!(bytes_in, i64),
-    name!(bytes_out, i64),
-    name!(kernel_drops, i64),
-    name!(last_error, Option<String>),
-);
 
 /// Capture status per device: whether it is counting, and if not, why.
 #[pg_extern(volatile, parallel_restricted)]
@@ -97,7 +65,7 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
     name!(kernel_drops, i64),
     name!(last_error, Option<String>),
 )> {
-    let rows: Vec<DeviceRow> = {
+    let rows: Vec<_> = {
         let shared = STATE.share();
         shared
             .devices

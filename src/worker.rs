@@ -74,7 +74,8 @@ struct Device {
     /// Kernel drops already attributed to a published interval.
     drops_published: u64,
     total: Counters,
-    /// State, error or totals changed and are not yet in shared memory.
+    /// State or error changed and is not yet in shared memory. (Totals are published
+    /// with each closed interval, so the hot path never takes the lock.)
     dirty: bool,
 }
 
@@ -185,7 +186,7 @@ impl Device {
     }
 
     fn drain(&mut self, ports: &[u16]) -> u32 {
-        let Device { ring, info, intervals, total, dirty, .. } = self;
+        let Device { ring, info, intervals, total, .. } = self;
         let (Some(ring), Some(info)) = (ring.as_mut(), info.as_ref()) else {
             return 0;
         };
@@ -200,9 +201,6 @@ impl Device {
                 total.add(dir, f.len as u64);
             }
         });
-        if stats.frames > 0 {
-            *dirty = true;
-        }
         stats.blocks
     }
 

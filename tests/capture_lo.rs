@@ -7,33 +7,14 @@
 
 use pg_netstat::capture::ring::{Ring, RingGeometry};
 use pg_netstat::capture::{classify, device_info, packet, Direction};
+use pg_netstat::stats::Counters;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-#[derive(Default, Debug, PartialEq, Eq, Clone, Copy)]
-struct Tally {
-    packets_in: u64,
-    packets_out: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-}
-
-impl Tally {
-    fn add(&mut self, dir: Direction, len: u64) {
-        match dir {
-            Direction::In => {
-                self.packets_in += 1;
-                self.bytes_in += len;
-            }
-            Direction::Out => {
-                self.packets_out += 1;
-                self.bytes_out += len;
-            }
-        }
-    }
-}
+/// The same counters the worker keeps.
+type Tally = Counters;
 
 fn have_capture_rights() -> bool {
     // SAFETY: plain socket call; the fd is closed right away.
