@@ -6,6 +6,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod privileges;
 pub mod stats;
 
 mod gucs;
@@ -33,4 +34,35 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
     worker::register();
+    least_privilege();
+}
+
+/// Only the capture worker needs CAP_NET_RAW. The postmaster keeps it permitted only
+/// (children start without it in effect, programs they run never get it); client
+/// backends drop it for good as they authenticate; the worker raises it when it starts.
+fn least_privilege() {
+    if let Err(e) = privileges::postmaster_keep_permitted_only() {
+        warning!("pg_netstat: could not restrict CAP_NET_RAW in the postmaster: {e}");
+    }
+    // SAFETY: hook chaining during _PG_init in the postmaster, before any backend exists.
+    unsafe {
+        PREV_CLIENT_AUTH_HOOK = pg_sys::libpq::ClientAuthentication_hook;
+        pg_sys::libpq::ClientAuthentication_hook = Some(drop_privileges_on_auth);
+    }
+}
+
+static mut PREV_CLIENT_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be::Port, status: i32) {
+    // Before anything the client can make this backend do, authenticated or not.
+    if let Err(e) = privileges::drop_all() {
+        warning!("pg_netstat: could not drop capabilities in this backend: {e}");
+    }
+    // SAFETY: calling the hook that was installed before ours, with the same arguments.
+    unsafe {
+        if let Some(prev) = PREV_CLIENT_AUTH_HOOK {
+            prev(port, status);
+        }
+    }
 }

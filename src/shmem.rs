@@ -3,7 +3,9 @@
 
 use crate::capture::{MAX_DEVICES, MAX_DEVICE_NAME};
 use crate::stats::{Closed, Counters};
+use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
+use std::sync::atomic::AtomicBool;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys};
@@ -126,7 +128,7 @@ impl DeviceEntry {
         }
     }
 
-    pub fn history(&self) -> impl Iterator<Item = &Slot> {
+    pub fn history(&self) -> impl Iterator<Item = &Slot> + '_ {
         (0..self.len as usize).map(move |i| &self.slots[(self.head as usize + i) % HISTORY])
     }
 }
@@ -135,6 +137,8 @@ impl DeviceEntry {
 #[derive(Copy, Clone)]
 pub struct NetstatShared {
     pub devices: [DeviceEntry; MAX_DEVICES],
+    /// PID of the capture worker, 0 before it first starts.
+    pub worker_pid: i32,
 }
 
 impl Default for NetstatShared {
@@ -181,6 +185,11 @@ impl NetstatShared {
 
 pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat") };
 
+/// Set by `pg_netstat_inject_worker_error()`; the worker raises an ERROR when it sees it.
+/// An atomic, not under the lock, because the worker checks it on every wake-up.
+pub static INJECT_ERROR: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_inject_error") };
+
 pub fn init() {
     pg_shmem_init!(STATE);
+    pg_shmem_init!(INJECT_ERROR);
 }

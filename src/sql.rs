@@ -1,7 +1,8 @@
 //! SQL entry points. They only read shared memory; the view and grants are in sql/.
 
-use crate::shmem::{Slot, STATE};
+use crate::shmem::{Slot, INJECT_ERROR, STATE};
 use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
 
 /// Unix microseconds to PostgreSQL's timestamptz (microseconds since 2000-01-01 UTC).
 fn timestamptz(unix_us: i64) -> TimestampWithTimeZone {
@@ -88,4 +89,60 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
             .collect()
     };
     TableIterator::new(rows)
+}
+
+/// Every closed interval with what the compatible view leaves out: its own length (it
+/// changes when pg_netstat.interval is reloaded), packets the kernel dropped, and
+/// packets counted late.
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_interval_history() -> TableIterator<
+    'static,
+    (
+        name!(device, String),
+        name!(ts, TimestampWithTimeZone),
+        name!(interval_seconds, i32),
+        name!(packets_in, i64),
+        name!(packets_out, i64),
+        name!(bytes_in, i64),
+        name!(bytes_out, i64),
+        name!(kernel_drops, i64),
+        name!(late_packets, i64),
+        name!(created_at, TimestampWithTimeZone),
+    ),
+> {
+    let row = |device: &str, s: &Slot| {
+        (
+            device.to_string(),
+            timestamptz(s.start * 1_000_000),
+            i32::try_from(s.secs).unwrap_or(i32::MAX),
+            as_i64(s.counters.packets_in),
+            as_i64(s.counters.packets_out),
+            as_i64(s.counters.bytes_in),
+            as_i64(s.counters.bytes_out),
+            as_i64(s.kernel_drops),
+            as_i64(s.late),
+            timestamptz(s.created_at_us),
+        )
+    };
+    let rows: Vec<_> = {
+        let shared = STATE.share();
+        shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
+    };
+    TableIterator::new(rows)
+}
+
+/// Makes the capture worker raise an ERROR at its next wake-up, so an operator (or a
+/// test) can see it restarted and capture resumed. Superuser only. Returns the PID of
+/// the worker that was asked, or NULL when no worker is running.
+#[pg_extern(volatile, parallel_unsafe)]
+fn pg_netstat_inject_worker_error() -> Option<i32> {
+    let pid = STATE.share().worker_pid;
+    if pid <= 0 {
+        return None;
+    }
+    INJECT_ERROR.get().store(true, Ordering::Release);
+    // SIGHUP wakes the worker's latch; the reload it also causes changes nothing.
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+    (rc == 0).then_some(pid)
 }

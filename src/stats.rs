@@ -54,9 +54,14 @@ pub const MAX_GAP_FILL: i64 = 60;
 pub struct Intervals {
     secs: u32,
     wait: u32,
-    /// Start of `open[0]`, the oldest interval not yet published.
+    /// Start and end of `open[0]`, the oldest interval not yet published. Every later
+    /// interval is `secs` long and aligned; the oldest may be shorter when the interval
+    /// length changed at a boundary that is not a multiple of the new length.
     first: i64,
+    first_end: i64,
     open: VecDeque<(Counters, u64)>,
+    /// Once the interval length changes, the old series stops here (exclusive).
+    stop_at: Option<i64>,
 }
 
 pub fn align(t: i64, secs: u32) -> i64 {
@@ -67,19 +72,42 @@ impl Intervals {
     /// Starts counting at `now`: the first interval is the one `now` falls in.
     pub fn new(secs: u32, wait: u32, now: i64) -> Intervals {
         let secs = secs.max(1);
+        Intervals::starting_at(align(now, secs), secs, wait)
+    }
+
+    /// Starts counting at `start`, which need not be aligned: the first interval runs to
+    /// the next multiple of `secs`, the rest are aligned.
+    pub fn starting_at(start: i64, secs: u32, wait: u32) -> Intervals {
+        let secs = secs.max(1);
         let mut open = VecDeque::with_capacity(MAX_OPEN);
         open.push_back((Counters::default(), 0));
-        Intervals { secs, wait, first: align(now, secs), open }
+        Intervals { secs, wait, first: start, first_end: align(start, secs) + secs as i64, open, stop_at: None }
     }
 
     pub fn secs(&self) -> u32 {
         self.secs
     }
 
-    pub fn record(&mut self, ts: i64, dir: Direction, bytes: u64) {
-        let start = align(ts, self.secs);
-        let late = start < self.first;
-        let idx = if late { 0 } else { ((start - self.first) / self.secs as i64) as usize };
+    pub fn set_wait(&mut self, wait: u32) {
+        self.wait = wait;
+    }
+
+    /// End of the interval `now` falls in (at least the end of the oldest open one).
+    fn current_end(&self, now: i64) -> i64 {
+        (align(now, self.secs) + self.secs as i64).max(self.first_end)
+    }
+
+    /// Counts a packet stamped `ts` (Unix seconds) seen at wall time `now`. A stamp
+    /// before the oldest open interval (clock stepped back, or held past the wait) is
+    /// counted there and reported as late; a stamp ahead of `now` is taken as `now`.
+    pub fn record(&mut self, ts: i64, now: i64, dir: Direction, bytes: u64) {
+        let ts = ts.min(now);
+        let late = ts < self.first;
+        let idx = if late || ts < self.first_end {
+            0
+        } else {
+            1 + ((align(ts, self.secs) - self.first_end) / self.secs as i64) as usize
+        };
         let idx = idx.min(MAX_OPEN - 1);
         while self.open.len() <= idx {
             self.open.push_back((Counters::default(), 0));
@@ -93,7 +121,19 @@ impl Intervals {
 
     /// Wall time at which the oldest open interval is due to close.
     pub fn next_deadline(&self) -> i64 {
-        self.first + self.secs as i64 + self.wait as i64
+        self.first_end + self.wait as i64
+    }
+
+    fn done(&self) -> bool {
+        self.stop_at.is_some_and(|s| self.first >= s)
+    }
+
+    fn pop(&mut self) -> Closed {
+        let (counters, late) = self.open.pop_front().unwrap_or_default();
+        let closed = Closed { start: self.first, secs: (self.first_end - self.first) as u32, counters, late };
+        self.first = self.first_end;
+        self.first_end += self.secs as i64;
+        closed
     }
 
     /// Removes and returns every interval due at `now`, oldest first, including empty
@@ -101,16 +141,17 @@ impl Intervals {
     pub fn close_due(&mut self, now: i64) -> Vec<Closed> {
         let mut out = Vec::new();
         let secs = self.secs as i64;
-        while self.next_deadline() <= now {
-            if self.open.is_empty() {
+        while self.next_deadline() <= now && !self.done() {
+            if self.open.is_empty() && self.stop_at.is_none() {
                 // Nothing recorded beyond here: skip the part of a long gap the history
                 // could not hold anyway.
                 let last_due = align(now - self.wait as i64, self.secs) - secs;
-                self.first = self.first.max(last_due - (MAX_GAP_FILL - 1) * secs);
+                if last_due - (MAX_GAP_FILL - 1) * secs > self.first {
+                    self.first = last_due - (MAX_GAP_FILL - 1) * secs;
+                    self.first_end = self.first + secs;
+                }
             }
-            let (counters, late) = self.open.pop_front().unwrap_or_default();
-            out.push(Closed { start: self.first, secs: self.secs, counters, late });
-            self.first += secs;
+            out.push(self.pop());
         }
         if self.open.is_empty() {
             self.open.push_back((Counters::default(), 0));
@@ -118,15 +159,87 @@ impl Intervals {
         out
     }
 
-    /// Closes everything still open regardless of time (used when the interval length
-    /// changes, so no counted packet is lost).
+    /// Closes everything still open regardless of time (a device leaving the list).
     pub fn flush(&mut self) -> Vec<Closed> {
         let mut out = Vec::new();
-        while let Some((counters, late)) = self.open.pop_front() {
-            out.push(Closed { start: self.first, secs: self.secs, counters, late });
-            self.first += self.secs as i64;
+        while !self.open.is_empty() && !self.done() {
+            out.push(self.pop());
         }
         self.open.push_back((Counters::default(), 0));
+        out
+    }
+}
+
+/// The intervals of one device, across changes of the interval length: when the length
+/// changes, the interval in progress runs to its end under the old length and the new
+/// series starts there, so no row covers two lengths and none is cut short.
+pub struct Bucketing {
+    current: Intervals,
+    retiring: Option<Intervals>,
+}
+
+impl Bucketing {
+    pub fn new(secs: u32, wait: u32, now: i64) -> Bucketing {
+        Bucketing { current: Intervals::new(secs, wait, now), retiring: None }
+    }
+
+    pub fn secs(&self) -> u32 {
+        self.current.secs
+    }
+
+    pub fn record(&mut self, ts: i64, now: i64, dir: Direction, bytes: u64) {
+        match self.retiring.as_mut() {
+            Some(old) if ts.min(now) < self.current.first => old.record(ts, now, dir, bytes),
+            _ => self.current.record(ts, now, dir, bytes),
+        }
+    }
+
+    /// Applies new settings at wall time `now`. Returns intervals that had to be
+    /// published early (only when the length changes twice within one interval).
+    pub fn reconfigure(&mut self, secs: u32, wait: u32, now: i64) -> Vec<Closed> {
+        let secs = secs.max(1);
+        let mut early = Vec::new();
+        self.current.set_wait(wait);
+        if let Some(r) = self.retiring.as_mut() {
+            r.set_wait(wait);
+        }
+        if secs == self.current.secs {
+            return early;
+        }
+        if let Some(mut old) = self.retiring.take() {
+            early = old.flush();
+        }
+        let end = self.current.current_end(now);
+        let mut old = std::mem::replace(&mut self.current, Intervals::starting_at(end, secs, wait));
+        old.stop_at = Some(end);
+        self.retiring = Some(old);
+        early
+    }
+
+    pub fn next_deadline(&self) -> i64 {
+        match &self.retiring {
+            Some(r) => r.next_deadline().min(self.current.next_deadline()),
+            None => self.current.next_deadline(),
+        }
+    }
+
+    pub fn close_due(&mut self, now: i64) -> Vec<Closed> {
+        let mut out = Vec::new();
+        if let Some(r) = self.retiring.as_mut() {
+            out = r.close_due(now);
+            if r.done() {
+                self.retiring = None;
+            }
+        }
+        if self.retiring.is_none() {
+            out.extend(self.current.close_due(now));
+        }
+        out
+    }
+
+    pub fn flush(&mut self) -> Vec<Closed> {
+        let mut out = self.retiring.take().map(|mut r| r.flush()).unwrap_or_default();
+        out.extend(self.current.flush());
         out
     }
 }
@@ -139,9 +252,9 @@ mod tests {
     #[test]
     fn packets_land_in_their_own_aligned_interval() {
         let mut iv = Intervals::new(10, 5, 1_000_003);
-        iv.record(1_000_001, In, 100);
-        iv.record(1_000_009, Out, 50);
-        iv.record(1_000_010, In, 7); // next interval
+        iv.record(1_000_001, i64::MAX, In, 100);
+        iv.record(1_000_009, i64::MAX, Out, 50);
+        iv.record(1_000_010, i64::MAX, In, 7); // next interval
         assert!(iv.close_due(1_000_014).is_empty(), "wait time not over");
         let c = iv.close_due(1_000_015);
         assert_eq!(c.len(), 1);
@@ -158,7 +271,7 @@ mod tests {
         let mut iv = Intervals::new(10, 5, 100);
         // At wall time 112 the kernel hands over a frame stamped 109.
         assert!(iv.close_due(112).is_empty());
-        iv.record(109, In, 1);
+        iv.record(109, i64::MAX, In, 1);
         let c = iv.close_due(115);
         assert_eq!((c[0].start, c[0].counters.packets_in, c[0].late), (100, 1, 0));
     }
@@ -176,7 +289,7 @@ mod tests {
     fn clock_step_back_counts_into_the_oldest_open_interval() {
         let mut iv = Intervals::new(10, 5, 1000);
         iv.close_due(1015); // 1000 closed, 1010 open
-        iv.record(500, In, 9); // stamped long before: clock went back
+        iv.record(500, i64::MAX, In, 9); // stamped long before: clock went back
         let c = iv.close_due(1025);
         assert_eq!((c[0].start, c[0].counters.bytes_in, c[0].late), (1010, 9, 1));
     }
@@ -184,7 +297,7 @@ mod tests {
     #[test]
     fn clock_step_forward_is_bounded() {
         let mut iv = Intervals::new(1, 1, 0);
-        iv.record(10_000_000, Out, 3); // far future stamp: into the newest open slot
+        iv.record(10_000_000, i64::MAX, Out, 3); // far future stamp: into the newest open slot
         assert!(iv.open.len() <= MAX_OPEN);
         let c = iv.close_due(100);
         assert_eq!(c.iter().map(|x| x.counters.bytes_out).sum::<u64>(), 3);
@@ -200,8 +313,8 @@ mod tests {
     #[test]
     fn flush_returns_everything_counted() {
         let mut iv = Intervals::new(10, 5, 0);
-        iv.record(3, In, 1);
-        iv.record(13, In, 2);
+        iv.record(3, i64::MAX, In, 1);
+        iv.record(13, i64::MAX, In, 2);
         let c = iv.flush();
         assert_eq!(c.iter().map(|x| x.counters.bytes_in).sum::<u64>(), 3);
         assert_eq!(c[1].start, 10);
@@ -212,7 +325,68 @@ mod tests {
         assert_eq!(align(-1, 10), -10);
         assert_eq!(align(59, 7), 56);
         let mut iv = Intervals::new(0, 0, 5); // 0 is treated as 1 s, never divides by 0
-        iv.record(5, In, 1);
+        iv.record(5, i64::MAX, In, 1);
         assert_eq!(iv.close_due(6)[0].counters.packets_in, 1);
+    }
+
+    #[test]
+    fn a_stamp_ahead_of_now_counts_now_not_in_a_far_slot() {
+        let mut iv = Intervals::new(10, 5, 1000);
+        iv.record(1_000_000, 1003, In, 5); // clock stepped back after stamping
+        assert_eq!(iv.open.len(), 1);
+        let c = iv.close_due(1015);
+        assert_eq!((c[0].start, c[0].counters.bytes_in), (1000, 5));
+    }
+
+    fn contiguous(rows: &[Closed]) {
+        for w in rows.windows(2) {
+            assert_eq!(w[0].start + w[0].secs as i64, w[1].start, "gap or overlap: {:?} {:?}", w[0], w[1]);
+        }
+    }
+
+    #[test]
+    fn interval_change_finishes_the_old_interval_then_starts_aligned_ones() {
+        let mut b = Bucketing::new(2, 1, 10);
+        b.record(10, 10, In, 1);
+        b.record(11, 11, In, 2);
+        assert!(b.reconfigure(5, 1, 11).is_empty());
+        assert_eq!(b.secs(), 5);
+        b.record(11, 11, In, 4); // still the old [10, 12)
+        b.record(12, 12, In, 8); // new, shortened [12, 15)
+        b.record(16, 16, Out, 16); // new [15, 20)
+        let mut rows = b.close_due(13);
+        assert_eq!(rows.len(), 1);
+        rows.extend(b.close_due(30));
+        let got: Vec<(i64, u32, u64)> = rows.iter().map(|r| (r.start, r.secs, r.counters.bytes_in + r.counters.bytes_out)).collect();
+        assert_eq!(got, vec![(10, 2, 7), (12, 3, 8), (15, 5, 16), (20, 5, 0)]);
+        contiguous(&rows);
+        assert_eq!(rows.iter().map(|r| r.late).sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn interval_change_back_and_forth_loses_nothing() {
+        let mut b = Bucketing::new(3, 1, 0);
+        let mut total = 0;
+        let mut rows = Vec::new();
+        for t in 0..100i64 {
+            b.record(t, t, In, 1);
+            total += 1;
+            if t % 7 == 3 {
+                rows.extend(b.reconfigure([1, 2, 3, 5][(t as usize / 7) % 4], 1, t));
+            }
+            rows.extend(b.close_due(t));
+        }
+        rows.extend(b.flush());
+        contiguous(&rows);
+        assert_eq!(rows.iter().map(|r| r.counters.packets_in).sum::<u64>(), total);
+        assert!(rows.iter().all(|r| r.secs >= 1 && r.secs <= 5));
+    }
+
+    #[test]
+    fn only_the_wait_changes() {
+        let mut b = Bucketing::new(10, 5, 100);
+        b.reconfigure(10, 1, 101);
+        assert_eq!(b.next_deadline(), 111);
+        assert_eq!(b.close_due(111).len(), 1);
     }
 }

@@ -2,11 +2,13 @@
 //! and every ring socket at once. It drains rings as soon as the kernel hands over a
 //! block, buckets packets by their own timestamps, and publishes closed intervals.
 
-use crate::capture::ring::{Ring, RingGeometry};
+use crate::capture::ring::{Frame, Ring, RingGeometry};
 use crate::capture::{self, classify, packet, CaptureError, DeviceInfo, MAX_DEVICES};
 use crate::gucs::Settings;
-use crate::shmem::{DeviceState, STATE};
-use crate::stats::{Closed, Counters, Intervals};
+use crate::privileges;
+use crate::shmem::{DeviceState, INJECT_ERROR, STATE};
+use crate::stats::{Bucketing, Closed, Counters};
+use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -38,11 +40,43 @@ pub fn register() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_netstat_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM gets PostgreSQL's own handler: the next CHECK_FOR_INTERRUPTS ends the
+    // worker with FATAL (exit code 1), so after pg_terminate_backend() or a kill the
+    // postmaster starts it again, while at shutdown it simply stops.
+    // SAFETY: installing a signal handler PostgreSQL provides for exactly this.
+    unsafe { set_sigterm_to_die() };
+    // The postmaster left CAP_NET_RAW permitted only; this is the one process that uses it.
+    match privileges::raise_net_raw() {
+        Ok(true) => {}
+        Ok(false) => {} // reported per device as no_permission when sockets fail
+        Err(e) => log!("pg_netstat: could not raise CAP_NET_RAW: {e}"),
+    }
+    STATE.exclusive().worker_pid = std::process::id() as i32;
     let mut worker = Worker::start();
     worker.run();
-    worker.shutdown();
 }
+
+unsafe extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends. pgrx's `pg_sys::die` is a Rust wrapper
+    /// for calling it; a signal handler needs the C function itself.
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
+#[cfg(not(feature = "pg18"))]
+unsafe fn set_sigterm_to_die() {
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
+}
+
+#[cfg(feature = "pg18")]
+unsafe fn set_sigterm_to_die() {
+    unsafe { pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die)) };
+}
+
+/// Set once the missing-privilege warning has been logged, so a worker with several
+/// devices says it once, not once per device; cleared when capture works again.
+static PERMISSION_REPORTED: AtomicBool = AtomicBool::new(false);
 
 fn wall_now() -> (i64, i64) {
     // Before 1970 only on a badly broken clock; count it as 0 rather than fail.
@@ -62,11 +96,21 @@ const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). 
     setpriv --inh-caps=+net_raw --ambient-caps=+net_raw pg_ctl start ..., or grant it to the binary once with \
     setcap cap_net_raw=ep on the postgres executable. Capture is retried every minute.";
 
+/// The ring being replaced after a settings change. Until it is closed, both rings see
+/// every packet: the old one counts those stamped before `split`, the new one the rest,
+/// so a rebuild neither loses nor double-counts a packet.
+struct RetiringRing {
+    ring: Ring,
+    split: (u32, u32),
+    close_at: Instant,
+}
+
 struct Device {
     name: String,
     info: Option<DeviceInfo>,
     ring: Option<Ring>,
-    intervals: Intervals,
+    old_ring: Option<RetiringRing>,
+    buckets: Bucketing,
     state: DeviceState,
     error: String,
     retry_at: Instant,
@@ -85,7 +129,8 @@ impl Device {
             name,
             info: None,
             ring: None,
-            intervals: Intervals::new(s.interval, s.packet_wait_time, now),
+            old_ring: None,
+            buckets: Bucketing::new(s.interval, s.packet_wait_time, now),
             state: DeviceState::Starting,
             error: String::new(),
             retry_at: Instant::now(),
@@ -104,14 +149,19 @@ impl Device {
         }
         match state {
             DeviceState::Capturing => {
+                PERMISSION_REPORTED.store(false, Ordering::Relaxed);
                 log!("pg_netstat: capturing on device \"{}\"", self.name);
             }
-            DeviceState::NoPermission => log_report(
-                PgLogLevel::WARNING,
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("pg_netstat: cannot capture on device \"{}\": {}", self.name, error),
-                Some(PERMISSION_HINT),
-            ),
+            DeviceState::NoPermission => {
+                if !PERMISSION_REPORTED.swap(true, Ordering::Relaxed) {
+                    log_report(
+                        PgLogLevel::WARNING,
+                        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                        format!("pg_netstat: cannot capture network traffic: {error}"),
+                        Some(PERMISSION_HINT),
+                    )
+                }
+            }
             DeviceState::Missing => log_report(
                 PgLogLevel::WARNING,
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
@@ -136,6 +186,7 @@ impl Device {
 
     fn fail(&mut self, state: DeviceState, error: String) {
         self.ring = None;
+        self.old_ring = None;
         self.set_state(state, error);
         let delay = if state == DeviceState::NoPermission { RETRY_MAX } else { self.backoff };
         self.retry_at = Instant::now() + delay;
@@ -186,22 +237,85 @@ impl Device {
     }
 
     fn drain(&mut self, ports: &[u16]) -> u32 {
-        let Device { ring, info, intervals, total, .. } = self;
-        let (Some(ring), Some(info)) = (ring.as_mut(), info.as_ref()) else {
+        let (now, _) = wall_now();
+        let Device { ring, old_ring, info, buckets, total, .. } = self;
+        let Some(info) = info.as_ref() else {
             return 0;
         };
         let loopback = info.loopback;
-        let link = ring.link();
-        let stats = ring.drain(|f| {
+        let mut count = |f: &Frame<'_>, link| {
             // Off loopback the kernel's packet type is the direction; only loopback
             // needs the ports, so only loopback pays for parsing.
             let meta = if loopback { packet::parse(f.data, link, f.protocol).ok() } else { None };
             if let Some(dir) = classify(loopback, f.pkttype, meta.as_ref(), ports) {
-                intervals.record(f.sec as i64, dir, f.len as u64);
+                buckets.record(f.sec as i64, now, dir, f.len as u64);
                 total.add(dir, f.len as u64);
             }
-        });
-        stats.blocks
+        };
+        let mut blocks = 0;
+        let split = old_ring.as_ref().map(|o| o.split);
+        if let Some(old) = old_ring.as_mut() {
+            let link = old.ring.link();
+            blocks += old.ring.drain(|f| if (f.sec, f.nsec) < old.split { count(f, link) }).blocks;
+        }
+        if let Some(r) = ring.as_mut() {
+            let link = r.link();
+            blocks += r.drain(|f| if split.is_none_or(|s| (f.sec, f.nsec) >= s) { count(f, link) }).blocks;
+        }
+        blocks
+    }
+
+    /// Closes the replaced ring once every packet stamped before the split has had time
+    /// to be handed over. Returns true when a socket went away.
+    fn retire_old_ring(&mut self, ports: &[u16], force: bool) -> bool {
+        match &self.old_ring {
+            Some(old) if force || Instant::now() >= old.close_at => {
+                self.drain(ports);
+                self.old_ring = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Applies new ring settings: the new ring is bound before the old one is closed.
+    fn rebuild(&mut self, ports: &[u16], geometry: RingGeometry) {
+        self.retire_old_ring(ports, true);
+        let Some(old) = self.ring.take() else {
+            // Not capturing (missing, no permission...): just try again with the new settings.
+            self.retry_at = Instant::now();
+            return;
+        };
+        let info = match capture::device_info(&self.name) {
+            Ok(Some(i)) => i,
+            _ => {
+                self.ring = Some(old);
+                return; // the health check will deal with the device
+            }
+        };
+        match Ring::open(&info, ports, geometry) {
+            Ok(new) => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                let grace = Duration::from_millis(old.geometry().retire_ms as u64) + Duration::from_millis(250);
+                self.old_ring = Some(RetiringRing {
+                    ring: old,
+                    split: (now.as_secs() as u32, now.subsec_nanos()),
+                    close_at: Instant::now() + grace,
+                });
+                self.ring = Some(new);
+                self.info = Some(info);
+            }
+            Err(e) => {
+                // Keep counting with the old settings rather than not at all.
+                self.ring = Some(old);
+                log_report(
+                    PgLogLevel::WARNING,
+                    PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                    format!("pg_netstat: cannot apply the new capture settings on device \"{}\": {e}", self.name),
+                    Some("Capture goes on with the previous settings."),
+                );
+            }
+        }
     }
 
     /// A readable socket with no block for us: take the pending error so the socket
@@ -316,18 +430,22 @@ impl Worker {
         }
     }
 
-    fn run(&mut self) {
+    fn run(&mut self) -> ! {
         let mut readable: Vec<usize> = Vec::with_capacity(MAX_DEVICES);
         loop {
             self.wait(&mut readable);
             pg_sys::check_for_interrupts!();
-            if BackgroundWorker::sigterm_received() {
-                return;
-            }
             if BackgroundWorker::sighup_received() {
                 self.reload();
             }
+            if INJECT_ERROR.get().swap(false, std::sync::atomic::Ordering::AcqRel) {
+                // Requested by pg_netstat_inject_worker_error(), to prove the restart path.
+                error!("pg_netstat: error injected by pg_netstat_inject_worker_error()");
+            }
             for i in 0..self.devices.len() {
+                if self.devices[i].retire_old_ring(&self.ports, false) {
+                    self.set_dirty = true;
+                }
                 let blocks = self.devices[i].drain(&self.ports);
                 if blocks == 0 && readable.contains(&i) {
                     self.devices[i].check_socket_error();
@@ -348,7 +466,7 @@ impl Worker {
                 }
             }
             self.open_due();
-            self.publish(false);
+            self.publish();
         }
     }
 
@@ -360,7 +478,7 @@ impl Worker {
         }
         let timeout = self.timeout_ms();
         // SAFETY: WaitEvent is plain data; zeroed entries are only written by the call.
-        let mut events: [pg_sys::WaitEvent; MAX_DEVICES + 2] = unsafe { std::mem::zeroed() };
+        let mut events: [pg_sys::WaitEvent; 2 * MAX_DEVICES + 2] = unsafe { std::mem::zeroed() };
         // SAFETY: `set` was built by rebuild_wait_set and is valid; `events` has room for
         // the count we pass.
         let n = unsafe {
@@ -382,7 +500,10 @@ impl Worker {
         let cap_ms = self.settings.interval as i64 * 1000;
         let mut ms = cap_ms.min(HEALTH_CHECK_EVERY.as_millis() as i64);
         for d in &self.devices {
-            ms = ms.min(d.intervals.next_deadline() * 1000 - now_us / 1000);
+            ms = ms.min(d.buckets.next_deadline() * 1000 - now_us / 1000);
+            if let Some(old) = &d.old_ring {
+                ms = ms.min(old.close_at.saturating_duration_since(Instant::now()).as_millis() as i64);
+            }
             if d.ring.is_none() {
                 ms = ms.min(d.retry_at.saturating_duration_since(Instant::now()).as_millis() as i64);
             }
@@ -400,11 +521,12 @@ impl Worker {
                 pg_sys::FreeWaitEventSet(self.set);
                 self.set = std::ptr::null_mut();
             }
-            let set = create_wait_event_set(MAX_DEVICES as i32 + 2);
+            // Every device may briefly have a second ring while settings change.
+            let set = create_wait_event_set(2 * MAX_DEVICES as i32 + 2);
             pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, PGINVALID_SOCKET, pg_sys::MyLatch, std::ptr::null_mut());
             pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, std::ptr::null_mut(), std::ptr::null_mut());
             for (i, d) in self.devices.iter().enumerate() {
-                if let Some(r) = &d.ring {
+                for r in d.ring.iter().chain(d.old_ring.as_ref().map(|o| &o.ring)) {
                     pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE, r.fd(), std::ptr::null_mut(), i as *mut c_void);
                 }
             }
@@ -425,34 +547,29 @@ impl Worker {
         self.warn_about_settings();
         let (now, _) = wall_now();
 
-        // Publish what was counted under the old interval before changing its length.
-        if old.interval != new.interval || old.packet_wait_time != new.packet_wait_time {
-            for d in self.devices.iter_mut() {
-                d.drain(&self.ports);
-            }
-            self.publish(true);
-            for d in self.devices.iter_mut() {
-                d.intervals = Intervals::new(new.interval, new.packet_wait_time, now);
+        // Everything counted so far belongs to the old settings.
+        for d in self.devices.iter_mut() {
+            d.drain(&self.ports);
+        }
+
+        // Interval length and wait: the interval in progress ends under its old length.
+        let mut early: Vec<(String, Vec<Closed>)> = Vec::new();
+        for d in self.devices.iter_mut() {
+            let rows = d.buckets.reconfigure(new.interval, new.packet_wait_time, now);
+            if !rows.is_empty() {
+                early.push((d.name.clone(), rows));
             }
         }
 
+        // Device list: close only the devices that left (publishing what they held) and
+        // open only the ones that joined; the others keep their rings untouched.
         let names = resolve_devices(&new);
-        let ring_changed = geometry(&old) != geometry(&new);
-        // Devices leaving the list: count what they still hold, publish, close.
-        let mut leaving: Vec<Device> = Vec::new();
-        let mut kept: Vec<Device> = Vec::new();
-        for d in self.devices.drain(..) {
-            if names.contains(&d.name) {
-                kept.push(d);
-            } else {
-                leaving.push(d);
-            }
-        }
+        let (kept, mut leaving): (Vec<Device>, Vec<Device>) =
+            self.devices.drain(..).partition(|d| names.contains(&d.name));
         for d in leaving.iter_mut() {
-            d.drain(&self.ports);
+            early.push((d.name.clone(), d.buckets.flush()));
         }
-        self.devices = leaving;
-        self.publish(true);
+        self.publish_rows(early);
         self.devices = kept;
         for n in &names {
             if !self.devices.iter().any(|d| &d.name == n) {
@@ -460,25 +577,41 @@ impl Worker {
             }
         }
         self.devices.sort_by_key(|d| names.iter().position(|n| n == &d.name));
-        if ring_changed {
+        STATE.exclusive().retain(&names);
+
+        // Ring settings: rebuild every ring, each bound anew before the old one closes.
+        let g = geometry(&new);
+        if geometry(&old) != g {
             for d in self.devices.iter_mut() {
-                d.drain(&self.ports);
-                d.ring = None;
-                d.retry_at = Instant::now();
+                d.rebuild(&self.ports, g);
             }
         }
-        STATE.exclusive().retain(&names);
         self.set_dirty = true;
         self.open_due();
     }
 
-    /// Moves closed intervals and changed status into shared memory. `all` publishes
-    /// every open interval too (before the interval length changes or a device goes).
-    fn publish(&mut self, all: bool) {
+    /// Publishes rows closed outside the normal schedule (reload), by device name.
+    fn publish_rows(&mut self, rows: Vec<(String, Vec<Closed>)>) {
+        if rows.iter().all(|(_, r)| r.is_empty()) {
+            return;
+        }
+        let (_, now_us) = wall_now();
+        let mut shared = STATE.exclusive();
+        for (name, closed) in rows {
+            if let Some(e) = shared.entry_mut(&name) {
+                for c in &closed {
+                    e.push(c, 0, now_us);
+                }
+            }
+        }
+    }
+
+    /// Moves closed intervals and changed status into shared memory.
+    fn publish(&mut self) {
         let (now, now_us) = wall_now();
         let mut work: Vec<(usize, Vec<Closed>, u64)> = Vec::new();
         for (i, d) in self.devices.iter_mut().enumerate() {
-            let closed = if all { d.intervals.flush() } else { d.intervals.close_due(now) };
+            let closed = d.buckets.close_due(now);
             let mut drops = 0;
             if !closed.is_empty() {
                 if let Some(r) = d.ring.as_mut() {
@@ -512,16 +645,6 @@ impl Worker {
             e.kernel_drops = d.drops_published;
             d.dirty = false;
         }
-    }
-
-    fn shutdown(&mut self) {
-        if !self.set.is_null() {
-            // SAFETY: created by rebuild_wait_set, freed once.
-            unsafe { pg_sys::FreeWaitEventSet(self.set) };
-            self.set = std::ptr::null_mut();
-        }
-        self.devices.clear();
-        log!("pg_netstat: worker stopped");
     }
 }
 

@@ -60,14 +60,34 @@ class Cluster:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self):
-        run([str(CLUSTER), "start", str(self.dir)])
+    def start(self, cap_net_raw=True):
+        env = dict(os.environ, NO_CAP_NET_RAW="" if cap_net_raw else "1")
+        run([str(CLUSTER), "start", str(self.dir)], env=env)
 
     def stop(self):
         run([str(CLUSTER), "stop", str(self.dir)], check=False)
 
     def reload(self):
         run([str(CLUSTER), "reload", str(self.dir)])
+
+    def worker_pid(self):
+        """PID of the capture worker: the postmaster's child titled "pg_netstat collector".
+        (A worker without a database connection is not in pg_stat_activity.)"""
+        parent = self.postmaster_pid()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent and "pg_netstat collector" in title:
+                return int(proc.name)
+        return None
+
+    def postmaster_pid(self):
+        return int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
 
     def remove(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -134,7 +154,10 @@ class Tcpdump:
         self.err_path = self.path.with_suffix(".err")
         self.err = open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            ["tcpdump", "-i", self.device, "-p", "-n", "-s", "128", "-B", "16384", "-U",
+            # --immediate-mode: libpcap hands over each packet at once. Without it, the
+            # packets in its last, partly filled ring block are lost when tcpdump is
+            # stopped, and the reference count comes out short.
+            ["tcpdump", "-i", self.device, "-p", "-n", "-s", "128", "-B", "16384", "-U", "--immediate-mode",
              "-Z", "root", "-w", str(self.path), f"tcp port {self.port}"],
             stdout=subprocess.DEVNULL, stderr=self.err)
         wait_for(f"tcpdump on {self.device} to listen",
@@ -154,9 +177,9 @@ class Tcpdump:
         return pcap_tally(self.path, self.port)
 
 
-def pcap_tally(path, port):
-    """Packets and bytes (original frame lengths) of TCP port `port` in a pcap file;
-    'in' is toward the port. Returns a dict, plus the first/last packet times."""
+def pcap_packets(path, port):
+    """(seconds as float, 'in'|'out', original length) of each TCP packet on `port` in a
+    pcap file; 'in' is toward the port."""
     data = Path(path).read_bytes()
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
@@ -165,28 +188,32 @@ def pcap_tally(path, port):
         endian = ">"
     else:
         raise ValueError(f"{path}: not a pcap file")
+    frac_scale = 1e-9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1e-6
     linktype = struct.unpack(endian + "I", data[20:24])[0]
     assert linktype == 1, f"{path}: link type {linktype}, expected Ethernet"
-    t = dict(packets_in=0, packets_out=0, bytes_in=0, bytes_out=0)
-    first = last = None
     off = 24
     while off + 16 <= len(data):
-        sec, _frac, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
+        sec, frac, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
         frame = data[off + 16: off + 16 + incl]
         off += 16 + incl
         ports = _tcp_ports(frame)
         if ports is None:
             continue
-        first = sec if first is None else first
-        last = sec
         if ports[0] == port:
-            t["packets_out"] += 1
-            t["bytes_out"] += orig
+            yield sec + frac * frac_scale, "out", orig
         elif ports[1] == port:
-            t["packets_in"] += 1
-            t["bytes_in"] += orig
-    t["first_sec"] = first
-    t["last_sec"] = last
+            yield sec + frac * frac_scale, "in", orig
+
+
+def pcap_tally(path, port):
+    """Packets and bytes (original frame lengths) of TCP port `port` in a pcap file, plus
+    the whole seconds of the first and last packet."""
+    t = dict(packets_in=0, packets_out=0, bytes_in=0, bytes_out=0, first_sec=None, last_sec=None)
+    for ts, direction, length in pcap_packets(path, port):
+        t["packets_" + direction] += 1
+        t["bytes_" + direction] += length
+        t["first_sec"] = int(ts) if t["first_sec"] is None else t["first_sec"]
+        t["last_sec"] = int(ts)
     return t
 
 
@@ -203,6 +230,25 @@ def _tcp_ports(f):
     if proto != 6 or len(f) < l4 + 4:
         return None
     return struct.unpack(">HH", f[l4:l4 + 4])
+
+
+def cap_bits(status_text):
+    """CapInh/CapPrm/CapEff/CapAmb of a /proc/PID/status text, as integers."""
+    out = {}
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+            out[key] = int(value.strip(), 16)
+    return out
+
+
+CAP_NET_RAW = 1 << 13
+
+
+def cpu_ticks(pid):
+    """User + system CPU time of a process, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def free_port():

@@ -80,15 +80,17 @@ def test_counts_equal_tcpdump_on_loopback_and_veth(cluster, netns, tmp_path):
 
 def test_speeds_are_per_second_of_the_interval(cluster):
     rows = cluster.rows("""
-        SELECT packets_in, packets_in_speed, bytes_out, bytes_out_speed,
-               extract(epoch FROM ts)::bigint % 2, created_at > ts + interval '2 seconds'
-          FROM pg_netstat""")
+        SELECT n.packets_in, n.packets_in_speed, n.bytes_out, n.bytes_out_speed, i.interval_seconds,
+               extract(epoch FROM n.ts)::bigint % i.interval_seconds,
+               n.created_at >= n.ts + make_interval(secs => i.interval_seconds + 1)
+          FROM pg_netstat n JOIN pg_netstat_intervals i USING (device, ts)""")
     assert rows, "no rows published"
-    for p_in, p_in_speed, b_out, b_out_speed, misaligned, after_end in rows:
-        assert int(p_in_speed) == int(p_in) // INTERVAL
-        assert int(b_out_speed) == int(b_out) // INTERVAL
+    for p_in, p_in_speed, b_out, b_out_speed, secs, misaligned, after_wait in rows:
+        assert int(secs) == INTERVAL
+        assert int(p_in_speed) == int(p_in) // int(secs)
+        assert int(b_out_speed) == int(b_out) // int(secs)
         assert misaligned == "0"
-        assert after_end == "t", "an interval was published before it ended"
+        assert after_wait == "t", "an interval was published before its end plus packet_wait_time"
 
 
 def test_device_status_reports_capture(cluster, netns):

@@ -1,0 +1,269 @@
+"""Nothing a user or the network does takes capture down: reloads during traffic keep
+exact counts, the worker comes back after SIGTERM or an error, a server without
+CAP_NET_RAW runs and says why it cannot capture, bad settings are refused with the
+reason, and only the capture worker can use CAP_NET_RAW."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import INTERVAL
+from harness import (CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits, cpu_ticks,
+                     free_port, pcap_packets, run, wait_for)
+
+
+class Traffic:
+    """Rate-limited pgbench over 127.0.0.1 and from the test namespace, in the background."""
+
+    def __init__(self, cluster, netns, seconds):
+        cmd = [str(PGBIN / "pgbench"), "-n", "-S", "-c", "2", "-j", "1", "-R", "300", "-T", str(seconds),
+               "-p", str(cluster.port), "-U", "postgres", "postgres"]
+        self.procs = [
+            subprocess.Popen(cmd + ["-h", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
+            subprocess.Popen(["ip", "netns", "exec", netns.name, *cmd, "-h", netns.host_ip],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
+        ]
+
+    def wait(self):
+        for p in self.procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()
+
+
+def interval_sums(cluster, device, first_sec, last_sec):
+    """Sums of every published interval that overlaps [first_sec, last_sec], whatever
+    their lengths, once the interval holding `last_sec` is published."""
+    wait_for(f"the interval holding {last_sec} on {device}", lambda: cluster.sql(f"""
+        SELECT count(*) FROM pg_netstat_intervals WHERE device = '{device}'
+           AND ts + make_interval(secs => interval_seconds) > to_timestamp({last_sec})""") != "0",
+             timeout=30)
+    row = cluster.rows(f"""
+        SELECT sum(packets_in), sum(packets_out), sum(bytes_in), sum(bytes_out),
+               sum(kernel_drops), string_agg(DISTINCT interval_seconds::text, ',' ORDER BY interval_seconds::text)
+          FROM pg_netstat_intervals
+         WHERE device = '{device}' AND ts <= to_timestamp({last_sec})
+           AND ts + make_interval(secs => interval_seconds) > to_timestamp({first_sec})""")[0]
+    sums = dict(packets_in=int(row[0]), packets_out=int(row[1]), bytes_in=int(row[2]), bytes_out=int(row[3]))
+    return sums, int(row[4]), row[5]
+
+
+def per_interval_comparison(cluster, device, dump, want):
+    """For a failure message: each interval's packets_in next to tcpdump's count for it."""
+    rows = cluster.rows(f"""
+        SELECT extract(epoch FROM ts)::bigint, interval_seconds, packets_in, packets_out
+          FROM pg_netstat_intervals WHERE device = '{device}'
+           AND ts >= to_timestamp({want['first_sec'] - 10}) ORDER BY ts""")
+    packets = list(pcap_packets(dump.path, dump.port))
+    lines = [f"{device}: start secs view_in pcap_in view_out pcap_out"]
+    for start, secs, p_in, p_out in rows:
+        lo, hi = int(start), int(start) + int(secs)
+        c_in = sum(1 for t, d, _ in packets if lo <= t < hi and d == "in")
+        c_out = sum(1 for t, d, _ in packets if lo <= t < hi and d == "out")
+        mark = "" if (int(p_in), int(p_out)) == (c_in, c_out) else "  <--"
+        lines.append(f"  {lo} {secs} {p_in} {c_in} {p_out} {c_out}{mark}")
+    return "\n".join(lines)
+
+
+def alter(cluster, setting, value):
+    cluster.sql(f"ALTER SYSTEM SET {setting} = {value}")
+    cluster.sql("SELECT pg_reload_conf()")
+
+
+def reset_all(cluster):
+    cluster.sql("ALTER SYSTEM RESET ALL")
+    cluster.sql("SELECT pg_reload_conf()")
+
+
+def test_reloading_every_setting_during_traffic_keeps_exact_counts(cluster, netns, tmp_path):
+    worker = cluster.worker_pid()
+    time.sleep(INTERVAL + 0.1)
+    try:
+        with Tcpdump("lo", cluster.port, tmp_path) as lo_dump, \
+                Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
+            traffic = Traffic(cluster, netns, seconds=14)
+            for setting, value in (("pg_netstat.interval", "3"),
+                                   ("pg_netstat.pcap_buffer_size", "'4MB'"),
+                                   ("pg_netstat.packet_wait_time", "2"),
+                                   ("pg_netstat.pcap_snaplen", "200"),
+                                   ("pg_netstat.pcap_timeout", "50"),
+                                   ("pg_netstat.interval", "5"),
+                                   ("pg_netstat.capture_loopback", "on"),  # unchanged value
+                                   ("pg_netstat.interval", "2")):
+                time.sleep(1.4)
+                alter(cluster, setting, value)
+            traffic.wait()
+            time.sleep(0.5)
+        for dump, device in ((lo_dump, "lo"), (veth_dump, netns.host_if)):
+            want = dump.tally()
+            got, drops, lengths = interval_sums(cluster, device, want["first_sec"], want["last_sec"])
+            expected = {k: want[k] for k in got}
+            print(f"{device}: intervals {lengths}; view {got}; tcpdump {expected}")
+            assert want["packets_in"] > 1000, want
+            assert drops == 0
+            if got != expected:
+                print(per_interval_comparison(cluster, device, dump, want))
+            assert got == expected, f"{device}: view {got} != tcpdump {expected}"
+            assert "3" in lengths.split(","), f"no 3-second intervals published: {lengths}"
+    finally:
+        reset_all(cluster)
+    assert cluster.worker_pid() == worker, "a reload must not restart the worker"
+    # Speeds follow each row's own length, old rows included.
+    rows = cluster.rows("""
+        SELECT n.packets_out, n.packets_out_speed, n.bytes_in, n.bytes_in_speed, i.interval_seconds
+          FROM pg_netstat n JOIN pg_netstat_intervals i USING (device, ts)""")
+    assert len({int(r[4]) for r in rows}) > 1
+    for p_out, p_out_speed, b_in, b_in_speed, secs in rows:
+        assert int(p_out_speed) == int(p_out) // int(secs)
+        assert int(b_in_speed) == int(b_in) // int(secs)
+    log = cluster.log()
+    assert "cannot apply the new capture settings" not in log
+    assert log.count("pg_netstat: settings reloaded") >= 7
+
+
+def test_turning_loopback_off_leaves_the_other_device_untouched(cluster, netns, tmp_path):
+    time.sleep(INTERVAL + 0.1)
+    opened = cluster.log().count(f'capturing on device "{netns.host_if}"')
+    try:
+        with Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
+            traffic = Traffic(cluster, netns, seconds=6)
+            time.sleep(2)
+            alter(cluster, "pg_netstat.capture_loopback", "off")
+            wait_for("lo to leave the device list", lambda: cluster.rows(
+                "SELECT device FROM pg_netstat_devices") == [[netns.host_if]])
+            traffic.wait()
+            time.sleep(0.5)
+        want = veth_dump.tally()
+        got, _, _ = interval_sums(cluster, netns.host_if, want["first_sec"], want["last_sec"])
+        assert got == {k: want[k] for k in got}
+        assert cluster.log().count(f'capturing on device "{netns.host_if}"') == opened, "veth ring was reopened"
+    finally:
+        reset_all(cluster)
+    wait_for("lo back", lambda: cluster.rows("SELECT device FROM pg_netstat_devices WHERE state = 'capturing'")
+             == sorted([["lo"], [netns.host_if]]))
+
+
+def test_worker_comes_back_after_sigterm_and_after_an_error(cluster):
+    rows_before = int(cluster.sql("SELECT count(*) FROM pg_netstat"))
+    first = cluster.worker_pid()
+    assert first, "no capture worker process"
+    os.kill(first, signal.SIGTERM)
+    second = wait_for("a new worker after SIGTERM", lambda: (p := cluster.worker_pid()) and p != first and p)
+    assert f'terminating background worker "pg_netstat" due to administrator command' in cluster.log()
+
+    assert cluster.sql("SELECT pg_netstat_inject_worker_error()") == str(second)
+    third = wait_for("a new worker after the injected error",
+                     lambda: (p := cluster.worker_pid()) and p != second and p)
+    assert "pg_netstat: error injected by pg_netstat_inject_worker_error()" in cluster.log()
+    assert third not in (first, second)
+
+    # The server never restarted, history survived, and capture resumed.
+    assert cluster.sql("SELECT 1") == "1"
+    wait_for("devices capturing again", lambda: cluster.sql(
+        "SELECT bool_and(state = 'capturing') FROM pg_netstat_devices") == "t")
+    assert int(cluster.sql("SELECT count(*) FROM pg_netstat")) >= rows_before
+    before = int(cluster.sql("SELECT coalesce(sum(packets_in), 0) FROM pg_netstat WHERE device = 'lo'"))
+    cluster.sql("SELECT 1", host="127.0.0.1")
+    wait_for("traffic counted by the restarted worker", lambda: int(cluster.sql(
+        "SELECT coalesce(sum(packets_in), 0) FROM pg_netstat WHERE device = 'lo'")) > before, timeout=20)
+
+
+def test_only_superusers_can_inject_errors(cluster):
+    cluster.sql("CREATE ROLE pgn_mon2 LOGIN IN ROLE pg_monitor")
+    try:
+        with pytest.raises(SqlError) as e:
+            cluster.sql("SELECT pg_netstat_inject_worker_error()", user="pgn_mon2")
+        assert "permission denied" in e.value.stderr
+    finally:
+        cluster.sql("DROP ROLE pgn_mon2")
+
+
+def test_settings_file_errors_keep_the_old_value_and_say_why(cluster):
+    conf = cluster.dir / "data" / "postgresql.conf"
+    original = conf.read_text()
+    before = cluster.sql("SHOW pg_netstat.devices")
+    worker = cluster.worker_pid()
+    try:
+        conf.write_text(original + "\npg_netstat.devices = 'lo,,eth0'\npg_netstat.interval = 0\n")
+        cluster.reload()
+        wait_for("the reload to be logged", lambda: "contains errors" in cluster.log())
+        log = cluster.log()
+        assert 'invalid value for parameter "pg_netstat.devices": "lo,,eth0"' in log
+        assert "Entry 2 of the list is empty" in log
+        assert '0 s is outside the valid range for parameter "pg_netstat.interval" (1 .. 900000)' in log
+        assert cluster.sql("SHOW pg_netstat.devices") == before
+        assert cluster.sql("SHOW pg_netstat.interval") == f"{INTERVAL}s"
+        assert cluster.worker_pid() == worker
+    finally:
+        conf.write_text(original)
+        cluster.reload()
+
+
+def test_too_many_devices_and_out_of_range_values_are_refused(cluster):
+    many = ",".join(f"d{i}" for i in range(17))
+    cases = ((f"pg_netstat.devices = '{many}'", "17 devices are listed; at most 16 can be captured"),
+             ("pg_netstat.interval = 0", "0 s is outside the valid range"),
+             ("pg_netstat.pcap_buffer_size = 1000", "1000 B is outside the valid range"),
+             ("pg_netstat.pcap_timeout = 0", "0 ms is outside the valid range"),
+             ("pg_netstat.capture_loopback = 'perhaps'", 'requires a Boolean value'),
+             ("pg_netstat.no_such_setting = 1", 'unrecognized configuration parameter'))
+    for assignment, reason in cases:
+        with pytest.raises(SqlError) as e:
+            cluster.sql(f"ALTER SYSTEM SET {assignment}")
+        assert reason in e.value.stderr, e.value.stderr
+
+
+def test_only_the_capture_worker_holds_cap_net_raw(cluster):
+    client = cap_bits(cluster.sql("SELECT pg_read_file('/proc/self/status')"))
+    assert all(v & CAP_NET_RAW == 0 for v in client.values()), f"client backend: {client}"
+
+    worker = cap_bits(open(f"/proc/{cluster.worker_pid()}/status").read())
+    assert worker["CapEff"] & CAP_NET_RAW and worker["CapPrm"] & CAP_NET_RAW, f"worker: {worker}"
+    assert worker["CapAmb"] == 0 and worker["CapInh"] == 0
+
+    postmaster = cap_bits(open(f"/proc/{cluster.postmaster_pid()}/status").read())
+    assert postmaster["CapPrm"] == CAP_NET_RAW, f"postmaster: {postmaster}"
+    assert postmaster["CapEff"] == postmaster["CapAmb"] == postmaster["CapInh"] == 0
+
+    # A program the server runs for a client cannot open a packet socket.
+    out = cluster.dir / "copy_program.txt"
+    probe = ("import socket\n"
+             "try:\n"
+             "    socket.socket(socket.AF_PACKET, socket.SOCK_RAW); print('OPENED')\n"
+             "except PermissionError as e:\n"
+             "    print('DENIED', e)\n")
+    script = cluster.dir / "probe.py"
+    script.write_text(probe)
+    cluster.sql(f"COPY (SELECT 1) TO PROGRAM '/usr/bin/python3 {script} > {out} 2>&1; grep ^Cap /proc/self/status >> {out}'")
+    text = out.read_text()
+    assert text.startswith("DENIED"), text
+    assert all(v == 0 for v in cap_bits(text).values()), text
+
+
+def test_without_cap_net_raw_the_server_runs_and_says_why():
+    c = Cluster(free_port(), conf=["pg_netstat.capture_loopback = on", "pg_netstat.interval = 1"])
+    c.start(cap_net_raw=False)
+    try:
+        c.sql("CREATE EXTENSION pg_netstat")
+        wait_for("no_permission on every device", lambda: c.rows(
+            "SELECT DISTINCT state FROM pg_netstat_devices") == [["no_permission"]])
+        errors = c.rows("SELECT DISTINCT last_error FROM pg_netstat_devices")
+        assert len(errors) == 1 and "CAP_NET_RAW" in errors[0][0], errors
+        worker = c.worker_pid()
+        ticks = cpu_ticks(worker)
+        time.sleep(3)
+        assert cpu_ticks(worker) - ticks <= 5, "the worker is busy while it cannot capture"
+        lines = [line for line in c.log().splitlines() if "cannot capture network traffic" in line]
+        assert len(lines) == 1, lines
+        assert "CAP_NET_RAW" in lines[0]
+        log_lines = c.log().splitlines()
+        hint = log_lines[log_lines.index(lines[0]) + 1]
+        assert "HINT:" in hint and "setpriv" in hint and "setcap cap_net_raw=ep" in hint, hint
+        # Everything else works: intervals are still published (as zeros) and SQL runs.
+        assert c.sql("SELECT 1", host="127.0.0.1") == "1"
+        wait_for("intervals published", lambda: c.sql("SELECT count(*) FROM pg_netstat") != "0")
+    finally:
+        c.stop()
+        c.remove()
