@@ -335,7 +335,36 @@ impl Device {
     }
 }
 
+/// Notices wall-clock steps (NTP, an operator) by comparing the wall clock with the
+/// monotonic one. Only for the log: the bucketing already copes (see stats.rs).
+struct ClockWatch {
+    base: Instant,
+    offset_ms: i64,
+}
+
+impl ClockWatch {
+    fn offset_now(&self) -> i64 {
+        let (_, wall_us) = wall_now();
+        wall_us / 1000 - self.base.elapsed().as_millis() as i64
+    }
+
+    fn new() -> ClockWatch {
+        let mut w = ClockWatch { base: Instant::now(), offset_ms: 0 };
+        w.offset_ms = w.offset_now();
+        w
+    }
+
+    /// The size of a step since the last call, if the wall clock jumped by over a second.
+    fn step(&mut self) -> Option<i64> {
+        let now = self.offset_now();
+        let step = now - self.offset_ms;
+        self.offset_ms = now;
+        (step.abs() > 1000).then_some(step)
+    }
+}
+
 struct Worker {
+    clock: ClockWatch,
     settings: Settings,
     ports: Vec<u16>,
     devices: Vec<Device>,
@@ -388,6 +417,7 @@ impl Worker {
         let port = unsafe { pg_sys::PostPortNumber };
         let ports = vec![port as u16];
         let mut w = Worker {
+            clock: ClockWatch::new(),
             settings: settings.clone(),
             ports,
             devices: Vec::new(),
@@ -435,6 +465,13 @@ impl Worker {
         loop {
             self.wait(&mut readable);
             pg_sys::check_for_interrupts!();
+            if let Some(ms) = self.clock.step() {
+                log!(
+                    "pg_netstat: the system clock stepped {} by {:.1} s; packets stamped before the step are counted in the oldest open interval",
+                    if ms < 0 { "back" } else { "forward" },
+                    ms.abs() as f64 / 1000.0
+                );
+            }
             if BackgroundWorker::sighup_received() {
                 self.reload();
             }

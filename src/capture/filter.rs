@@ -6,11 +6,12 @@
 //! filter run. It returns `snaplen` for accepted frames, which makes the kernel truncate
 //! the copy in the ring (the original length stays in `tp_len`).
 //!
-//! Shape per network layer (the same one `tcpdump -d 'tcp and port P'` prints):
-//! IPv6: next header at +6 must be TCP, ports at +40 / +42 (no extension headers; like
-//! tcpdump, a TCP header behind IPv6 extension headers is not matched).
-//! IPv4: protocol at +9 must be TCP, fragment offset at +6 must be 0 (later fragments
-//! carry no ports), X = header length from +0, ports at X+0 / X+2.
+//! Shape per network layer (what `tcpdump -d 'tcp and port P'` prints, plus a check of
+//! the version nibble, which tcpdump leaves out and the kernel's IP stack does not):
+//! IPv6: version 6, next header at +6 must be TCP, ports at +40 / +42 (no extension
+//! headers; like tcpdump, a TCP header behind IPv6 extension headers is not matched).
+//! IPv4: version 4 with a header of 5+ words, protocol at +9 must be TCP, fragment offset
+//! at +6 must be 0 (later fragments carry no ports), X = header length, ports at X / X+2.
 
 use std::fmt;
 
@@ -27,6 +28,8 @@ const BPF_IND: u16 = 0x40;
 const BPF_MSH: u16 = 0xa0;
 const BPF_JA: u16 = 0x00;
 const BPF_JEQ: u16 = 0x10;
+const BPF_JGT: u16 = 0x20;
+const BPF_JGE: u16 = 0x30;
 const BPF_JSET: u16 = 0x40;
 const BPF_K: u16 = 0x00;
 
@@ -144,6 +147,17 @@ impl Asm {
     fn jeq(&mut self, k: u32, jt: Target, jf: Target) {
         self.insns.push(Insn::Jump { code: BPF_JMP | BPF_JEQ | BPF_K, k, jt, jf });
     }
+    fn jge(&mut self, k: u32, jt: Target, jf: Target) {
+        self.insns.push(Insn::Jump { code: BPF_JMP | BPF_JGE | BPF_K, k, jt, jf });
+    }
+    fn jgt(&mut self, k: u32, jt: Target, jf: Target) {
+        self.insns.push(Insn::Jump { code: BPF_JMP | BPF_JGT | BPF_K, k, jt, jf });
+    }
+    /// Continues only if lo <= A <= hi.
+    fn in_range(&mut self, lo: u32, hi: u32, reject: Target) {
+        self.jge(lo, Target::Next, reject);
+        self.jgt(hi, reject, Target::Next);
+    }
     fn jset(&mut self, k: u32, jt: Target, jf: Target) {
         self.insns.push(Insn::Jump { code: BPF_JMP | BPF_JSET | BPF_K, k, jt, jf });
     }
@@ -245,6 +259,9 @@ pub fn build(spec: &FilterSpec) -> Result<Vec<SockFilter>, FilterError> {
     for (idx, &l3) in nets.iter().enumerate() {
         let idx = idx as u8;
         a.mark(Label::Ipv6(idx));
+        // Version 6 in the first nibble: the ethertype alone does not make a packet IPv6.
+        a.stmt(BPF_LD | BPF_B | BPF_ABS, l3);
+        a.in_range(0x60, 0x6f, reject);
         a.stmt(BPF_LD | BPF_B | BPF_ABS, l3 + 6);
         a.jeq(IPPROTO_TCP as u32, Target::Next, reject);
         a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + 40);
@@ -253,6 +270,10 @@ pub fn build(spec: &FilterSpec) -> Result<Vec<SockFilter>, FilterError> {
         match_ports(&mut a, reject);
 
         a.mark(Label::Ipv4(idx));
+        // Version 4 and a header of at least 5 words, or the ports would be read from
+        // inside the IP header.
+        a.stmt(BPF_LD | BPF_B | BPF_ABS, l3);
+        a.in_range(0x45, 0x4f, reject);
         a.stmt(BPF_LD | BPF_B | BPF_ABS, l3 + 9);
         a.jeq(IPPROTO_TCP as u32, Target::Next, reject);
         a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + 6);
@@ -324,6 +345,12 @@ pub fn run(prog: &[SockFilter], pkt: &[u8], meta: SkbMeta) -> Option<u32> {
             c if c == BPF_JMP | BPF_JA => pc += i.k as usize,
             c if c == BPF_JMP | BPF_JEQ | BPF_K => {
                 pc += if acc == i.k { i.jt } else { i.jf } as usize;
+            }
+            c if c == BPF_JMP | BPF_JGE | BPF_K => {
+                pc += if acc >= i.k { i.jt } else { i.jf } as usize;
+            }
+            c if c == BPF_JMP | BPF_JGT | BPF_K => {
+                pc += if acc > i.k { i.jt } else { i.jf } as usize;
             }
             c if c == BPF_JMP | BPF_JSET | BPF_K => {
                 pc += if acc & i.k != 0 { i.jt } else { i.jf } as usize;
@@ -465,7 +492,8 @@ mod tests {
     }
 
     /// The exact program for port 5432, written out by hand from the layout in the
-    /// module comment, so a change to the generator shows up as a diff here.
+    /// module comment (untagged v6 at 7, v4 at 16; tagged v6 at 28, v4 at 37; accept 49,
+    /// reject 50), so a change to the generator shows up as a diff here.
     #[test]
     fn program_for_5432_is_stable() {
         let p = build(&spec(&[5432])).unwrap();
@@ -473,29 +501,35 @@ mod tests {
         let expected = [
             "{ 0x28, 0, 0, 0x0000000c }",   // 0 ldh [12]
             "{ 0x15, 5, 0, 0x000086dd }",   // 1 ipv6 -> 7
-            "{ 0x15, 10, 0, 0x00000800 }",  // 2 ipv4 -> 13
-            "{ 0x15, 0, 34, 0x00008100 }",  // 3 vlan, else reject (38)
+            "{ 0x15, 13, 0, 0x00000800 }",  // 2 ipv4 -> 16
+            "{ 0x15, 0, 46, 0x00008100 }",  // 3 vlan, else reject (50)
             "{ 0x28, 0, 0, 0x00000010 }",   // 4 ldh [16]
-            "{ 0x15, 16, 0, 0x000086dd }",  // 5 ipv6 -> 22
-            "{ 0x15, 21, 31, 0x00000800 }", // 6 ipv4 -> 28, else reject
-            "{ 0x30, 0, 0, 0x00000014 }",   // 7 ldb [20]
-            "{ 0x15, 0, 29, 0x00000006 }",  // 8 tcp, else reject
-            "{ 0x28, 0, 0, 0x00000036 }",   // 9 ldh [54]
-            "{ 0x15, 26, 0, 0x00001538 }",  // 10 -> accept (37)
-            "{ 0x28, 0, 0, 0x00000038 }",   // 11 ldh [56]
-            "{ 0x15, 24, 25, 0x00001538 }", // 12 accept / reject
-            "{ 0x30, 0, 0, 0x00000017 }",   // 13 ldb [23]
-            "{ 0x15, 0, 23, 0x00000006 }",  // 14 tcp, else reject
-            "{ 0x28, 0, 0, 0x00000014 }",   // 15 ldh [20]
-            "{ 0x45, 21, 0, 0x00001fff }",  // 16 later fragment -> reject
-            "{ 0xb1, 0, 0, 0x0000000e }",   // 17 ldxb 4*([14]&0xf)
-            "{ 0x48, 0, 0, 0x0000000e }",   // 18 ldh [x+14]
-            "{ 0x15, 17, 0, 0x00001538 }",  // 19 -> accept
-            "{ 0x48, 0, 0, 0x00000010 }",   // 20 ldh [x+16]
-            "{ 0x15, 15, 16, 0x00001538 }", // 21 accept / reject
+            "{ 0x15, 22, 0, 0x000086dd }",  // 5 ipv6 -> 28
+            "{ 0x15, 30, 43, 0x00000800 }", // 6 ipv4 -> 37, else reject
+            "{ 0x30, 0, 0, 0x0000000e }",   // 7 ldb [14]: version
+            "{ 0x35, 0, 41, 0x00000060 }",  // 8 >= 0x60, else reject
+            "{ 0x25, 40, 0, 0x0000006f }",  // 9 > 0x6f -> reject
+            "{ 0x30, 0, 0, 0x00000014 }",   // 10 ldb [20]: next header
+            "{ 0x15, 0, 38, 0x00000006 }",  // 11 tcp, else reject
+            "{ 0x28, 0, 0, 0x00000036 }",   // 12 ldh [54]
+            "{ 0x15, 35, 0, 0x00001538 }",  // 13 -> accept (49)
+            "{ 0x28, 0, 0, 0x00000038 }",   // 14 ldh [56]
+            "{ 0x15, 33, 34, 0x00001538 }", // 15 accept / reject
+            "{ 0x30, 0, 0, 0x0000000e }",   // 16 ldb [14]: version, IHL
+            "{ 0x35, 0, 32, 0x00000045 }",  // 17 >= 0x45, else reject
+            "{ 0x25, 31, 0, 0x0000004f }",  // 18 > 0x4f -> reject
+            "{ 0x30, 0, 0, 0x00000017 }",   // 19 ldb [23]: protocol
+            "{ 0x15, 0, 29, 0x00000006 }",  // 20 tcp, else reject
+            "{ 0x28, 0, 0, 0x00000014 }",   // 21 ldh [20]
+            "{ 0x45, 27, 0, 0x00001fff }",  // 22 later fragment -> reject
+            "{ 0xb1, 0, 0, 0x0000000e }",   // 23 ldxb 4*([14]&0xf)
+            "{ 0x48, 0, 0, 0x0000000e }",   // 24 ldh [x+14]
+            "{ 0x15, 23, 0, 0x00001538 }",  // 25 -> accept
+            "{ 0x48, 0, 0, 0x00000010 }",   // 26 ldh [x+16]
+            "{ 0x15, 21, 22, 0x00001538 }", // 27 accept / reject
         ];
         assert_eq!(&hex[..expected.len()], &expected[..]);
-        assert_eq!(p.len(), 39);
+        assert_eq!(p.len(), 51);
         assert_eq!(format!("{:?}", p[p.len() - 2]), "{ 0x06, 0, 0, 0x00000060 }");
         assert_eq!(format!("{:?}", p[p.len() - 1]), "{ 0x06, 0, 0, 0x00000000 }");
     }

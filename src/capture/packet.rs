@@ -54,10 +54,11 @@ pub fn parse(frame: &[u8], link: LinkLayer, protocol: u16) -> Result<PacketMeta,
     if later_fragment {
         return Err(ParseError::LaterFragment);
     }
-    let p = payload.payload;
-    if p.len() < 4 {
-        return Err(ParseError::Truncated);
-    }
+    // Ports are read where the transport header starts in the captured bytes, whatever
+    // the IP length fields claim: that is what the kernel filter (and tcpdump) reads, and
+    // the payload etherparse hands back is cut by those fields.
+    let start = (payload.payload.as_ptr() as usize).wrapping_sub(frame.as_ptr() as usize);
+    let p = frame.get(start..start.saturating_add(4)).ok_or(ParseError::Truncated)?;
     Ok(PacketMeta {
         src_port: u16::from_be_bytes([p[0], p[1]]),
         dst_port: u16::from_be_bytes([p[2], p[3]]),
