@@ -1,7 +1,7 @@
 //! Every `pg_netstat.*` setting: registration, bounds, validation and a typed snapshot.
 //! All are reloadable (PGC_SIGHUP): the worker re-reads them on `pg_ctl reload`.
 
-use crate::capture::parse_device_list;
+use crate::capture::{parse_device_list, parse_port_list, CaptureMethod};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -13,6 +13,20 @@ pub static PCAP_SNAPLEN: GucSetting<i32> = GucSetting::<i32>::new(96);
 pub static PCAP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static DEVICES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static CAPTURE_LOOPBACK: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static PORTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+/// The raw value of pg_netstat.capture_method (an index into CAPTURE_METHODS).
+static mut CAPTURE_METHOD: std::ffi::c_int = 0;
+
+/// The choices of pg_netstat.capture_method; `val` is the CaptureMethod discriminant.
+struct EnumEntries([pg_sys::config_enum_entry; 4]);
+// SAFETY: read-only static data (pointers to static C strings).
+unsafe impl Sync for EnumEntries {}
+static CAPTURE_METHODS: EnumEntries = EnumEntries([
+    pg_sys::config_enum_entry { name: c"auto".as_ptr(), val: CaptureMethod::Auto as i32, hidden: false },
+    pg_sys::config_enum_entry { name: c"ring".as_ptr(), val: CaptureMethod::Ring as i32, hidden: false },
+    pg_sys::config_enum_entry { name: c"pcap".as_ptr(), val: CaptureMethod::Pcap as i32, hidden: false },
+    pg_sys::config_enum_entry { name: std::ptr::null(), val: 0, hidden: false },
+]);
 
 /// Smallest snaplen that still reaches the TCP ports behind Ethernet, an 802.1Q tag and
 /// a maximal IPv4 header (14 + 4 + 60 + 4 = 82), with room to spare; the original's
@@ -85,6 +99,34 @@ pub fn init() {
             None,
         );
     }
+    // SAFETY: as above.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"pg_netstat.ports".as_ptr(),
+            c"Extra TCP ports to count besides the server's own, comma-separated.".as_ptr(),
+            c"For example a connection pooler's port. Counted together with the server port, per device.".as_ptr(),
+            PORTS.as_ptr(),
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_SIGHUP,
+            0,
+            Some(check_ports),
+            None,
+            None,
+        );
+        pg_sys::DefineCustomEnumVariable(
+            c"pg_netstat.capture_method".as_ptr(),
+            c"How packets are captured: auto, ring (AF_PACKET TPACKET_V3) or pcap (libpcap).".as_ptr(),
+            c"auto uses the ring where it can be opened, else libpcap when built in.".as_ptr(),
+            &raw mut CAPTURE_METHOD,
+            CaptureMethod::Auto as i32,
+            CAPTURE_METHODS.0.as_ptr(),
+            pg_sys::GucContext::PGC_SIGHUP,
+            0,
+            Some(check_capture_method),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_bool_guc(
         c"pg_netstat.capture_loopback",
         c"Also capture the loopback device.",
@@ -108,31 +150,59 @@ fn reserve_prefix() {
     unsafe { pg_sys::EmitWarningsOnPlaceholders(c"pg_netstat".as_ptr()) }
 }
 
-/// GUC check hook: rejects a malformed device list before it takes effect, so a bad
-/// `pg_ctl reload` keeps the old list (PostgreSQL logs our detail and the old value
-/// stays in force).
+/// GUC check hooks: a malformed list is rejected before it takes effect, so a bad
+/// `pg_ctl reload` keeps the old value (PostgreSQL logs our detail) and `ALTER SYSTEM`
+/// fails with it.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_devices(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
-    // SAFETY: PostgreSQL passes a valid pointer to the candidate value (NULL allowed).
+    // SAFETY: PostgreSQL passes a valid pointer to the candidate value.
+    unsafe { check_list(newval, |t| parse_device_list(t).map(|_| ())) }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_ports(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+    // SAFETY: as above.
+    unsafe { check_list(newval, |t| parse_port_list(t).map(|_| ())) }
+}
+
+unsafe fn check_list(newval: *mut *mut c_char, parse: impl Fn(&str) -> Result<(), String>) -> bool {
+    // SAFETY: the caller passes PostgreSQL's pointer to the candidate value (NULL allowed).
     let value = unsafe {
         if newval.is_null() || (*newval).is_null() {
             return true;
         }
         CStr::from_ptr(*newval)
     };
-    let text = match value.to_str() {
-        Ok(t) => t,
-        Err(_) => {
-            set_check_detail("The device list is not valid UTF-8.");
-            return false;
-        }
+    let Ok(text) = value.to_str() else {
+        set_check_detail("The value is not valid UTF-8.");
+        return false;
     };
-    match parse_device_list(text) {
-        Ok(_) => true,
+    match parse(text) {
+        Ok(()) => true,
         Err(detail) => {
             set_check_detail(&detail);
             false
         }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_capture_method(newval: *mut std::ffi::c_int, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the candidate value.
+    let value = unsafe { *newval };
+    if value == CaptureMethod::Pcap as i32 && !CaptureMethod::PCAP_BUILT_IN {
+        set_check_detail("This build of pg_netstat has no libpcap backend.");
+        set_check_hint("Build it with the pcap feature (needs libpcap-dev): cargo pgrx install --release --features pcap");
+        return false;
+    }
+    true
+}
+
+fn set_check_hint(hint: &str) {
+    let c = CString::new(hint.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: as for the detail below.
+    unsafe {
+        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(c.as_ptr());
     }
 }
 
@@ -156,6 +226,9 @@ pub struct Settings {
     /// As configured; empty means "pick the default device".
     pub devices: Vec<String>,
     pub capture_loopback: bool,
+    /// Extra ports besides the server's own.
+    pub ports: Vec<u16>,
+    pub method: CaptureMethod,
 }
 
 impl Settings {
@@ -174,6 +247,12 @@ impl Settings {
             timeout_ms: PCAP_TIMEOUT.get().max(1) as u32,
             devices,
             capture_loopback: CAPTURE_LOOPBACK.get(),
+            ports: PORTS
+                .get()
+                .and_then(|c| c.to_str().ok().and_then(|t| parse_port_list(t).ok()))
+                .unwrap_or_default(),
+            // SAFETY: a plain read of the GUC variable, in the process that owns it.
+            method: CaptureMethod::from_i32(unsafe { CAPTURE_METHOD }),
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct DeviceEntry {
     pub in_use: bool,
     name: [u8; NAME_BYTES],
     pub state: DeviceState,
+    /// CaptureMethod in use (or configured, when not capturing).
+    pub method: u8,
     /// Index of the oldest slot; `len` slots follow it (mod HISTORY).
     head: u32,
     len: u32,

@@ -1,5 +1,6 @@
 //! SQL entry points. They only read shared memory; the view and grants are in sql/.
 
+use crate::capture::CaptureMethod;
 use crate::shmem::{Slot, INJECT_ERROR, STATE};
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
@@ -57,6 +58,7 @@ fn pg_netstat_history() -> TableIterator<'static, (
 #[pg_extern(volatile, parallel_restricted)]
 fn pg_netstat_device_status() -> TableIterator<'static, (
     name!(device, String),
+    name!(capture_method, String),
     name!(state, String),
     name!(state_since, TimestampWithTimeZone),
     name!(packets_in, i64),
@@ -76,6 +78,7 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
                 let err = d.last_error();
                 (
                     d.name().to_string(),
+                    CaptureMethod::from_i32(d.method as i32).as_str().to_string(),
                     d.state.as_str().to_string(),
                     timestamptz(d.state_since_us),
                     as_i64(d.total.packets_in),

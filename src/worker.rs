@@ -2,8 +2,8 @@
 //! and every ring socket at once. It drains rings as soon as the kernel hands over a
 //! block, buckets packets by their own timestamps, and publishes closed intervals.
 
-use crate::capture::ring::{Frame, Ring, RingGeometry};
-use crate::capture::{self, classify, packet, CaptureError, DeviceInfo, MAX_DEVICES};
+use crate::capture::source::Source;
+use crate::capture::{self, classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Frame, MAX_DEVICES};
 use crate::gucs::Settings;
 use crate::privileges;
 use crate::shmem::{DeviceState, INJECT_ERROR, STATE};
@@ -100,7 +100,7 @@ const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). 
 /// every packet: the old one counts those stamped before `split`, the new one the rest,
 /// so a rebuild neither loses nor double-counts a packet.
 struct RetiringRing {
-    ring: Ring,
+    ring: Source,
     split: (u32, u32),
     close_at: Instant,
 }
@@ -108,8 +108,10 @@ struct RetiringRing {
 struct Device {
     name: String,
     info: Option<DeviceInfo>,
-    ring: Option<Ring>,
+    ring: Option<Source>,
     old_ring: Option<RetiringRing>,
+    /// The last drain stopped at its bound with packets waiting.
+    more: bool,
     buckets: Bucketing,
     state: DeviceState,
     error: String,
@@ -130,6 +132,7 @@ impl Device {
             info: None,
             ring: None,
             old_ring: None,
+            more: false,
             buckets: Bucketing::new(s.interval, s.packet_wait_time, now),
             state: DeviceState::Starting,
             error: String::new(),
@@ -193,13 +196,13 @@ impl Device {
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
     }
 
-    fn open(&mut self, ports: &[u16], geometry: RingGeometry) {
+    fn open(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
         let info = match capture::device_info(&self.name) {
             Ok(Some(i)) => i,
             Ok(None) => return self.fail(DeviceState::Missing, "no such device".into()),
             Err(e) => return self.fail(DeviceState::Error, format!("device lookup failed: {e}")),
         };
-        match Ring::open(&info, ports, geometry) {
+        match Source::open(method, &info, ports, settings) {
             Ok(ring) => {
                 self.ring = Some(ring);
                 self.backoff = RETRY_FIRST;
@@ -214,7 +217,7 @@ impl Device {
     }
 
     /// Follows the device: down/up, gone, or re-created under the same name.
-    fn health_check(&mut self, ports: &[u16], geometry: RingGeometry) {
+    fn health_check(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
         if self.ring.is_none() {
             return;
         }
@@ -225,7 +228,7 @@ impl Device {
                 if before != Some(now.ifindex) {
                     // Same name, new device: the old socket is bound to a dead ifindex.
                     self.ring = None;
-                    self.open(ports, geometry);
+                    self.open(ports, method, settings);
                 } else {
                     let state = if now.up { DeviceState::Capturing } else { DeviceState::Down };
                     self.set_state(state, String::new());
@@ -238,12 +241,11 @@ impl Device {
 
     fn drain(&mut self, ports: &[u16]) -> u32 {
         let (now, _) = wall_now();
-        let Device { ring, old_ring, info, buckets, total, .. } = self;
+        let Device { ring, old_ring, info, buckets, total, more, .. } = self;
         let Some(info) = info.as_ref() else {
             return 0;
         };
-        let loopback = info.loopback;
-        let mut count = |f: &Frame<'_>, link| {
+        let mut count = |f: &Frame<'_>, link, loopback: bool| {
             // Off loopback the kernel's packet type is the direction; only loopback
             // needs the ports, so only loopback pays for parsing.
             let meta = if loopback { packet::parse(f.data, link, f.protocol).ok() } else { None };
@@ -253,14 +255,33 @@ impl Device {
             }
         };
         let mut blocks = 0;
+        let mut failure = None;
         let split = old_ring.as_ref().map(|o| o.split);
         if let Some(old) = old_ring.as_mut() {
-            let link = old.ring.link();
-            blocks += old.ring.drain(|f| if (f.sec, f.nsec) < old.split { count(f, link) }).blocks;
+            let (link, by_ports) = (old.ring.link(), old.ring.direction_by_ports(info));
+            match old.ring.drain(|f| if (f.sec, f.nsec) < old.split { count(f, link, by_ports) }) {
+                Ok(st) => blocks += st.blocks,
+                // The old ring is on its way out; the new one carries on.
+                Err(_) => *old_ring = None,
+            }
         }
+        *more = false;
         if let Some(r) = ring.as_mut() {
-            let link = r.link();
-            blocks += r.drain(|f| if split.is_none_or(|s| (f.sec, f.nsec) >= s) { count(f, link) }).blocks;
+            let (link, by_ports) = (r.link(), r.direction_by_ports(info));
+            match r.drain(|f| if split.is_none_or(|s| (f.sec, f.nsec) >= s) { count(f, link, by_ports) }) {
+                Ok(st) => {
+                    blocks += st.blocks;
+                    *more = st.more;
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let Some(e) = failure {
+            match e {
+                CaptureError::DeviceDown(_) => self.fail(DeviceState::Down, String::new()),
+                CaptureError::NoSuchDevice(_) => self.fail(DeviceState::Missing, "device removed".into()),
+                e => self.fail(DeviceState::Error, e.to_string()),
+            }
         }
         blocks
     }
@@ -279,7 +300,7 @@ impl Device {
     }
 
     /// Applies new ring settings: the new ring is bound before the old one is closed.
-    fn rebuild(&mut self, ports: &[u16], geometry: RingGeometry) {
+    fn rebuild(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
         self.retire_old_ring(ports, true);
         let Some(old) = self.ring.take() else {
             // Not capturing (missing, no permission...): just try again with the new settings.
@@ -293,10 +314,10 @@ impl Device {
                 return; // the health check will deal with the device
             }
         };
-        match Ring::open(&info, ports, geometry) {
+        match Source::open(method, &info, ports, settings) {
             Ok(new) => {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-                let grace = Duration::from_millis(old.geometry().retire_ms as u64) + Duration::from_millis(250);
+                let grace = Duration::from_millis(old.retire_ms() as u64) + Duration::from_millis(250);
                 self.old_ring = Some(RetiringRing {
                     ring: old,
                     split: (now.as_secs() as u32, now.subsec_nanos()),
@@ -364,6 +385,7 @@ impl ClockWatch {
 }
 
 struct Worker {
+    server_port: u16,
     clock: ClockWatch,
     settings: Settings,
     ports: Vec<u16>,
@@ -404,19 +426,25 @@ fn resolve_devices(s: &Settings) -> Vec<String> {
     names
 }
 
-fn geometry(s: &Settings) -> RingGeometry {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
-    RingGeometry::from_pcap_settings(s.buffer_size, s.snaplen, s.timeout_ms, page)
+fn capture_settings(s: &Settings) -> CaptureSettings {
+    CaptureSettings { buffer_size: s.buffer_size, snaplen: s.snaplen, timeout_ms: s.timeout_ms }
+}
+
+/// The server's own port first, then the extra ones (deduplicated).
+fn all_ports(server_port: u16, s: &Settings) -> Vec<u16> {
+    let mut ports = vec![server_port];
+    ports.extend(s.ports.iter().copied().filter(|p| *p != server_port));
+    ports
 }
 
 impl Worker {
     fn start() -> Worker {
         let settings = Settings::current();
         // SAFETY: PostPortNumber is set by the postmaster before any worker starts.
-        let port = unsafe { pg_sys::PostPortNumber };
-        let ports = vec![port as u16];
+        let port = unsafe { pg_sys::PostPortNumber } as u16;
+        let ports = all_ports(port, &settings);
         let mut w = Worker {
+            server_port: port,
             clock: ClockWatch::new(),
             settings: settings.clone(),
             ports,
@@ -427,7 +455,12 @@ impl Worker {
         };
         w.warn_about_settings();
         let names = resolve_devices(&settings);
-        log!("pg_netstat: worker started for port {} on device(s) {}", port, names.join(", "));
+        log!(
+            "pg_netstat: worker started for port(s) {} on device(s) {} (capture method {})",
+            w.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", "),
+            names.join(", "),
+            settings.method.as_str()
+        );
         let (now, _) = wall_now();
         w.devices = names.into_iter().map(|n| Device::new(n, &settings, now)).collect();
         // History of devices still configured survives a worker restart; the rest goes.
@@ -449,10 +482,10 @@ impl Worker {
 
     fn open_due(&mut self) {
         let now = Instant::now();
-        let g = geometry(&self.settings);
+        let cs = capture_settings(&self.settings);
         for d in self.devices.iter_mut() {
             if d.ring.is_none() && d.retry_at <= now {
-                d.open(&self.ports, g);
+                d.open(&self.ports, self.settings.method, cs);
                 if d.ring.is_some() {
                     self.set_dirty = true;
                 }
@@ -493,11 +526,11 @@ impl Worker {
             }
             if Instant::now() >= self.next_health_check {
                 self.next_health_check = Instant::now() + HEALTH_CHECK_EVERY;
-                let g = geometry(&self.settings);
+                let cs = capture_settings(&self.settings);
                 for d in self.devices.iter_mut() {
-                    let had = d.ring.as_ref().map(Ring::fd);
-                    d.health_check(&self.ports, g);
-                    if d.ring.as_ref().map(Ring::fd) != had {
+                    let had = d.ring.as_ref().map(Source::fd);
+                    d.health_check(&self.ports, self.settings.method, cs);
+                    if d.ring.as_ref().map(Source::fd) != had {
                         self.set_dirty = true;
                     }
                 }
@@ -537,6 +570,9 @@ impl Worker {
         let cap_ms = self.settings.interval as i64 * 1000;
         let mut ms = cap_ms.min(HEALTH_CHECK_EVERY.as_millis() as i64);
         for d in &self.devices {
+            if d.more {
+                return 0;
+            }
             ms = ms.min(d.buckets.next_deadline() * 1000 - now_us / 1000);
             if let Some(old) = &d.old_ring {
                 ms = ms.min(old.close_at.saturating_duration_since(Instant::now()).as_millis() as i64);
@@ -616,11 +652,14 @@ impl Worker {
         self.devices.sort_by_key(|d| names.iter().position(|n| n == &d.name));
         STATE.exclusive().retain(&names);
 
-        // Ring settings: rebuild every ring, each bound anew before the old one closes.
-        let g = geometry(&new);
-        if geometry(&old) != g {
+        // Ring settings, ports or method: rebuild every ring, each bound anew before the
+        // old one closes.
+        let cs = capture_settings(&new);
+        let ports = all_ports(self.server_port, &new);
+        if capture_settings(&old) != cs || ports != self.ports || old.method != new.method {
+            self.ports = ports;
             for d in self.devices.iter_mut() {
-                d.rebuild(&self.ports, g);
+                d.rebuild(&self.ports, new.method, cs);
             }
         }
         self.set_dirty = true;
@@ -677,6 +716,7 @@ impl Worker {
                 e.state_since_us = now_us;
             }
             e.state = d.state;
+            e.method = d.ring.as_ref().map(|r| r.method()).unwrap_or(self.settings.method) as u8;
             e.set_error(&d.error);
             e.total = d.total;
             e.kernel_drops = d.drops_published;

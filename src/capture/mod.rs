@@ -4,8 +4,11 @@
 
 pub mod filter;
 pub mod packet;
+#[cfg(any(feature = "pcap", not(target_os = "linux")))]
+pub mod pcap;
 #[cfg(target_os = "linux")]
 pub mod ring;
+pub mod source;
 #[cfg(test)]
 pub(crate) mod testframes;
 
@@ -13,6 +16,86 @@ use filter::{FilterError, LinkLayer, PACKET_OUTGOING};
 use std::ffi::CString;
 use std::fmt;
 use std::io;
+
+/// How packets are read from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum CaptureMethod {
+    /// The ring where it opens, else libpcap when built in.
+    Auto = 0,
+    /// AF_PACKET TPACKET_V3 ring with our own BPF filter (Linux).
+    Ring = 1,
+    /// libpcap through the `pcap` crate (the `pcap` cargo feature).
+    Pcap = 2,
+}
+
+impl CaptureMethod {
+    pub const PCAP_BUILT_IN: bool = cfg!(any(feature = "pcap", not(target_os = "linux")));
+
+    pub fn from_i32(v: i32) -> CaptureMethod {
+        match v {
+            1 => CaptureMethod::Ring,
+            2 => CaptureMethod::Pcap,
+            _ => CaptureMethod::Auto,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMethod::Auto => "auto",
+            CaptureMethod::Ring => "ring",
+            CaptureMethod::Pcap => "pcap",
+        }
+    }
+}
+
+/// One captured frame, borrowed from the ring.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub sec: u32,
+    pub nsec: u32,
+    /// Length on the wire (or of the GRO/TSO super-packet the kernel handled).
+    pub len: u32,
+    /// The captured bytes, at most snaplen.
+    pub data: &'a [u8],
+    pub pkttype: u8,
+    /// Ethertype from the skb (host order).
+    pub protocol: u16,
+    pub vlan_tci: Option<u16>,
+}
+
+/// Kernel counters, as running totals since the ring was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Frames that passed the filter and were put in the ring.
+    pub received: u64,
+    /// Frames that passed the filter but found no room in the ring.
+    pub dropped: u64,
+    /// Times the ring was full (frozen) and had to wait for us.
+    pub freezes: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Ring blocks (or, for libpcap, batches) handed back.
+    pub blocks: u32,
+    pub frames: u32,
+    /// A block carried TP_STATUS_LOSING: the kernel dropped frames around it.
+    pub losing: bool,
+    /// Frames whose ring headers pointed outside their block (never seen in practice;
+    /// skipped rather than trusted).
+    pub malformed: u32,
+    /// The call stopped at its bound with packets still waiting: call again soon.
+    pub more: bool,
+}
+
+/// The libpcap-flavoured settings every backend is opened with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureSettings {
+    pub buffer_size: u32,
+    pub snaplen: u32,
+    pub timeout_ms: u32,
+}
 
 /// Longest interface name Linux allows (IFNAMSIZ - 1).
 pub const MAX_DEVICE_NAME: usize = 15;
@@ -26,6 +109,8 @@ pub enum CaptureError {
     /// The device exists but is down (ENETDOWN).
     DeviceDown(String),
     Filter(FilterError),
+    /// The chosen capture method does not exist in this build or on this system.
+    Unsupported(&'static str),
     Io { what: &'static str, err: io::Error },
 }
 
@@ -46,6 +131,7 @@ impl fmt::Display for CaptureError {
             CaptureError::Permission(e) => write!(f, "cannot open a packet socket: {e} (CAP_NET_RAW is required)"),
             CaptureError::DeviceDown(d) => write!(f, "network device \"{d}\" is down"),
             CaptureError::Filter(e) => write!(f, "cannot build the packet filter: {e}"),
+            CaptureError::Unsupported(why) => write!(f, "{why}"),
             CaptureError::Io { what, err } => write!(f, "{what} failed: {err}"),
         }
     }
@@ -61,6 +147,8 @@ pub struct DeviceInfo {
     pub up: bool,
     pub loopback: bool,
     pub link: LinkLayer,
+    /// Hardware address of an Ethernet device.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Checks that `name` can be an interface name at all (the kernel's own rules).
@@ -100,6 +188,33 @@ pub fn parse_device_list(value: &str) -> Result<Vec<String>, String> {
     }
     if out.len() > MAX_DEVICES {
         return Err(format!("{} devices are listed; at most {MAX_DEVICES} can be captured.", out.len()));
+    }
+    Ok(out)
+}
+
+/// Parses `pg_netstat.ports`: extra TCP ports (comma-separated) counted together with
+/// the server's own port, e.g. a connection pooler's. Empty means none.
+pub fn parse_port_list(value: &str) -> Result<Vec<u16>, String> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<u16> = Vec::new();
+    for (i, raw) in value.split(',').enumerate() {
+        let text = raw.trim();
+        if text.is_empty() {
+            return Err(format!("Entry {} of the list is empty; write ports separated by single commas, e.g. '6432,6433'.", i + 1));
+        }
+        let port = match text.parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => p as u16,
+            _ => return Err(format!("\"{text}\" is not a TCP port number (1 to 65535).")),
+        };
+        if out.contains(&port) {
+            return Err(format!("Port {port} is listed twice."));
+        }
+        out.push(port);
+    }
+    if out.len() > filter::MAX_PORTS - 1 {
+        return Err(format!("{} ports are listed; at most {} can be added to the server's own port.", out.len(), filter::MAX_PORTS - 1));
     }
     Ok(out)
 }
@@ -145,9 +260,9 @@ pub fn device_info(name: &str) -> io::Result<Option<DeviceInfo>> {
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let hatype = match ioctl_ifreq(name, libc::SIOCGIFHWADDR) {
+    let (hatype, hwaddr) = match ioctl_ifreq(name, libc::SIOCGIFHWADDR) {
         // SAFETY: SIOCGIFHWADDR fills the hwaddr member.
-        Ok(ifr) => unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_family },
+        Ok(ifr) => unsafe { (ifr.ifr_ifru.ifru_hwaddr.sa_family, ifr.ifr_ifru.ifru_hwaddr.sa_data) },
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
         Err(e) => return Err(e),
     };
@@ -155,12 +270,17 @@ pub fn device_info(name: &str) -> io::Result<Option<DeviceInfo>> {
         ARPHRD_ETHER | ARPHRD_LOOPBACK => LinkLayer::Ethernet,
         _ => LinkLayer::Cooked,
     };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(hwaddr.iter()) {
+        *m = *b as u8;
+    }
     Ok(Some(DeviceInfo {
         name: name.to_string(),
         ifindex,
         up: flags & libc::IFF_UP != 0,
         loopback: flags & libc::IFF_LOOPBACK != 0,
         link,
+        mac: (hatype == ARPHRD_ETHER).then_some(mac),
     }))
 }
 
@@ -279,6 +399,20 @@ mod tests {
         let many: Vec<String> = (0..=MAX_DEVICES).map(|i| format!("d{i}")).collect();
         assert!(parse_device_list(&many.join(",")).unwrap_err().contains("at most 16"));
         assert_eq!(parse_device_list(&many[..MAX_DEVICES].join(",")).unwrap().len(), MAX_DEVICES);
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_port_list(""), Ok(vec![]));
+        assert_eq!(parse_port_list(" 6432 , 7000"), Ok(vec![6432, 7000]));
+        assert!(parse_port_list("6432,,7000").unwrap_err().contains("Entry 2"));
+        assert!(parse_port_list("0").unwrap_err().contains("not a TCP port"));
+        assert!(parse_port_list("65536").unwrap_err().contains("not a TCP port"));
+        assert!(parse_port_list("pgbouncer").unwrap_err().contains("not a TCP port"));
+        assert!(parse_port_list("6432,6432").unwrap_err().contains("twice"));
+        let many: Vec<String> = (1..=16).map(|i| (6000 + i).to_string()).collect();
+        assert!(parse_port_list(&many.join(",")).unwrap_err().contains("at most 15"));
+        assert_eq!(parse_port_list(&many[..15].join(",")).unwrap().len(), 15);
     }
 
     #[cfg(target_os = "linux")]

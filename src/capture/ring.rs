@@ -6,7 +6,7 @@
 //! late or out of order is what freezes a ring.
 
 use super::filter::{self, FilterSpec, LinkLayer, SockFilter};
-use super::{CaptureError, DeviceInfo};
+use super::{CaptureError, DeviceInfo, DrainStats, Frame, KernelStats};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -108,43 +108,6 @@ impl RingGeometry {
     pub fn total_bytes(&self) -> u64 {
         self.block_size as u64 * self.block_count as u64
     }
-}
-
-/// One captured frame, borrowed from the ring.
-#[derive(Debug)]
-pub struct Frame<'a> {
-    pub sec: u32,
-    pub nsec: u32,
-    /// Length on the wire (or of the GRO/TSO super-packet the kernel handled).
-    pub len: u32,
-    /// The captured bytes, at most snaplen.
-    pub data: &'a [u8],
-    pub pkttype: u8,
-    /// Ethertype from the skb (host order).
-    pub protocol: u16,
-    pub vlan_tci: Option<u16>,
-}
-
-/// Kernel counters, as running totals since the ring was opened.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelStats {
-    /// Frames that passed the filter and were put in the ring.
-    pub received: u64,
-    /// Frames that passed the filter but found no room in the ring.
-    pub dropped: u64,
-    /// Times the ring was full (frozen) and had to wait for us.
-    pub freezes: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DrainStats {
-    pub blocks: u32,
-    pub frames: u32,
-    /// A block carried TP_STATUS_LOSING: the kernel dropped frames around it.
-    pub losing: bool,
-    /// Frames whose ring headers pointed outside their block (never seen in practice;
-    /// skipped rather than trusted).
-    pub malformed: u32,
 }
 
 pub struct Ring {
@@ -301,14 +264,17 @@ impl Ring {
                     } else {
                         let pst = read_u32(p.add(PKT_STATUS));
                         let tci = read_u32(p.add(PKT_VLAN_TCI));
+                        let vlan = pst & TP_STATUS_VLAN_VALID != 0;
                         let frame = Frame {
                             sec: read_u32(p.add(PKT_SEC)),
                             nsec: read_u32(p.add(PKT_NSEC)),
-                            len: read_u32(p.add(PKT_LEN)),
+                            // A tag the NIC or kernel moved into metadata was on the wire
+                            // (and tcpdump puts it back): count its 4 bytes.
+                            len: read_u32(p.add(PKT_LEN)) + if vlan { 4 } else { 0 },
                             data: std::slice::from_raw_parts(p.add(mac), snap),
                             pkttype: *p.add(SLL_PKTTYPE),
                             protocol: u16::from_be((p.add(SLL_PROTOCOL) as *const u16).read_unaligned()),
-                            vlan_tci: (pst & TP_STATUS_VLAN_VALID != 0).then_some(tci as u16),
+                            vlan_tci: vlan.then_some(tci as u16),
                         };
                         on_frame(&frame);
                         out.frames += 1;
@@ -324,6 +290,9 @@ impl Ring {
             out.blocks += 1;
             self.next_block = (self.next_block + 1) % self.geometry.block_count;
         }
+        // A full lap with the next block ready again: more is waiting.
+        out.more = out.blocks == self.geometry.block_count
+            && self.block_status(self.block_ptr(self.next_block)).load(Ordering::Acquire) & TP_STATUS_USER != 0;
         out
     }
 

@@ -8,6 +8,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import PGBIN, Cluster, Netns, free_port, run, wait_for  # noqa: E402
 
 INTERVAL = 2
+# Which backend the session's cluster uses; scripts/test runs the suite once per backend.
+CAPTURE_METHOD = os.environ.get("PG_NETSTAT_CAPTURE_METHOD", "auto")
+EXPECTED_METHOD = "ring" if CAPTURE_METHOD == "auto" else CAPTURE_METHOD
 
 # Lines that mean something went badly wrong in the server; any of them fails the run.
 # (A worker exit with code 1 is not among them: the restart tests cause those on purpose
@@ -35,6 +38,7 @@ def cluster(netns):
             "pg_netstat.pcap_timeout = 100",
             f"pg_netstat.devices = '{netns.host_if}'",
             "pg_netstat.capture_loopback = on",
+            f"pg_netstat.capture_method = {CAPTURE_METHOD}",
         ],
         listen=f"127.0.0.1,::1,{netns.host_ip}",
         hba_extra=f"host all all {netns.host_ip.rsplit('.', 1)[0]}.0/30 trust",

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import INTERVAL
+from conftest import EXPECTED_METHOD, INTERVAL
 from harness import PGBIN, Cluster, SqlError, Tcpdump, free_port, run, wait_for
 
 ORIGINAL_COLUMNS = [
@@ -94,8 +94,10 @@ def test_speeds_are_per_second_of_the_interval(cluster):
 
 
 def test_device_status_reports_capture(cluster, netns):
-    rows = cluster.rows("SELECT device, state, packets_in > 0, kernel_drops, last_error IS NULL FROM pg_netstat_devices")
-    assert rows == sorted([[netns.host_if, "capturing", "t", "0", "t"], ["lo", "capturing", "t", "0", "t"]])
+    rows = cluster.rows("""SELECT device, capture_method, state, packets_in > 0, kernel_drops, last_error IS NULL
+                             FROM pg_netstat_devices""")
+    m = EXPECTED_METHOD
+    assert rows == sorted([[netns.host_if, m, "capturing", "t", "0", "t"], ["lo", m, "capturing", "t", "0", "t"]])
 
 
 def test_view_is_for_pg_monitor_not_public(cluster):
@@ -155,3 +157,17 @@ def test_create_extension_without_preload_explains_the_fix():
     finally:
         c.stop()
         c.remove()
+
+
+def test_capture_method_pcap_needs_the_pcap_build(cluster):
+    r = cluster.psql_result("ALTER SYSTEM SET pg_netstat.capture_method = pcap")
+    if EXPECTED_METHOD == "pcap":
+        assert r.returncode == 0, r.stderr
+        cluster.sql("ALTER SYSTEM RESET pg_netstat.capture_method")
+    else:
+        assert r.returncode != 0
+        assert "This build of pg_netstat has no libpcap backend." in r.stderr
+        assert "HINT:  Build it with the pcap feature" in r.stderr
+    with pytest.raises(SqlError) as e:
+        cluster.sql("ALTER SYSTEM SET pg_netstat.capture_method = dpdk")
+    assert "Available values: auto, ring, pcap" in e.value.stderr

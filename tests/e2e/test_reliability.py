@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import INTERVAL
+from conftest import CAPTURE_METHOD, INTERVAL
 from harness import (CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits, cpu_ticks,
                      free_port, pcap_packets, run, wait_for)
 
@@ -243,7 +243,8 @@ def test_only_the_capture_worker_holds_cap_net_raw(cluster):
 
 
 def test_without_cap_net_raw_the_server_runs_and_says_why():
-    c = Cluster(free_port(), conf=["pg_netstat.capture_loopback = on", "pg_netstat.interval = 1"])
+    c = Cluster(free_port(), conf=["pg_netstat.capture_loopback = on", "pg_netstat.interval = 1",
+                                   f"pg_netstat.capture_method = {CAPTURE_METHOD}"])
     c.start(cap_net_raw=False)
     try:
         c.sql("CREATE EXTENSION pg_netstat")

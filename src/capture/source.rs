@@ -1,0 +1,141 @@
+//! One capture backend per device, chosen by `pg_netstat.capture_method`: the
+//! TPACKET_V3 ring, or libpcap where built in. An enum rather than a trait object so the
+//! per-packet closure is inlined into each backend's loop.
+
+use super::filter::LinkLayer;
+use super::{CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, DrainStats, Frame, KernelStats};
+#[cfg(target_os = "linux")]
+use super::ring::{Ring, RingGeometry};
+use std::io;
+use std::os::fd::RawFd;
+
+pub enum Source {
+    #[cfg(target_os = "linux")]
+    Ring(Ring),
+    #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+    Pcap(super::pcap::PcapSource),
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32
+}
+
+impl Source {
+    /// Opens `device` with `method`. `Auto` takes the ring and falls back to libpcap (when
+    /// built in) only for failures libpcap might not share; a missing device or privilege
+    /// fails the same way either way.
+    pub fn open(method: CaptureMethod, device: &DeviceInfo, ports: &[u16], s: CaptureSettings) -> Result<Source, CaptureError> {
+        match method {
+            CaptureMethod::Ring => Self::open_ring(device, ports, s),
+            CaptureMethod::Pcap => Self::open_pcap(device, ports, s),
+            CaptureMethod::Auto => match Self::open_ring(device, ports, s) {
+                Ok(r) => Ok(r),
+                Err(e @ (CaptureError::Permission(_) | CaptureError::NoSuchDevice(_))) => Err(e),
+                Err(e) if CaptureMethod::PCAP_BUILT_IN => Self::open_pcap(device, ports, s).map_err(|_| e),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn open_ring(device: &DeviceInfo, ports: &[u16], s: CaptureSettings) -> Result<Source, CaptureError> {
+        let g = RingGeometry::from_pcap_settings(s.buffer_size, s.snaplen, s.timeout_ms, page_size());
+        Ring::open(device, ports, g).map(Source::Ring)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn open_ring(_: &DeviceInfo, _: &[u16], _: CaptureSettings) -> Result<Source, CaptureError> {
+        Err(CaptureError::Unsupported("the AF_PACKET ring exists only on Linux"))
+    }
+
+    #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+    fn open_pcap(device: &DeviceInfo, ports: &[u16], s: CaptureSettings) -> Result<Source, CaptureError> {
+        super::pcap::PcapSource::open(device, ports, s).map(Source::Pcap)
+    }
+
+    #[cfg(not(any(feature = "pcap", not(target_os = "linux"))))]
+    fn open_pcap(_: &DeviceInfo, _: &[u16], _: CaptureSettings) -> Result<Source, CaptureError> {
+        Err(CaptureError::Unsupported("this build has no libpcap backend (build with --features pcap)"))
+    }
+
+    pub fn method(&self) -> CaptureMethod {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(_) => CaptureMethod::Ring,
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(_) => CaptureMethod::Pcap,
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => r.fd(),
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => p.fd(),
+        }
+    }
+
+    /// How frames from this source start (where the network header is).
+    pub fn link(&self) -> LinkLayer {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => r.link(),
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => p.link(),
+        }
+    }
+
+    /// Whether the direction of a frame must be read from the ports instead of the
+    /// kernel's packet type: always on loopback, and for libpcap where the device has no
+    /// hardware address of its own to compare with.
+    pub fn direction_by_ports(&self, device: &DeviceInfo) -> bool {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(_) => device.loopback,
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => device.loopback || p.direction_by_ports(),
+        }
+    }
+
+    /// The longest the kernel may hold a packet before handing it over.
+    pub fn retire_ms(&self) -> u32 {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => r.geometry().retire_ms,
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => p.settings().timeout_ms,
+        }
+    }
+
+    pub fn drain(&mut self, on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => Ok(r.drain(on_frame)),
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => p.drain(on_frame),
+        }
+    }
+
+    pub fn read_kernel_stats(&mut self) -> io::Result<KernelStats> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => r.read_kernel_stats(),
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => p.read_kernel_stats(),
+        }
+    }
+
+    /// Takes a pending socket error (ENETDOWN, ENXIO/ENODEV). libpcap reports those
+    /// from its read call instead, so it has nothing here.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => r.take_error(),
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(_) => Ok(None),
+        }
+    }
+}
