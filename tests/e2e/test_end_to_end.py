@@ -94,6 +94,10 @@ def test_speeds_are_per_second_of_the_interval(cluster):
 
 
 def test_device_status_reports_capture(cluster, netns):
+    cluster.sql("SELECT 1", host="127.0.0.1")
+    cluster.sql("SELECT 1", host=netns.host_ip, netns=netns.name)
+    wait_for("totals to be published", lambda: cluster.sql(
+        "SELECT bool_and(packets_in > 0) FROM pg_netstat_devices") == "t", timeout=15)
     rows = cluster.rows("""SELECT device, capture_method, state, packets_in > 0, kernel_drops, last_error IS NULL
                              FROM pg_netstat_devices""")
     m = EXPECTED_METHOD
