@@ -22,8 +22,8 @@ pub struct Slot {
     pub start: i64,
     pub secs: u32,
     pub counters: Counters,
-    /// Packets the kernel dropped on this device while this interval was the newest
-    /// one closed (ring full).
+    /// Packets the kernel dropped on this device (ring full), charged to the interval
+    /// in which the worker learned of them.
     pub kernel_drops: u64,
     pub late: u64,
     /// When the interval was published, Unix microseconds.
@@ -97,12 +97,12 @@ impl DeviceEntry {
         self.error[..n].copy_from_slice(&text.as_bytes()[..n]);
     }
 
-    pub fn push(&mut self, closed: &Closed, kernel_drops: u64, created_at_us: i64) {
+    pub fn push(&mut self, closed: &Closed, created_at_us: i64) {
         let slot = Slot {
             start: closed.start,
             secs: closed.secs,
             counters: closed.counters,
-            kernel_drops,
+            kernel_drops: closed.drops,
             late: closed.late,
             created_at_us,
         };

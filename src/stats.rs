@@ -42,6 +42,16 @@ pub struct Closed {
     /// Packets counted here although their timestamp fell in an interval already
     /// closed (the clock stepped back, or the kernel held them past the wait).
     pub late: u64,
+    /// Packets the kernel dropped (ring full), charged to the interval in which the
+    /// worker learned of them.
+    pub drops: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Open {
+    counters: Counters,
+    late: u64,
+    drops: u64,
 }
 
 /// Most intervals kept open at once. Packets stamped further ahead than this (a clock
@@ -59,7 +69,7 @@ pub struct Intervals {
     /// length changed at a boundary that is not a multiple of the new length.
     first: i64,
     first_end: i64,
-    open: VecDeque<(Counters, u64)>,
+    open: VecDeque<Open>,
     /// Once the interval length changes, the old series stops here (exclusive).
     stop_at: Option<i64>,
 }
@@ -80,7 +90,7 @@ impl Intervals {
     pub fn starting_at(start: i64, secs: u32, wait: u32) -> Intervals {
         let secs = secs.max(1);
         let mut open = VecDeque::with_capacity(MAX_OPEN);
-        open.push_back((Counters::default(), 0));
+        open.push_back(Open::default());
         Intervals { secs, wait, first: start, first_end: align(start, secs) + secs as i64, open, stop_at: None }
     }
 
@@ -103,20 +113,31 @@ impl Intervals {
     pub fn record(&mut self, ts: i64, now: i64, dir: Direction, bytes: u64) {
         let ts = ts.min(now);
         let late = ts < self.first;
-        let idx = if late || ts < self.first_end {
+        let slot = self.slot_for(ts);
+        slot.counters.add(dir, bytes);
+        if late {
+            slot.late += 1;
+        }
+    }
+
+    /// Charges `n` kernel drops to the interval `now` falls in.
+    pub fn record_drops(&mut self, now: i64, n: u64) {
+        if n > 0 {
+            self.slot_for(now).drops += n;
+        }
+    }
+
+    fn slot_for(&mut self, ts: i64) -> &mut Open {
+        let idx = if ts < self.first_end {
             0
         } else {
             1 + ((align(ts, self.secs) - self.first_end) / self.secs as i64) as usize
         };
         let idx = idx.min(MAX_OPEN - 1);
         while self.open.len() <= idx {
-            self.open.push_back((Counters::default(), 0));
+            self.open.push_back(Open::default());
         }
-        let slot = &mut self.open[idx];
-        slot.0.add(dir, bytes);
-        if late {
-            slot.1 += 1;
-        }
+        &mut self.open[idx]
     }
 
     /// Wall time at which the oldest open interval is due to close.
@@ -129,8 +150,14 @@ impl Intervals {
     }
 
     fn pop(&mut self) -> Closed {
-        let (counters, late) = self.open.pop_front().unwrap_or_default();
-        let closed = Closed { start: self.first, secs: (self.first_end - self.first) as u32, counters, late };
+        let o = self.open.pop_front().unwrap_or_default();
+        let closed = Closed {
+            start: self.first,
+            secs: (self.first_end - self.first) as u32,
+            counters: o.counters,
+            late: o.late,
+            drops: o.drops,
+        };
         self.first = self.first_end;
         self.first_end += self.secs as i64;
         closed
@@ -154,7 +181,7 @@ impl Intervals {
             out.push(self.pop());
         }
         if self.open.is_empty() {
-            self.open.push_back((Counters::default(), 0));
+            self.open.push_back(Open::default());
         }
         out
     }
@@ -165,7 +192,7 @@ impl Intervals {
         while !self.open.is_empty() && !self.done() {
             out.push(self.pop());
         }
-        self.open.push_back((Counters::default(), 0));
+        self.open.push_back(Open::default());
         out
     }
 }
@@ -185,6 +212,10 @@ impl Bucketing {
 
     pub fn secs(&self) -> u32 {
         self.current.secs
+    }
+
+    pub fn record_drops(&mut self, now: i64, n: u64) {
+        self.current.record_drops(now, n);
     }
 
     pub fn record(&mut self, ts: i64, now: i64, dir: Direction, bytes: u64) {
@@ -388,5 +419,15 @@ mod tests {
         b.reconfigure(10, 1, 101);
         assert_eq!(b.next_deadline(), 111);
         assert_eq!(b.close_due(111).len(), 1);
+    }
+
+    #[test]
+    fn drops_go_to_the_interval_in_which_they_are_learned() {
+        let mut b = Bucketing::new(10, 5, 100);
+        b.record(101, 101, In, 1);
+        b.record_drops(113, 7); // learned while [100,110) waits for its close
+        let rows = b.close_due(130);
+        let got: Vec<(i64, u64)> = rows.iter().map(|r| (r.start, r.drops)).collect();
+        assert_eq!(got, vec![(100, 0), (110, 7)]); // [120,130) is due at 135
     }
 }

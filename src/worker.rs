@@ -101,6 +101,8 @@ const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). 
 /// so a rebuild neither loses nor double-counts a packet.
 struct RetiringRing {
     ring: Source,
+    /// Its kernel drops already charged.
+    drops_seen: u64,
     split: (u32, u32),
     close_at: Instant,
 }
@@ -117,8 +119,10 @@ struct Device {
     error: String,
     retry_at: Instant,
     backoff: Duration,
-    /// Kernel drops already attributed to a published interval.
-    drops_published: u64,
+    /// Kernel drops already charged to an interval (running total of the current source).
+    drops_seen: u64,
+    /// Drops of earlier sources of this device (before a rebuild or reopen).
+    kernel_drops_total: u64,
     total: Counters,
     /// State or error changed and is not yet in shared memory. (Totals are published
     /// with each closed interval, so the hot path never takes the lock.)
@@ -138,7 +142,8 @@ impl Device {
             error: String::new(),
             retry_at: Instant::now(),
             backoff: RETRY_FIRST,
-            drops_published: 0,
+            drops_seen: 0,
+            kernel_drops_total: 0,
             total: Counters::default(),
             dirty: true,
         }
@@ -187,7 +192,25 @@ impl Device {
         self.dirty = true;
     }
 
+    /// Charges drops the current source reported since last asked, then makes its count
+    /// part of the device total, before the source is replaced or dropped.
+    /// Returns the source's running drop count at this point.
+    fn retire_source_stats(&mut self) -> u64 {
+        let (now, _) = wall_now();
+        if let Some(r) = self.ring.as_mut() {
+            if let Ok(st) = r.read_kernel_stats() {
+                self.buckets.record_drops(now, st.dropped.saturating_sub(self.drops_seen));
+                self.drops_seen = st.dropped;
+            }
+        }
+        let seen = self.drops_seen;
+        self.kernel_drops_total += seen;
+        self.drops_seen = 0;
+        seen
+    }
+
     fn fail(&mut self, state: DeviceState, error: String) {
+        let _ = self.retire_source_stats();
         self.ring = None;
         self.old_ring = None;
         self.set_state(state, error);
@@ -204,6 +227,7 @@ impl Device {
         };
         match Source::open(method, &info, ports, settings) {
             Ok(ring) => {
+                let _ = self.retire_source_stats();
                 self.ring = Some(ring);
                 self.backoff = RETRY_FIRST;
                 let state = if info.up { DeviceState::Capturing } else { DeviceState::Down };
@@ -241,7 +265,7 @@ impl Device {
 
     fn drain(&mut self, ports: &[u16]) -> u32 {
         let (now, _) = wall_now();
-        let Device { ring, old_ring, info, buckets, total, more, .. } = self;
+        let Device { ring, old_ring, info, buckets, total, more, drops_seen, .. } = self;
         let Some(info) = info.as_ref() else {
             return 0;
         };
@@ -272,6 +296,14 @@ impl Device {
                 Ok(st) => {
                     blocks += st.blocks;
                     *more = st.more;
+                    // The kernel flags blocks written after it had to drop: learn how
+                    // many now, so they are charged to the interval they happened in.
+                    if st.losing {
+                        if let Ok(k) = r.read_kernel_stats() {
+                            buckets.record_drops(now, k.dropped.saturating_sub(*drops_seen));
+                            *drops_seen = k.dropped;
+                        }
+                    }
                 }
                 Err(e) => failure = Some(e),
             }
@@ -292,7 +324,15 @@ impl Device {
         match &self.old_ring {
             Some(old) if force || Instant::now() >= old.close_at => {
                 self.drain(ports);
-                self.old_ring = None;
+                if let Some(mut old) = self.old_ring.take() {
+                    // Its count was reset when it was replaced; what it dropped since counts too.
+                    if let Ok(st) = old.ring.read_kernel_stats() {
+                        let (now, _) = wall_now();
+                        let n = st.dropped.saturating_sub(old.drops_seen);
+                        self.buckets.record_drops(now, n);
+                        self.kernel_drops_total += n;
+                    }
+                }
                 true
             }
             _ => false,
@@ -302,6 +342,7 @@ impl Device {
     /// Applies new ring settings: the new ring is bound before the old one is closed.
     fn rebuild(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
         self.retire_old_ring(ports, true);
+        let old_seen = if self.ring.is_some() { self.retire_source_stats() } else { 0 };
         let Some(old) = self.ring.take() else {
             // Not capturing (missing, no permission...): just try again with the new settings.
             self.retry_at = Instant::now();
@@ -319,6 +360,7 @@ impl Device {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 let grace = Duration::from_millis(old.retire_ms() as u64) + Duration::from_millis(250);
                 self.old_ring = Some(RetiringRing {
+                    drops_seen: old_seen,
                     ring: old,
                     split: (now.as_secs() as u32, now.subsec_nanos()),
                     close_at: Instant::now() + grace,
@@ -676,7 +718,7 @@ impl Worker {
         for (name, closed) in rows {
             if let Some(e) = shared.entry_mut(&name) {
                 for c in &closed {
-                    e.push(c, 0, now_us);
+                    e.push(c, now_us);
                 }
             }
         }
@@ -685,32 +727,32 @@ impl Worker {
     /// Moves closed intervals and changed status into shared memory.
     fn publish(&mut self) {
         let (now, now_us) = wall_now();
-        let mut work: Vec<(usize, Vec<Closed>, u64)> = Vec::new();
+        let mut work: Vec<(usize, Vec<Closed>)> = Vec::new();
         for (i, d) in self.devices.iter_mut().enumerate() {
-            let closed = d.buckets.close_due(now);
-            let mut drops = 0;
-            if !closed.is_empty() {
+            if d.buckets.next_deadline() <= now {
+                // Drops not flagged by the ring (or from libpcap) are learned here, and
+                // charged to the interval open now, never to one being closed.
                 if let Some(r) = d.ring.as_mut() {
                     if let Ok(st) = r.read_kernel_stats() {
-                        drops = st.dropped.saturating_sub(d.drops_published);
-                        d.drops_published = st.dropped;
+                        d.buckets.record_drops(now, st.dropped.saturating_sub(d.drops_seen));
+                        d.drops_seen = st.dropped;
                     }
                 }
             }
+            let closed = d.buckets.close_due(now);
             if !closed.is_empty() || d.dirty {
-                work.push((i, closed, drops));
+                work.push((i, closed));
             }
         }
         if work.is_empty() {
             return;
         }
         let mut shared = STATE.exclusive();
-        for (i, closed, drops) in work {
+        for (i, closed) in work {
             let d = &mut self.devices[i];
             let Some(e) = shared.entry_mut(&d.name) else { continue };
-            let n = closed.len();
-            for (k, c) in closed.iter().enumerate() {
-                e.push(c, if k + 1 == n { drops } else { 0 }, now_us);
+            for c in &closed {
+                e.push(c, now_us);
             }
             if e.state != d.state || e.state_since_us == 0 {
                 e.state_since_us = now_us;
@@ -719,7 +761,7 @@ impl Worker {
             e.method = d.ring.as_ref().map(|r| r.method()).unwrap_or(self.settings.method) as u8;
             e.set_error(&d.error);
             e.total = d.total;
-            e.kernel_drops = d.drops_published;
+            e.kernel_drops = d.kernel_drops_total + d.drops_seen;
             d.dirty = false;
         }
     }

@@ -37,10 +37,12 @@ fn pcap_err(what: &'static str, e: pcap::Error) -> CaptureError {
     }
 }
 
-/// The libpcap filter expression equivalent to our BPF program.
+/// The libpcap filter expression equivalent to our BPF program. libpcap's plain
+/// `tcp port` does not look through an in-band 802.1Q tag, hence the `vlan` branch.
 pub fn filter_expression(ports: &[u16]) -> String {
     let alternatives: Vec<String> = ports.iter().map(|p| format!("port {p}")).collect();
-    format!("tcp and ({})", alternatives.join(" or "))
+    let ports = alternatives.join(" or ");
+    format!("(tcp and ({ports})) or (vlan and tcp and ({ports}))")
 }
 
 impl PcapSource {

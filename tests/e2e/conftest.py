@@ -40,8 +40,8 @@ def cluster(netns):
             "pg_netstat.capture_loopback = on",
             f"pg_netstat.capture_method = {CAPTURE_METHOD}",
         ],
-        listen=f"127.0.0.1,::1,{netns.host_ip}",
-        hba_extra=f"host all all {netns.host_ip.rsplit('.', 1)[0]}.0/30 trust",
+        listen=f"127.0.0.1,::1,{netns.host_ip},{netns.host_ip6}",
+        hba_extra=f"host all all {netns.host_ip.rsplit('.', 1)[0]}.0/30 trust\nhost all all {netns.host_ip6}/64 trust",
     )
     c.start()
     try:

@@ -3,6 +3,7 @@ namespaces, tcpdump as the independent packet count, and a small pcap reader.
 
 Traffic only ever goes to loopback or to the namespace this harness creates."""
 
+import json
 import os
 import re
 import shutil
@@ -115,26 +116,56 @@ class Cluster:
 
 class Netns:
     """A test host: a network namespace joined to this host by a veth pair.
-    Host end `host_if` gets `host_ip`, the namespace end gets `peer_ip` (both /30)."""
+    Host end `host_if` gets `host_ip` and `host_ip6`, the namespace end `peer_ip` and
+    `peer_ip6`. Both ends allow 185,000-byte GSO/GRO packets (BIG TCP), so TCP over IPv6
+    between them produces packets longer than 64 KiB."""
 
-    def __init__(self, tag, host_ip="169.254.77.1", peer_ip="169.254.77.2"):
+    BIG = "185000"
+
+    def __init__(self, tag, host_ip="169.254.77.1", peer_ip="169.254.77.2", host_ip6="fd77::1", peer_ip6="fd77::2"):
         self.name = f"pgn_{tag}"
         self.host_if = f"pgnh{tag}"[:15]
         self.peer_if = f"pgnp{tag}"[:15]
-        self.host_ip = host_ip
-        self.peer_ip = peer_ip
+        self.host_ip, self.peer_ip = host_ip, peer_ip
+        self.host_ip6, self.peer_ip6 = host_ip6, peer_ip6
         self.teardown()
         run(["ip", "netns", "add", self.name])
+        self.exec(["ip", "link", "set", "lo", "up"])
+        self.create_link()
+
+    def create_link(self):
         run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if])
         run(["ip", "link", "set", self.peer_if, "netns", self.name])
-        run(["ip", "addr", "add", f"{host_ip}/30", "dev", self.host_if])
+        run(["ip", "link", "set", self.host_if, "gso_max_size", self.BIG, "gro_max_size", self.BIG])
+        run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
+        run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_if, "nodad"])
         run(["ip", "link", "set", self.host_if, "up"])
-        self.exec(["ip", "addr", "add", f"{peer_ip}/30", "dev", self.peer_if])
+        self.exec(["ip", "link", "set", self.peer_if, "gso_max_size", self.BIG, "gro_max_size", self.BIG])
+        self.exec(["ip", "addr", "add", f"{self.peer_ip}/30", "dev", self.peer_if])
+        self.exec(["ip", "-6", "addr", "add", f"{self.peer_ip6}/64", "dev", self.peer_if, "nodad"])
         self.exec(["ip", "link", "set", self.peer_if, "up"])
-        self.exec(["ip", "link", "set", "lo", "up"])
+
+    def delete_link(self):
+        run(["ip", "link", "del", self.host_if])
+
+    def set_host_link(self, state):
+        run(["ip", "link", "set", self.host_if, state])
 
     def exec(self, cmd, check=True):
         return run(["ip", "netns", "exec", self.name, *cmd], check=check)
+
+    def inject(self, specs, workdir, from_host=False):
+        """Sends crafted frames (see inject.py) into the pair: from the namespace end (the
+        host end receives them) or, with from_host, out of the host end. Returns the list
+        of frame lengths sent."""
+        spec_path = Path(workdir) / "frames.json"
+        spec_path.write_text(json.dumps(specs))
+        script = str(Path(__file__).parent / "inject.py")
+        if from_host:
+            out = run(["python3", script, self.host_if, str(spec_path)]).stdout
+        else:
+            out = self.exec(["python3", script, self.peer_if, str(spec_path)]).stdout
+        return json.loads(out)
 
     def teardown(self):
         run(["ip", "link", "del", self.host_if], check=False)
@@ -145,10 +176,11 @@ class Tcpdump:
     """tcpdump writing a pcap of `tcp port PORT` on one device: the independent count.
     libpcap, like pg_netstat, keeps one copy of each loopback packet."""
 
-    def __init__(self, device, port, workdir):
-        self.path = Path(workdir) / f"{device}.pcap"
+    def __init__(self, device, port, workdir, name=None):
+        self.path = Path(workdir) / f"{name or device}.pcap"
         self.device = device
-        self.port = port
+        self.ports = [port] if isinstance(port, int) else list(port)
+        self.port = self.ports[0]
 
     def __enter__(self):
         self.err_path = self.path.with_suffix(".err")
@@ -158,7 +190,9 @@ class Tcpdump:
             # packets in its last, partly filled ring block are lost when tcpdump is
             # stopped, and the reference count comes out short.
             ["tcpdump", "-i", self.device, "-p", "-n", "-s", "128", "-B", "16384", "-U", "--immediate-mode",
-             "-Z", "root", "-w", str(self.path), f"tcp port {self.port}"],
+             "-Z", "root", "-w", str(self.path),
+             # libpcap's "tcp port" alone misses frames with an in-band 802.1Q tag.
+             "(tcp and ({0})) or (vlan and tcp and ({0}))".format(" or ".join(f"port {p}" for p in self.ports))],
             stdout=subprocess.DEVNULL, stderr=self.err)
         wait_for(f"tcpdump on {self.device} to listen",
                  lambda: "listening on" in self.err_path.read_text() or self.proc.poll() is not None)
@@ -174,12 +208,16 @@ class Tcpdump:
         assert re.search(r"^0 packets dropped by kernel", stats, re.M), stats
 
     def tally(self):
-        return pcap_tally(self.path, self.port)
+        return pcap_tally(self.path, self.ports)
+
+    def max_length(self):
+        return max((length for _, _, length in pcap_packets(self.path, self.ports)), default=0)
 
 
-def pcap_packets(path, port):
-    """(seconds as float, 'in'|'out', original length) of each TCP packet on `port` in a
-    pcap file; 'in' is toward the port."""
+def pcap_packets(path, ports):
+    """(seconds as float, 'in'|'out', original length) of each TCP packet on `ports` (one
+    port or a list) in a pcap file; 'in' is toward a port."""
+    ports = [ports] if isinstance(ports, int) else ports
     data = Path(path).read_bytes()
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
@@ -196,20 +234,20 @@ def pcap_packets(path, port):
         sec, frac, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
         frame = data[off + 16: off + 16 + incl]
         off += 16 + incl
-        ports = _tcp_ports(frame)
-        if ports is None:
+        tcp = _tcp_ports(frame)
+        if tcp is None:
             continue
-        if ports[0] == port:
+        if tcp[0] in ports:
             yield sec + frac * frac_scale, "out", orig
-        elif ports[1] == port:
+        elif tcp[1] in ports:
             yield sec + frac * frac_scale, "in", orig
 
 
-def pcap_tally(path, port):
+def pcap_tally(path, ports):
     """Packets and bytes (original frame lengths) of TCP port `port` in a pcap file, plus
     the whole seconds of the first and last packet."""
     t = dict(packets_in=0, packets_out=0, bytes_in=0, bytes_out=0, first_sec=None, last_sec=None)
-    for ts, direction, length in pcap_packets(path, port):
+    for ts, direction, length in pcap_packets(path, ports):
         t["packets_" + direction] += 1
         t["bytes_" + direction] += length
         t["first_sec"] = int(ts) if t["first_sec"] is None else t["first_sec"]
@@ -220,16 +258,36 @@ def pcap_tally(path, port):
 def _tcp_ports(f):
     if len(f) < 14:
         return None
+    l2 = 14
     ethertype = struct.unpack(">H", f[12:14])[0]
-    if ethertype == 0x0800 and len(f) >= 34:
-        proto, l4 = f[23], 14 + (f[14] & 0x0F) * 4
-    elif ethertype == 0x86DD and len(f) >= 54:
-        proto, l4 = f[20], 54
+    if ethertype == 0x8100 and len(f) >= 18:  # libpcap re-inserts tags the kernel moved aside
+        ethertype, l2 = struct.unpack(">H", f[16:18])[0], 18
+    if ethertype == 0x0800 and len(f) >= l2 + 20:
+        proto, l4 = f[l2 + 9], l2 + (f[l2] & 0x0F) * 4
+    elif ethertype == 0x86DD and len(f) >= l2 + 40:
+        proto, l4 = f[l2 + 6], l2 + 40
     else:
         return None
     if proto != 6 or len(f) < l4 + 4:
         return None
     return struct.unpack(">HH", f[l4:l4 + 4])
+
+
+def interval_sums(cluster, device, first_sec, last_sec):
+    """Sums of every published interval that overlaps [first_sec, last_sec], whatever
+    their lengths, once the interval holding `last_sec` is published."""
+    wait_for(f"the interval holding {last_sec} on {device}", lambda: cluster.sql(f"""
+        SELECT count(*) FROM pg_netstat_intervals WHERE device = '{device}'
+           AND ts + make_interval(secs => interval_seconds) > to_timestamp({last_sec})""") != "0",
+             timeout=30)
+    row = cluster.rows(f"""
+        SELECT sum(packets_in), sum(packets_out), sum(bytes_in), sum(bytes_out),
+               sum(kernel_drops), string_agg(DISTINCT interval_seconds::text, ',' ORDER BY interval_seconds::text)
+          FROM pg_netstat_intervals
+         WHERE device = '{device}' AND ts <= to_timestamp({last_sec})
+           AND ts + make_interval(secs => interval_seconds) > to_timestamp({first_sec})""")[0]
+    sums = dict(packets_in=int(row[0]), packets_out=int(row[1]), bytes_in=int(row[2]), bytes_out=int(row[3]))
+    return sums, int(row[4]), row[5]
 
 
 def cap_bits(status_text):

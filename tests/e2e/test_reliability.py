@@ -12,7 +12,7 @@ import pytest
 
 from conftest import CAPTURE_METHOD, INTERVAL
 from harness import (CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits, cpu_ticks,
-                     free_port, pcap_packets, run, wait_for)
+                     free_port, interval_sums, pcap_packets, run, wait_for)
 
 
 class Traffic:
@@ -31,23 +31,6 @@ class Traffic:
         for p in self.procs:
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err.decode()
-
-
-def interval_sums(cluster, device, first_sec, last_sec):
-    """Sums of every published interval that overlaps [first_sec, last_sec], whatever
-    their lengths, once the interval holding `last_sec` is published."""
-    wait_for(f"the interval holding {last_sec} on {device}", lambda: cluster.sql(f"""
-        SELECT count(*) FROM pg_netstat_intervals WHERE device = '{device}'
-           AND ts + make_interval(secs => interval_seconds) > to_timestamp({last_sec})""") != "0",
-             timeout=30)
-    row = cluster.rows(f"""
-        SELECT sum(packets_in), sum(packets_out), sum(bytes_in), sum(bytes_out),
-               sum(kernel_drops), string_agg(DISTINCT interval_seconds::text, ',' ORDER BY interval_seconds::text)
-          FROM pg_netstat_intervals
-         WHERE device = '{device}' AND ts <= to_timestamp({last_sec})
-           AND ts + make_interval(secs => interval_seconds) > to_timestamp({first_sec})""")[0]
-    sums = dict(packets_in=int(row[0]), packets_out=int(row[1]), bytes_in=int(row[2]), bytes_out=int(row[3]))
-    return sums, int(row[4]), row[5]
 
 
 def per_interval_comparison(cluster, device, dump, want):
