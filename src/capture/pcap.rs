@@ -28,9 +28,9 @@ fn pcap_err(what: &'static str, e: pcap::Error) -> CaptureError {
     let lower = text.to_ascii_lowercase();
     if lower.contains("permitted") || lower.contains("permission") {
         CaptureError::Permission(io::Error::new(io::ErrorKind::PermissionDenied, text))
-    } else if lower.contains("no such device") || lower.contains("doesn't exist") {
+    } else if lower.contains("no such device") || lower.contains("doesn't exist") || lower.contains("disappeared") {
         CaptureError::NoSuchDevice(what.to_string())
-    } else if lower.contains("went down") || lower.contains("network is down") {
+    } else if lower.contains("went down") || lower.contains("network is down") || lower.contains("not up") {
         CaptureError::DeviceDown(what.to_string())
     } else {
         CaptureError::Io { what, err: io::Error::other(text) }

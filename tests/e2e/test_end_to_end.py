@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import EXPECTED_METHOD, INTERVAL
-from harness import PGBIN, Cluster, SqlError, Tcpdump, free_port, run, wait_for
+from harness import PGBIN, Cluster, SqlError, Tcpdump, cpu_ticks, free_port, run, wait_for
 
 ORIGINAL_COLUMNS = [
     ("device", "text"), ("ts", "timestamp with time zone"),
@@ -136,6 +136,9 @@ def test_missing_device_is_reported_and_others_keep_counting(cluster, netns):
         wait_for("the missing device to be reported", lambda: cluster.rows(
             "SELECT device, state FROM pg_netstat_devices ORDER BY device") ==
             sorted([[netns.host_if, "capturing"], ["lo", "capturing"], ["pgn-nosuch0", "missing"]]))
+        ticks = cpu_ticks(cluster.worker_pid())
+        time.sleep(3)
+        assert cpu_ticks(cluster.worker_pid()) - ticks <= 5, "the worker is busy while a device is missing"
         assert cluster.log().count('network device "pgn-nosuch0" does not exist') == 1
         # Capture elsewhere goes on: new loopback traffic still reaches the view.
         before = int(cluster.sql("SELECT sum(packets_in) FROM pg_netstat WHERE device = 'lo'"))
