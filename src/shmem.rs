@@ -74,6 +74,8 @@ pub struct DeviceEntry {
     /// Totals since the worker started capturing this device.
     pub total: Counters,
     pub kernel_drops: u64,
+    /// Times the ring was full and the kernel had to wait for the worker.
+    pub ring_freezes: u64,
 }
 
 impl DeviceEntry {

@@ -66,6 +66,7 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
     name!(bytes_in, i64),
     name!(bytes_out, i64),
     name!(kernel_drops, i64),
+    name!(ring_freezes, i64),
     name!(last_error, Option<String>),
 )> {
     let rows: Vec<_> = {
@@ -86,6 +87,7 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
                     as_i64(d.total.bytes_in),
                     as_i64(d.total.bytes_out),
                     as_i64(d.kernel_drops),
+                    as_i64(d.ring_freezes),
                     (!err.is_empty()).then(|| err.to_string()),
                 )
             })

@@ -123,6 +123,9 @@ struct Device {
     drops_seen: u64,
     /// Drops of earlier sources of this device (before a rebuild or reopen).
     kernel_drops_total: u64,
+    /// Times the current source's ring was full (frozen), and those of earlier sources.
+    freezes_seen: u64,
+    freezes_total: u64,
     total: Counters,
     /// State or error changed and is not yet in shared memory. (Totals are published
     /// with each closed interval, so the hot path never takes the lock.)
@@ -144,6 +147,8 @@ impl Device {
             backoff: RETRY_FIRST,
             drops_seen: 0,
             kernel_drops_total: 0,
+            freezes_seen: 0,
+            freezes_total: 0,
             total: Counters::default(),
             dirty: true,
         }
@@ -201,11 +206,14 @@ impl Device {
             if let Ok(st) = r.read_kernel_stats() {
                 self.buckets.record_drops(now, st.dropped.saturating_sub(self.drops_seen));
                 self.drops_seen = st.dropped;
+                self.freezes_seen = st.freezes;
             }
         }
         let seen = self.drops_seen;
         self.kernel_drops_total += seen;
         self.drops_seen = 0;
+        self.freezes_total += self.freezes_seen;
+        self.freezes_seen = 0;
         seen
     }
 
@@ -736,6 +744,7 @@ impl Worker {
                     if let Ok(st) = r.read_kernel_stats() {
                         d.buckets.record_drops(now, st.dropped.saturating_sub(d.drops_seen));
                         d.drops_seen = st.dropped;
+                        d.freezes_seen = st.freezes;
                     }
                 }
             }
@@ -762,6 +771,7 @@ impl Worker {
             e.set_error(&d.error);
             e.total = d.total;
             e.kernel_drops = d.kernel_drops_total + d.drops_seen;
+            e.ring_freezes = d.freezes_total + d.freezes_seen;
             d.dirty = false;
         }
     }

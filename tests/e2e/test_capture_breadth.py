@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from conftest import INTERVAL
+from conftest import EXPECTED_METHOD, INTERVAL
 from harness import Tcpdump, free_port, interval_sums, run, wait_for
 
 
@@ -167,6 +167,10 @@ def test_kernel_drops_are_reported_and_nothing_goes_unaccounted(cluster, netns, 
         assert out == 0
         assert dropped > 0, "the burst should have overflowed the ring"
         assert captured + dropped == len(sent)
-        assert int(cluster.sql(f"SELECT kernel_drops FROM pg_netstat_devices WHERE device = '{netns.host_if}'")) >= dropped
+        drops_total, freezes = cluster.rows(
+            f"SELECT kernel_drops, ring_freezes FROM pg_netstat_devices WHERE device = '{netns.host_if}'")[0]
+        assert int(drops_total) >= dropped
+        if EXPECTED_METHOD == "ring":
+            assert int(freezes) >= 1, "a frozen worker must show as a ring freeze"
     finally:
         reset(cluster)
