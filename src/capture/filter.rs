@@ -477,16 +477,9 @@ mod tests {
         for n in 0..14 + 20 + 4 {
             assert_eq!(run(&p, &full[..n], host()), Some(0), "prefix of {n} bytes");
         }
-        let mut seed = 0x1234_5678u32;
+        let mut next = xorshift(0x1234_5678);
         for len in 0..200 {
-            let frame: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 17;
-                    seed ^= seed << 5;
-                    seed as u8
-                })
-                .collect();
+            let frame: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             assert!(run(&p, &frame, host()).is_some());
         }
     }

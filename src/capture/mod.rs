@@ -441,13 +441,7 @@ mod tests {
             vlan_tagged(&eth_ipv4_tcp(6432, 1, 0), 3),
             vlan_tagged(&eth_ipv6_tcp(5432, 2), 4),
         ];
-        let mut seed = 0x2545_f491u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491);
         let (mut accepted, mut rejected) = (0, 0);
         for round in 0..50_000 {
             let mut f = bases[round % bases.len()].clone();

@@ -163,13 +163,7 @@ mod tests {
 
     #[test]
     fn random_and_mutated_bytes_never_panic() {
-        let mut seed = 0x9e37_79b9u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9);
         let bases = [LO_SYN.to_vec(), eth_ipv6_tcp(1, 2), vlan_tagged(&eth_ipv4_tcp(3, 4, 40), 5)];
         for round in 0..20_000 {
             let mut f = bases[round % bases.len()].clone();

@@ -79,3 +79,13 @@ pub fn vlan_tagged(frame: &[u8], vid: u16) -> Vec<u8> {
     f.extend_from_slice(&frame[12..]);
     f
 }
+
+/// A tiny deterministic generator (xorshift32) for random and mutated test frames.
+pub fn xorshift(mut seed: u32) -> impl FnMut() -> u32 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    }
+}
