@@ -1,0 +1,195 @@
+//! Capture benchmark engine, without PostgreSQL (driven by scripts/bench).
+//!
+//!   capture_bench send IFACE PORT NOISE_PORT RATE COUNT
+//!       From inside the test namespace: COUNT TCP frames to PORT at RATE frames/s
+//!       (0 = as fast as possible), sizes cycling 64..1500 bytes, every fifth frame to
+//!       NOISE_PORT instead (the filter must drop those in the kernel). Prints JSON.
+//!   capture_bench capture METHOD IFACE PORT SECONDS [BUFFER_BYTES]
+//!       METHOD = ring | pcap | original. Counts for SECONDS, then prints JSON with the
+//!       packets counted, kernel drops, CPU seconds (user, system) and peak RSS.
+//!       `original` models supabase/pg_netstat: two libpcap handles (dst port / src
+//!       port), 1 MB buffer, drained once per second.
+
+use std::time::{Duration, Instant};
+
+fn usage() -> ! {
+    eprintln!("usage: capture_bench send IFACE PORT NOISE_PORT RATE COUNT | capture METHOD IFACE PORT SECONDS [BUFFER]");
+    std::process::exit(2)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("send") => send(&args[2], arg(&args, 3), arg(&args, 4), arg(&args, 5), arg(&args, 6)),
+        Some("capture") => capture(&args[2], &args[3], arg(&args, 4), arg(&args, 5), args.get(6).and_then(|b| b.parse().ok())),
+        _ => usage(),
+    }
+}
+
+/// Payload sizes giving frames of 64 to 1500 bytes (14 + 20 + 20 + payload).
+const PAYLOADS: [usize; 6] = [10, 100, 300, 700, 1100, 1446];
+
+fn frame(src_mac: [u8; 6], dport: u16, payload: usize) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x99]; // another host's MAC: no reply from the receiver
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 20 + payload) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 64, 6, 0, 0, 169, 254, 77, 2, 169, 254, 77, 1]);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 4, 0, 0, 0, 0, 0]);
+    f.resize(f.len() + payload, b'x');
+    f
+}
+
+fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
+    let info = pg_netstat::capture::device_info(iface).ok().flatten().unwrap_or_else(|| {
+        eprintln!("no device {iface}");
+        std::process::exit(1)
+    });
+    // SAFETY: plain socket calls on a socket owned here; the buffers outlive the calls.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = info.ifindex as i32;
+    sll.sll_halen = 6;
+    let mac = info.mac.unwrap_or([2, 0, 0, 0, 0, 2]);
+    let frames: Vec<(Vec<u8>, bool)> = (0..PAYLOADS.len() * 5)
+        .map(|i| {
+            let noise = i % 5 == 4;
+            (frame(mac, if noise { noise_port } else { port }, PAYLOADS[i % PAYLOADS.len()]), noise)
+        })
+        .collect();
+    let (mut sent, mut bytes, mut noise_sent) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    for i in 0..count {
+        if rate > 0 {
+            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+        }
+        let (f, noise) = &frames[i as usize % frames.len()];
+        let rc = unsafe {
+            libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&sll as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
+        };
+        if rc < 0 {
+            continue;
+        }
+        if *noise {
+            noise_sent += 1;
+        } else {
+            sent += 1;
+            bytes += f.len() as u64;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"sent\": {sent}, \"bytes\": {bytes}, \"noise\": {noise_sent}, \"seconds\": {secs:.3}, \"rate\": {:.0}}}",
+        (sent + noise_sent) as f64 / secs
+    );
+}
+
+fn rusage() -> (f64, f64, i64) {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    // Peak RSS from VmHWM: ru_maxrss survives exec and would show the parent's peak.
+    let hwm = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0);
+    (t(ru.ru_utime), t(ru.ru_stime), hwm)
+}
+
+fn report(method: &str, packets: u64, bytes: u64, drops: u64) {
+    let (user, system, maxrss_kb) = rusage();
+    println!(
+        "{{\"method\": \"{method}\", \"packets\": {packets}, \"bytes\": {bytes}, \"kernel_drops\": {drops}, \"cpu_user\": {user:.4}, \"cpu_system\": {system:.4}, \"max_rss_kb\": {maxrss_kb}}}"
+    );
+}
+
+fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u32>) {
+    use pg_netstat::capture::{source::Source, CaptureMethod, CaptureSettings};
+    let info = pg_netstat::capture::device_info(iface).ok().flatten().unwrap_or_else(|| usage());
+    let settings = CaptureSettings { buffer_size: buffer.unwrap_or(1_000_000), snaplen: 96, timeout_ms: 1000 };
+    if method == "original" {
+        return original(&info, port, seconds);
+    }
+    let m = match method {
+        "ring" => CaptureMethod::Ring,
+        "pcap" => CaptureMethod::Pcap,
+        _ => usage(),
+    };
+    let mut src = Source::open(m, &info, &[port], settings).unwrap_or_else(|e| {
+        eprintln!("open: {e}");
+        std::process::exit(1)
+    });
+    println!("ready");
+    let (mut packets, mut bytes) = (0u64, 0u64);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    // The same wait as the worker's: sleep in poll until the kernel hands over data.
+    while Instant::now() < end {
+        let mut pfd = libc::pollfd { fd: src.fd(), events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        let _ = src.drain(|f| {
+            packets += 1;
+            bytes += f.len as u64;
+        });
+    }
+    let _ = src.drain(|f| {
+        packets += 1;
+        bytes += f.len as u64;
+    });
+    let drops = src.read_kernel_stats().map(|s| s.dropped).unwrap_or(0);
+    report(method, packets, bytes, drops);
+}
+
+#[cfg(feature = "pcap")]
+fn original(info: &pg_netstat::capture::DeviceInfo, port: u16, seconds: u64) {
+    let open = |dir: &str| {
+        let mut c = pcap::Capture::from_device(info.name.as_str())
+            .and_then(|c| c.buffer_size(1_000_000).snaplen(96).timeout(1000).open())
+            .and_then(|c| c.setnonblock())
+            .unwrap_or_else(|e| {
+                eprintln!("pcap: {e}");
+                std::process::exit(1)
+            });
+        c.filter(&format!("tcp and {dir} port {port}"), true).unwrap_or_else(|e| {
+            eprintln!("filter: {e}");
+            std::process::exit(1)
+        });
+        c
+    };
+    let (mut cin, mut cout) = (open("dst"), open("src"));
+    println!("ready");
+    let (mut packets, mut bytes) = (0u64, 0u64);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        for c in [&mut cin, &mut cout] {
+            while let Ok(p) = c.next_packet() {
+                packets += 1;
+                bytes += p.header.len as u64;
+            }
+        }
+        if Instant::now() >= end {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let drops = [&mut cin, &mut cout].into_iter().filter_map(|c| c.stats().ok()).map(|s| s.dropped as u64).sum();
+    report("original", packets, bytes, drops);
+}
+
+#[cfg(not(feature = "pcap"))]
+fn original(_: &pg_netstat::capture::DeviceInfo, _: u16, _: u64) {
+    eprintln!("the original-design model needs libpcap: build with --features pcap");
+    std::process::exit(1)
+}
