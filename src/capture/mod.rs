@@ -102,12 +102,13 @@ pub const MAX_DEVICE_NAME: usize = 15;
 
 #[derive(Debug)]
 pub enum CaptureError {
-    /// No device by that name (yet).
-    NoSuchDevice(String),
+    /// The device does not exist (any more); holds the operation that found out.
+    NoSuchDevice(&'static str),
     /// The process lacks CAP_NET_RAW.
     Permission(io::Error),
     /// The device exists but is down (ENETDOWN).
-    DeviceDown(String),
+    /// The device is down; holds the operation that found out.
+    DeviceDown(&'static str),
     Filter(FilterError),
     /// The chosen capture method does not exist in this build or on this system.
     Unsupported(&'static str),
@@ -118,7 +119,7 @@ impl CaptureError {
     pub fn from_io(what: &'static str, err: io::Error) -> CaptureError {
         match err.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => CaptureError::Permission(err),
-            Some(libc::ENODEV) | Some(libc::ENXIO) => CaptureError::NoSuchDevice(what.to_string()),
+            Some(libc::ENODEV) | Some(libc::ENXIO) => CaptureError::NoSuchDevice(what),
             _ => CaptureError::Io { what, err },
         }
     }
@@ -127,9 +128,9 @@ impl CaptureError {
 impl fmt::Display for CaptureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CaptureError::NoSuchDevice(d) => write!(f, "no network device \"{d}\""),
+            CaptureError::NoSuchDevice(what) => write!(f, "no such network device ({what} failed)"),
             CaptureError::Permission(e) => write!(f, "cannot open a packet socket: {e} (CAP_NET_RAW is required)"),
-            CaptureError::DeviceDown(d) => write!(f, "network device \"{d}\" is down"),
+            CaptureError::DeviceDown(what) => write!(f, "network device is down ({what} failed)"),
             CaptureError::Filter(e) => write!(f, "cannot build the packet filter: {e}"),
             CaptureError::Unsupported(why) => write!(f, "{why}"),
             CaptureError::Io { what, err } => write!(f, "{what} failed: {err}"),

@@ -29,9 +29,9 @@ fn pcap_err(what: &'static str, e: pcap::Error) -> CaptureError {
     if lower.contains("permitted") || lower.contains("permission") {
         CaptureError::Permission(io::Error::new(io::ErrorKind::PermissionDenied, text))
     } else if lower.contains("no such device") || lower.contains("doesn't exist") || lower.contains("disappeared") {
-        CaptureError::NoSuchDevice(what.to_string())
+        CaptureError::NoSuchDevice(what)
     } else if lower.contains("went down") || lower.contains("network is down") || lower.contains("not up") {
-        CaptureError::DeviceDown(what.to_string())
+        CaptureError::DeviceDown(what)
     } else {
         CaptureError::Io { what, err: io::Error::other(text) }
     }
