@@ -106,7 +106,6 @@ pub enum CaptureError {
     NoSuchDevice(&'static str),
     /// The process lacks CAP_NET_RAW.
     Permission(io::Error),
-    /// The device exists but is down (ENETDOWN).
     /// The device is down; holds the operation that found out.
     DeviceDown(&'static str),
     Filter(FilterError),
