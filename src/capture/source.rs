@@ -100,6 +100,29 @@ impl Source {
         }
     }
 
+    /// The capture's geometry in words, for the server log: what memory it holds.
+    pub fn describe(&self) -> String {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => {
+                let g = r.geometry();
+                format!(
+                    "TPACKET_V3 ring of {} blocks of {} bytes ({} bytes), snaplen {}, block timeout {} ms",
+                    g.block_count,
+                    g.block_size,
+                    g.total_bytes(),
+                    g.snaplen,
+                    g.retire_ms
+                )
+            }
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(p) => {
+                let s = p.settings();
+                format!("libpcap, buffer {} bytes, snaplen {}, timeout {} ms", s.buffer_size, s.snaplen, s.timeout_ms)
+            }
+        }
+    }
+
     /// The longest the kernel may hold a packet before handing it over.
     pub fn retire_ms(&self) -> u32 {
         match self {
