@@ -13,15 +13,68 @@ CREATE VIEW pg_netstat_intervals AS
 CREATE VIEW pg_netstat_devices AS
     SELECT * FROM pg_netstat_device_status() ORDER BY device;
 
+-- One row per TCP connection the worker tracks, with the backend behind it. The worker
+-- knows the PID from the backend's own record (matched on client address and port);
+-- pg_stat_activity adds what only it knows. Connections without a backend (refused,
+-- still authenticating, a scan) keep what is known.
+CREATE VIEW pg_netstat_connections AS
+    SELECT coalesce(a.pid, f.pid) AS pid,
+           coalesce(a.usename::text, f.role) AS usename,
+           coalesce(a.datname::text, f.database) AS datname,
+           a.application_name,
+           a.backend_type,
+           f.auth,
+           f.client_addr::inet AS client_addr,
+           f.client_port,
+           f.server_addr::inet AS server_addr,
+           f.server_port,
+           f.device,
+           f.state,
+           f.packets_in, f.packets_out, f.bytes_in, f.bytes_out,
+           f.interval_start,
+           f.interval_packets_in, f.interval_packets_out,
+           f.interval_bytes_in, f.interval_bytes_out,
+           f.retransmits_in, f.retransmits_out,
+           f.resets_in, f.resets_out,
+           f.fins_in, f.fins_out,
+           f.zero_windows_in, f.zero_windows_out,
+           f.out_of_order_in, f.out_of_order_out,
+           f.first_seen, f.last_seen, f.closed_at
+      FROM pg_netstat_flows() f
+      LEFT JOIN pg_stat_activity a
+        ON a.pid = f.pid AND a.client_port = f.client_port
+     ORDER BY f.bytes_in + f.bytes_out DESC, f.first_seen;
+
+CREATE VIEW pg_netstat_roles AS
+    SELECT * FROM pg_netstat_role_totals() ORDER BY bytes_in + bytes_out DESC;
+
+CREATE VIEW pg_netstat_databases AS
+    SELECT * FROM pg_netstat_database_totals() ORDER BY bytes_in + bytes_out DESC;
+
+CREATE VIEW pg_netstat_flow_table AS
+    SELECT * FROM pg_netstat_flow_table_status();
+
+COMMENT ON VIEW pg_netstat_connections IS 'Traffic and TCP health per connection, joined to pg_stat_activity';
+COMMENT ON VIEW pg_netstat_roles IS 'Cumulative traffic per role since pg_netstat_reset(), ended connections included';
+COMMENT ON VIEW pg_netstat_databases IS 'Cumulative traffic per database since pg_netstat_reset(), ended connections included';
+COMMENT ON VIEW pg_netstat_flow_table IS 'Size and use of the connection table (pg_netstat.max_flows)';
+COMMENT ON FUNCTION pg_netstat_reset() IS 'Restarts the cumulative figures (roles, databases, device totals) from zero';
+
 COMMENT ON VIEW pg_netstat IS 'Packets and bytes in/out on the server port(s), per device and closed interval';
-COMMENT ON VIEW pg_netstat_intervals IS 'Every closed interval with its own length, kernel drops and late packets';
+COMMENT ON VIEW pg_netstat_intervals IS 'Every closed interval with its own length, kernel drops, late packets and TCP health';
 COMMENT ON VIEW pg_netstat_devices IS 'Capture status per network device';
 COMMENT ON FUNCTION pg_netstat_inject_worker_error() IS 'Makes the capture worker fail once, to check that it is restarted (superuser only)';
 
 -- Traffic figures are monitoring data: superusers and pg_monitor, not PUBLIC.
 REVOKE ALL ON FUNCTION pg_netstat_history(), pg_netstat_interval_history(),
-                        pg_netstat_device_status(), pg_netstat_inject_worker_error() FROM PUBLIC;
-REVOKE ALL ON pg_netstat, pg_netstat_intervals, pg_netstat_devices FROM PUBLIC;
+                        pg_netstat_device_status(), pg_netstat_inject_worker_error(),
+                        pg_netstat_flows(), pg_netstat_role_totals(), pg_netstat_database_totals(),
+                        pg_netstat_flow_table_status(), pg_netstat_reset() FROM PUBLIC;
+REVOKE ALL ON pg_netstat, pg_netstat_intervals, pg_netstat_devices, pg_netstat_connections,
+              pg_netstat_roles, pg_netstat_databases, pg_netstat_flow_table FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pg_netstat_history(), pg_netstat_interval_history(),
-                          pg_netstat_device_status() TO pg_monitor;
-GRANT SELECT ON pg_netstat, pg_netstat_intervals, pg_netstat_devices TO pg_monitor;
+                          pg_netstat_device_status(), pg_netstat_flows(), pg_netstat_role_totals(),
+                          pg_netstat_database_totals(), pg_netstat_flow_table_status() TO pg_monitor;
+GRANT SELECT ON pg_netstat, pg_netstat_intervals, pg_netstat_devices, pg_netstat_connections,
+                pg_netstat_roles, pg_netstat_databases, pg_netstat_flow_table TO pg_monitor;
+-- pg_netstat_reset() stays with superusers, like pg_stat_reset(); GRANT EXECUTE to delegate.

@@ -1,5 +1,6 @@
 //! Every `pg_netstat.*` setting: registration, bounds, validation and a typed snapshot.
-//! All are reloadable (PGC_SIGHUP): the worker re-reads them on `pg_ctl reload`.
+//! All but `max_flows` are reloadable (PGC_SIGHUP): the worker re-reads them on
+//! `pg_ctl reload`. `max_flows` sizes shared memory and takes a restart.
 
 use crate::capture::{parse_device_list, parse_port_list, CaptureMethod};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -14,6 +15,8 @@ pub static PCAP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static DEVICES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static CAPTURE_LOOPBACK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static PORTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static MAX_FLOWS: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static FLOW_IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// The raw value of pg_netstat.capture_method (an index into CAPTURE_METHODS).
 static mut CAPTURE_METHOD: std::ffi::c_int = 0;
 
@@ -135,6 +138,26 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"pg_netstat.max_flows",
+        c"Most TCP connections tracked at once for the per-connection, role and database views.",
+        c"Sized in shared memory at server start; 0 turns per-connection accounting off. When full, closed and then least recently seen connections are folded into the role and database totals to make room.",
+        &MAX_FLOWS,
+        0,
+        1 << 20,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_netstat.flow_idle_timeout",
+        c"A connection with no packets for this long is folded into the role and database totals.",
+        c"0 keeps idle connections until the table needs their place.",
+        &FLOW_IDLE_TIMEOUT,
+        0,
+        i32::MAX / 1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     reserve_prefix();
 }
 
@@ -229,6 +252,7 @@ pub struct Settings {
     /// Extra ports besides the server's own.
     pub ports: Vec<u16>,
     pub method: CaptureMethod,
+    pub flow_idle_timeout: u32,
 }
 
 impl Settings {
@@ -253,6 +277,7 @@ impl Settings {
                 .unwrap_or_default(),
             // SAFETY: a plain read of the GUC variable, in the process that owns it.
             method: CaptureMethod::from_i32(unsafe { CAPTURE_METHOD }),
+            flow_idle_timeout: FLOW_IDLE_TIMEOUT.get().max(0) as u32,
         }
     }
 }

@@ -6,10 +6,13 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod flows;
 pub mod privileges;
 pub mod stats;
 
+mod flowshm;
 mod gucs;
+mod owners;
 mod shmem;
 mod sql;
 mod worker;
@@ -33,6 +36,8 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     shmem::init();
+    flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
+    owners::install_log_hook();
     worker::register();
     least_privilege();
 }
@@ -59,6 +64,13 @@ unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be
     if let Err(e) = privileges::drop_all() {
         warning!("pg_netstat: could not drop capabilities in this backend: {e}");
     }
+    // Who this connection is, for pg_netstat_connections / _roles / _databases.
+    let outcome = if status == pg_sys::STATUS_OK as i32 {
+        flows::OwnerStatus::Authenticated
+    } else {
+        flows::OwnerStatus::AuthFailed
+    };
+    owners::register(port, outcome);
     // SAFETY: calling the hook that was installed before ours, with the same arguments.
     unsafe {
         if let Some(prev) = PREV_CLIENT_AUTH_HOOK {

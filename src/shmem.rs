@@ -2,6 +2,7 @@
 //! intervals and the capture status. Fixed size, plain data, behind one named LWLock.
 
 use crate::capture::{MAX_DEVICES, MAX_DEVICE_NAME};
+use crate::flows::TcpCounters;
 use crate::stats::{Closed, Counters};
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
@@ -28,6 +29,7 @@ pub struct Slot {
     pub late: u64,
     /// When the interval was published, Unix microseconds.
     pub created_at_us: i64,
+    pub tcp: TcpCounters,
 }
 
 /// Where capture on one device stands; shown by `pg_netstat_devices`.
@@ -73,6 +75,8 @@ pub struct DeviceEntry {
     error: [u8; ERROR_BYTES],
     /// Totals since the worker started capturing this device.
     pub total: Counters,
+    /// `total` at the last pg_netstat_reset(); the view shows the difference.
+    pub total_base: Counters,
     pub kernel_drops: u64,
     /// Times the ring was full and the kernel had to wait for the worker.
     pub ring_freezes: u64,
@@ -107,6 +111,7 @@ impl DeviceEntry {
             kernel_drops: closed.drops,
             late: closed.late,
             created_at_us,
+            tcp: closed.tcp,
         };
         // A restarted worker after a clock step back could close an interval that is
         // already here: fold it into the newest row rather than show time going back.
@@ -120,6 +125,7 @@ impl DeviceEntry {
                 last.counters.bytes_out += slot.counters.bytes_out;
                 last.kernel_drops += slot.kernel_drops;
                 last.late += slot.late;
+                last.tcp.add(&slot.tcp);
                 return;
             }
         }

@@ -1,7 +1,11 @@
 //! SQL entry points. They only read shared memory; the view and grants are in sql/.
 
 use crate::capture::CaptureMethod;
+use crate::flows::{name_str, Flow, Totals};
+use crate::flowshm;
+use crate::gucs::Settings;
 use crate::shmem::{Slot, INJECT_ERROR, STATE};
+use crate::stats::align;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 
@@ -82,10 +86,10 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
                     CaptureMethod::from_i32(d.method as i32).as_str().to_string(),
                     d.state.as_str().to_string(),
                     timestamptz(d.state_since_us),
-                    as_i64(d.total.packets_in),
-                    as_i64(d.total.packets_out),
-                    as_i64(d.total.bytes_in),
-                    as_i64(d.total.bytes_out),
+                    as_i64(d.total.packets_in.saturating_sub(d.total_base.packets_in)),
+                    as_i64(d.total.packets_out.saturating_sub(d.total_base.packets_out)),
+                    as_i64(d.total.bytes_in.saturating_sub(d.total_base.bytes_in)),
+                    as_i64(d.total.bytes_out.saturating_sub(d.total_base.bytes_out)),
                     as_i64(d.kernel_drops),
                     as_i64(d.ring_freezes),
                     (!err.is_empty()).then(|| err.to_string()),
@@ -113,9 +117,19 @@ fn pg_netstat_interval_history() -> TableIterator<
         name!(kernel_drops, i64),
         name!(late_packets, i64),
         name!(created_at, TimestampWithTimeZone),
+        name!(connection_attempts, i64),
+        name!(resets_in, i64),
+        name!(resets_out, i64),
+        name!(retransmits_in, i64),
+        name!(retransmits_out, i64),
+        name!(zero_windows_in, i64),
+        name!(zero_windows_out, i64),
+        name!(out_of_order_in, i64),
+        name!(out_of_order_out, i64),
     ),
 > {
     let row = |device: &str, s: &Slot| {
+        let t = s.tcp;
         (
             device.to_string(),
             timestamptz(s.start * 1_000_000),
@@ -127,6 +141,15 @@ fn pg_netstat_interval_history() -> TableIterator<
             as_i64(s.kernel_drops),
             as_i64(s.late),
             timestamptz(s.created_at_us),
+            as_i64(t.syn),
+            as_i64(t.rst_in),
+            as_i64(t.rst_out),
+            as_i64(t.retrans_in),
+            as_i64(t.retrans_out),
+            as_i64(t.zero_window_in),
+            as_i64(t.zero_window_out),
+            as_i64(t.ooo_in),
+            as_i64(t.ooo_out),
         )
     };
     let rows: Vec<_> = {
@@ -150,4 +173,232 @@ fn pg_netstat_inject_worker_error() -> Option<i32> {
     // SAFETY: kill has no memory-safety preconditions.
     let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
     (rc == 0).then_some(pid)
+}
+
+fn addr_text(a: &[u8; 16], ipv6: bool) -> String {
+    if ipv6 {
+        std::net::Ipv6Addr::from(*a).to_string()
+    } else {
+        std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
+    }
+}
+
+fn opt_name(n: &[u8]) -> Option<String> {
+    let s = name_str(n);
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Every TCP connection the worker is tracking, with what the backends told about
+/// themselves. `pg_netstat_connections` joins it to pg_stat_activity. The "interval"
+/// columns are the last closed interval (the newest row `pg_netstat` can show).
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_flows() -> TableIterator<
+    'static,
+    (
+        name!(device, String),
+        name!(client_addr, String),
+        name!(client_port, i32),
+        name!(server_addr, String),
+        name!(server_port, i32),
+        name!(pid, Option<i32>),
+        name!(role, Option<String>),
+        name!(database, Option<String>),
+        name!(auth, Option<String>),
+        name!(packets_in, i64),
+        name!(packets_out, i64),
+        name!(bytes_in, i64),
+        name!(bytes_out, i64),
+        name!(interval_start, TimestampWithTimeZone),
+        name!(interval_packets_in, i64),
+        name!(interval_packets_out, i64),
+        name!(interval_bytes_in, i64),
+        name!(interval_bytes_out, i64),
+        name!(fins_in, i64),
+        name!(fins_out, i64),
+        name!(resets_in, i64),
+        name!(resets_out, i64),
+        name!(retransmits_in, i64),
+        name!(retransmits_out, i64),
+        name!(zero_windows_in, i64),
+        name!(zero_windows_out, i64),
+        name!(out_of_order_in, i64),
+        name!(out_of_order_out, i64),
+        name!(state, String),
+        name!(first_seen, TimestampWithTimeZone),
+        name!(last_seen, TimestampWithTimeZone),
+        name!(closed_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let s = Settings::current();
+    let last_closed = align(now_us() / 1_000_000 - s.packet_wait_time as i64, s.interval) - s.interval as i64;
+    let row = |f: &Flow, owner: Option<(crate::flows::OwnerStatus, i32, &[u8], &[u8])>| {
+        let (status, pid, role, db) = owner.unwrap_or((f.status, f.pid, &f.role, &f.database));
+        let iv = f.interval(last_closed);
+        let t = f.tcp;
+        (
+            name_str(&f.key.device).to_string(),
+            addr_text(&f.key.client_addr, f.key.ipv6),
+            f.key.client_port as i32,
+            addr_text(&f.key.server_addr, f.key.ipv6),
+            f.key.server_port as i32,
+            (pid > 0).then_some(pid),
+            opt_name(role),
+            opt_name(db),
+            status.as_str().map(str::to_string),
+            as_i64(f.total.packets_in),
+            as_i64(f.total.packets_out),
+            as_i64(f.total.bytes_in),
+            as_i64(f.total.bytes_out),
+            timestamptz(last_closed * 1_000_000),
+            as_i64(iv.packets_in),
+            as_i64(iv.packets_out),
+            as_i64(iv.bytes_in),
+            as_i64(iv.bytes_out),
+            as_i64(t.fin_in),
+            as_i64(t.fin_out),
+            as_i64(t.rst_in),
+            as_i64(t.rst_out),
+            as_i64(t.retrans_in),
+            as_i64(t.retrans_out),
+            as_i64(t.zero_window_in),
+            as_i64(t.zero_window_out),
+            as_i64(t.ooo_in),
+            as_i64(t.ooo_out),
+            f.end_state().unwrap_or("open").to_string(),
+            timestamptz(f.first_seen_us),
+            timestamptz(f.last_seen_us),
+            (f.closed_us != 0).then(|| timestamptz(f.closed_us)),
+        )
+    };
+    let rows = flowshm::with_table(false, |t| {
+        t.flows
+            .iter()
+            .filter(|f| f.in_use)
+            // Owners the worker has not copied in yet are looked up here, so a
+            // connection shows its role as soon as it has authenticated.
+            .map(|f| row(f, t.owner_of(f).map(|o| (o.status, o.pid, &o.role[..], &o.database[..]))))
+            .collect::<Vec<_>>()
+    })
+    .unwrap_or_default();
+    TableIterator::new(rows)
+}
+
+fn totals_rows(by_role: bool) -> Vec<(Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, TimestampWithTimeZone)> {
+    flowshm::with_table(false, |t| {
+        let reset = t.header.stats_reset_us;
+        t.totals_with_live(by_role)
+            .iter()
+            .map(|r: &Totals| {
+                (
+                    opt_name(&r.name),
+                    as_i64(r.connections),
+                    as_i64(r.counters.packets_in),
+                    as_i64(r.counters.packets_out),
+                    as_i64(r.counters.bytes_in),
+                    as_i64(r.counters.bytes_out),
+                    as_i64(r.tcp.syn),
+                    as_i64(r.tcp.rst_in),
+                    as_i64(r.tcp.rst_out),
+                    as_i64(r.tcp.retrans_in),
+                    as_i64(r.tcp.retrans_out),
+                    as_i64(r.tcp.zero_window_in + r.tcp.zero_window_out),
+                    timestamptz(reset),
+                )
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Cumulative traffic per role since the last reset: ended connections (folded) and
+/// live ones. The row with a NULL role holds connections no backend claimed.
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_role_totals() -> TableIterator<
+    'static,
+    (
+        name!(role, Option<String>),
+        name!(connections, i64),
+        name!(packets_in, i64),
+        name!(packets_out, i64),
+        name!(bytes_in, i64),
+        name!(bytes_out, i64),
+        name!(connection_attempts, i64),
+        name!(resets_in, i64),
+        name!(resets_out, i64),
+        name!(retransmits_in, i64),
+        name!(retransmits_out, i64),
+        name!(zero_windows, i64),
+        name!(stats_reset, TimestampWithTimeZone),
+    ),
+> {
+    TableIterator::new(totals_rows(true))
+}
+
+/// As pg_netstat_role_totals, per database.
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_database_totals() -> TableIterator<
+    'static,
+    (
+        name!(database, Option<String>),
+        name!(connections, i64),
+        name!(packets_in, i64),
+        name!(packets_out, i64),
+        name!(bytes_in, i64),
+        name!(bytes_out, i64),
+        name!(connection_attempts, i64),
+        name!(resets_in, i64),
+        name!(resets_out, i64),
+        name!(retransmits_in, i64),
+        name!(retransmits_out, i64),
+        name!(zero_windows, i64),
+        name!(stats_reset, TimestampWithTimeZone),
+    ),
+> {
+    TableIterator::new(totals_rows(false))
+}
+
+/// The flow table itself: size, use, and what it had to give up.
+#[pg_extern(volatile, parallel_restricted)]
+fn pg_netstat_flow_table_status() -> TableIterator<
+    'static,
+    (
+        name!(max_flows, i32),
+        name!(flows, i32),
+        name!(evictions, i64),
+        name!(folded, i64),
+        name!(owner_overflow, i64),
+        name!(stats_reset, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let row = flowshm::with_table(false, |t| {
+        let h = &t.header;
+        (
+            h.capacity as i32,
+            h.count as i32,
+            as_i64(h.evictions),
+            as_i64(h.folded),
+            as_i64(h.owner_overflow),
+            (h.stats_reset_us != 0).then(|| timestamptz(h.stats_reset_us)),
+        )
+    });
+    TableIterator::new(row.into_iter().collect::<Vec<_>>())
+}
+
+/// Starts the cumulative figures again from zero: role and database totals, the
+/// flow table's eviction counters, and the per-device totals of pg_netstat_devices.
+/// Per-connection figures (since each connection began) and the interval history are
+/// not touched: they describe windows, not running sums. Like pg_stat_reset(), only
+/// superusers may call it unless granted.
+#[pg_extern(volatile, parallel_unsafe)]
+fn pg_netstat_reset() {
+    let now = now_us();
+    flowshm::with_table(true, |t| t.reset(now));
+    let mut shared = STATE.exclusive();
+    for d in shared.devices.iter_mut().filter(|d| d.in_use) {
+        d.total_base = d.total;
+    }
 }

@@ -4,6 +4,7 @@
 //! block when the interval ended are counted where they belong. Time is passed in.
 
 use crate::capture::Direction;
+use crate::flows::TcpCounters;
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub struct Closed {
     /// Packets the kernel dropped (ring full), charged to the interval in which the
     /// worker learned of them.
     pub drops: u64,
+    /// TCP events (connections, resets, retransmissions...), when flows are tracked.
+    pub tcp: TcpCounters,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,6 +55,7 @@ struct Open {
     counters: Counters,
     late: u64,
     drops: u64,
+    tcp: TcpCounters,
 }
 
 /// Most intervals kept open at once. Packets stamped further ahead than this (a clock
@@ -120,6 +124,11 @@ impl Intervals {
         }
     }
 
+    /// Adds the TCP events of a packet stamped `ts` (placed as `record` places it).
+    pub fn record_tcp(&mut self, ts: i64, now: i64, ev: &TcpCounters) {
+        self.slot_for(ts.min(now)).tcp.add(ev);
+    }
+
     /// Charges `n` kernel drops to the interval `now` falls in.
     pub fn record_drops(&mut self, now: i64, n: u64) {
         if n > 0 {
@@ -157,6 +166,7 @@ impl Intervals {
             counters: o.counters,
             late: o.late,
             drops: o.drops,
+            tcp: o.tcp,
         };
         self.first = self.first_end;
         self.first_end += self.secs as i64;
@@ -222,6 +232,13 @@ impl Bucketing {
         match self.retiring.as_mut() {
             Some(old) if ts.min(now) < self.current.first => old.record(ts, now, dir, bytes),
             _ => self.current.record(ts, now, dir, bytes),
+        }
+    }
+
+    pub fn record_tcp(&mut self, ts: i64, now: i64, ev: &TcpCounters) {
+        match self.retiring.as_mut() {
+            Some(old) if ts.min(now) < self.current.first => old.record_tcp(ts, now, ev),
+            _ => self.current.record_tcp(ts, now, ev),
         }
     }
 

@@ -4,6 +4,8 @@
 
 use crate::capture::source::Source;
 use crate::capture::{self, classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Frame, MAX_DEVICES};
+use crate::flows::{device_bytes, Clock, FlowKey, FlowTable, TcpCounters};
+use crate::flowshm;
 use crate::gucs::Settings;
 use crate::privileges;
 use crate::shmem::{DeviceState, INJECT_ERROR, STATE};
@@ -235,6 +237,7 @@ impl Device {
         };
         match Source::open(method, &info, ports, settings) {
             Ok(ring) => {
+                log!("pg_netstat: device \"{}\": {}", self.name, ring.describe());
                 let _ = self.retire_source_stats();
                 self.ring = Some(ring);
                 self.backoff = RETRY_FIRST;
@@ -272,18 +275,36 @@ impl Device {
     }
 
     fn drain(&mut self, ports: &[u16]) -> u32 {
+        if flowshm::enabled() {
+            // One lock per drain (at most one lap of the ring), not per packet.
+            flowshm::with_table(true, |t| self.drain_into(ports, Some(t))).unwrap_or(0)
+        } else {
+            self.drain_into(ports, None)
+        }
+    }
+
+    fn drain_into(&mut self, ports: &[u16], mut flows: Option<&mut FlowTable<'_>>) -> u32 {
         let (now, _) = wall_now();
+        let device_key = device_bytes(&self.name);
         let Device { ring, old_ring, info, buckets, total, more, drops_seen, .. } = self;
         let Some(info) = info.as_ref() else {
             return 0;
         };
-        let mut count = |f: &Frame<'_>, link, loopback: bool| {
-            // Off loopback the kernel's packet type is the direction; only loopback
-            // needs the ports, so only loopback pays for parsing.
-            let meta = if loopback { packet::parse(f.data, link, f.protocol).ok() } else { None };
-            if let Some(dir) = classify(loopback, f.pkttype, meta.as_ref(), ports) {
+        let interval_secs = buckets.secs();
+        let mut count = |f: &Frame<'_>, link, by_ports: bool| {
+            // Off loopback the kernel's packet type is the direction, so without flows
+            // only loopback pays for parsing.
+            let meta = if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
+            if let Some(dir) = classify(by_ports, f.pkttype, meta.as_ref(), ports) {
                 buckets.record(f.sec as i64, now, dir, f.len as u64);
                 total.add(dir, f.len as u64);
+                if let (Some(t), Some(m)) = (flows.as_deref_mut(), meta.as_ref()) {
+                    let clock = Clock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
+                    let ev = t.record(&FlowKey::of(device_key, dir, m, ports), dir, m.tcp.as_ref(), f.len, clock);
+                    if ev != TcpCounters::default() {
+                        buckets.record_tcp(f.sec as i64, now, &ev);
+                    }
+                }
             }
         };
         let mut blocks = 0;
@@ -365,6 +386,7 @@ impl Device {
         };
         match Source::open(method, &info, ports, settings) {
             Ok(new) => {
+                log!("pg_netstat: device \"{}\": new settings, {}", self.name, new.describe());
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 let grace = Duration::from_millis(old.retire_ms() as u64) + Duration::from_millis(250);
                 self.old_ring = Some(RetiringRing {
@@ -443,6 +465,7 @@ struct Worker {
     set: *mut pg_sys::WaitEventSet,
     set_dirty: bool,
     next_health_check: Instant,
+    next_flow_upkeep: Instant,
 }
 
 fn resolve_devices(s: &Settings) -> Vec<String> {
@@ -502,6 +525,7 @@ impl Worker {
             set: std::ptr::null_mut(),
             set_dirty: true,
             next_health_check: Instant::now() + HEALTH_CHECK_EVERY,
+            next_flow_upkeep: Instant::now(),
         };
         w.warn_about_settings();
         let names = resolve_devices(&settings);
@@ -587,7 +611,25 @@ impl Worker {
             }
             self.open_due();
             self.publish();
+            self.flow_upkeep();
         }
+    }
+
+    /// Once a second: gives flows their owners and folds closed or idle flows into the
+    /// role and database totals. A closed connection stays visible for one interval
+    /// plus the wait, so the interval it ended in can still be read next to it.
+    fn flow_upkeep(&mut self) {
+        if !flowshm::enabled() || Instant::now() < self.next_flow_upkeep {
+            return;
+        }
+        self.next_flow_upkeep = Instant::now() + Duration::from_secs(1);
+        let (_, now_us) = wall_now();
+        let linger_us = (self.settings.interval as i64 + self.settings.packet_wait_time as i64) * 1_000_000;
+        let idle_us = self.settings.flow_idle_timeout as i64 * 1_000_000;
+        flowshm::with_table(true, |t| {
+            t.resolve_owners();
+            t.sweep(now_us, linger_us, idle_us);
+        });
     }
 
     /// Sleeps until a ring has data, the latch is set, or the next interval is due.

@@ -352,7 +352,7 @@ mod tests {
     use packet::PacketMeta;
 
     fn meta(s: u16, d: u16) -> PacketMeta {
-        PacketMeta { src_port: s, dst_port: d, ipv6: false }
+        PacketMeta { src_port: s, dst_port: d, ..PacketMeta::default() }
     }
 
     #[test]

@@ -5,11 +5,47 @@ use super::filter::LinkLayer;
 use etherparse::{EtherType, IpNumber, LaxNetSlice, LaxSlicedPacket};
 
 /// What one captured frame says about its TCP connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PacketMeta {
     pub src_port: u16,
     pub dst_port: u16,
     pub ipv6: bool,
+    /// Addresses; an IPv4 address fills the first 4 bytes, the rest stay zero.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// The rest of the TCP header's fixed part, when the capture reaches that far.
+    pub tcp: Option<TcpFields>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpFields {
+    pub seq: u32,
+    pub flags: u8,
+    pub window: u16,
+    /// TCP header length (data offset × 4).
+    pub header_len: u32,
+    /// Where the TCP header starts in the frame.
+    pub offset: u32,
+    /// TCP header + payload as the IP header states it; `None` when the IP length field
+    /// is 0 (a GSO/GRO super-packet over 64 KiB, "BIG TCP") and only the frame's length
+    /// on the wire tells.
+    pub segment_len: Option<u32>,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl TcpFields {
+    /// Payload bytes of the segment. The IP header's length is preferred over the
+    /// frame's: Ethernet pads short frames, and padding is not payload.
+    pub fn payload_len(&self, wire_len: u32) -> u32 {
+        match self.segment_len {
+            Some(seg) => seg.saturating_sub(self.header_len),
+            None => wire_len.saturating_sub(self.offset).saturating_sub(self.header_len),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,16 +69,29 @@ pub fn parse(frame: &[u8], link: LinkLayer, protocol: u16) -> Result<PacketMeta,
         LinkLayer::Ethernet => LaxSlicedPacket::from_ethernet(frame).map_err(|_| ParseError::Link)?,
         LinkLayer::Cooked => LaxSlicedPacket::from_ether_type(EtherType(protocol), frame),
     };
-    let (payload, later_fragment, ipv6) = match &sliced.net {
+    let mut src_addr = [0u8; 16];
+    let mut dst_addr = [0u8; 16];
+    // Where the IP packet ends by its own header (0 = the length field says nothing).
+    let (payload, later_fragment, ipv6, ip_end) = match &sliced.net {
         Some(LaxNetSlice::Ipv4(v4)) => {
-            let later = v4.header().fragments_offset().value() != 0;
-            (v4.payload(), later, false)
+            let h = v4.header();
+            let later = h.fragments_offset().value() != 0;
+            src_addr[..4].copy_from_slice(&h.source());
+            dst_addr[..4].copy_from_slice(&h.destination());
+            let ip_start = (h.slice().as_ptr() as usize).wrapping_sub(frame.as_ptr() as usize);
+            let total = h.total_len() as usize;
+            (v4.payload(), later, false, if total == 0 { 0 } else { ip_start + total })
         }
         Some(LaxNetSlice::Ipv6(v6)) => {
             // etherparse walks the extension headers; a fragment header with a non-zero
             // offset means the TCP header is in an earlier fragment.
+            let h = v6.header();
             let later = v6.payload().fragmented && !v6_first_fragment(v6);
-            (v6.payload(), later, true)
+            src_addr = h.source();
+            dst_addr = h.destination();
+            let ip_start = (h.slice().as_ptr() as usize).wrapping_sub(frame.as_ptr() as usize);
+            let plen = h.payload_length() as usize;
+            (v6.payload(), later, true, if plen == 0 { 0 } else { ip_start + 40 + plen })
         }
         None => {
             return Err(if sliced.stop_err.is_some() { ParseError::Truncated } else { ParseError::NotIp })
@@ -59,10 +108,21 @@ pub fn parse(frame: &[u8], link: LinkLayer, protocol: u16) -> Result<PacketMeta,
     // the payload etherparse hands back is cut by those fields.
     let start = (payload.payload.as_ptr() as usize).wrapping_sub(frame.as_ptr() as usize);
     let p = frame.get(start..start.saturating_add(4)).ok_or(ParseError::Truncated)?;
+    let tcp = frame.get(start..start.saturating_add(16)).map(|t| TcpFields {
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        flags: t[13],
+        window: u16::from_be_bytes([t[14], t[15]]),
+        header_len: ((t[12] >> 4) as u32) * 4,
+        offset: start as u32,
+        segment_len: (ip_end > start).then(|| (ip_end - start) as u32),
+    });
     Ok(PacketMeta {
         src_port: u16::from_be_bytes([p[0], p[1]]),
         dst_port: u16::from_be_bytes([p[2], p[3]]),
         ipv6,
+        src_addr,
+        dst_addr,
+        tcp,
     })
 }
 
@@ -95,7 +155,27 @@ mod tests {
     #[test]
     fn literal_loopback_syn() {
         let m = parse(&LO_SYN, ETH, 0).unwrap();
-        assert_eq!(m, PacketMeta { src_port: 51234, dst_port: 5432, ipv6: false });
+        assert_eq!((m.src_port, m.dst_port, m.ipv6), (51234, 5432, false));
+        assert_eq!((&m.src_addr[..4], &m.dst_addr[..4]), (&[127, 0, 0, 1][..], &[127, 0, 0, 1][..]));
+        let t = m.tcp.unwrap();
+        assert_eq!((t.seq, t.flags, t.window, t.header_len, t.offset), (0x4acd7c9c, 0x02, 0xffd7, 40, 34));
+        assert_eq!((t.segment_len, t.payload_len(74)), (Some(40), 0));
+    }
+
+    #[test]
+    fn payload_from_the_ip_length_not_the_padded_frame() {
+        let mut f = eth_ipv4_tcp(40000, 5432, 0);
+        f.resize(60, 0); // Ethernet minimum: 6 bytes of padding after the TCP header
+        let t = parse(&f, ETH, 0).unwrap().tcp.unwrap();
+        assert_eq!(t.payload_len(60), 0);
+        // BIG TCP over IPv6: payload length 0, the wire length tells.
+        let mut v6 = eth_ipv6_tcp(40000, 5432);
+        v6[18] = 0;
+        v6[19] = 0;
+        let t = parse(&v6, ETH, 0).unwrap().tcp.unwrap();
+        assert_eq!((t.segment_len, t.payload_len(14 + 40 + 20 + 100_000)), (None, 100_000));
+        let m = parse(&v6, ETH, 0).unwrap();
+        assert!(m.ipv6 && m.src_addr[15] == 1 && m.dst_addr[15] == 1);
     }
 
     #[test]
@@ -151,7 +231,12 @@ mod tests {
             let full = parse(&frame, ETH, 0).unwrap();
             for n in 0..frame.len() {
                 match parse(&frame[..n], ETH, 0) {
-                    Ok(m) => assert_eq!(m, full, "prefix {n} parsed differently"),
+                    // Cut inside the TCP header: ports and addresses still right, and
+                    // the rest of the header only once it is all there.
+                    Ok(m) => {
+                        assert_eq!(PacketMeta { tcp: None, ..m }, PacketMeta { tcp: None, ..full }, "prefix {n}");
+                        assert!(m.tcp.is_none() || m.tcp == full.tcp, "prefix {n}: {m:?}");
+                    }
                     Err(e) => assert!(
                         matches!(e, ParseError::Link | ParseError::Truncated | ParseError::NotIp),
                         "prefix {n}: {e:?}"

@@ -314,3 +314,92 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pcap_by_client(path, server_port):
+    """Per client port: packets and bytes in/out (original lengths) and SYNs sent by the
+    client, for TCP to or from `server_port` in a pcap file."""
+    data = Path(path).read_bytes()
+    endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    out = {}
+    off = 24
+    while off + 16 <= len(data):
+        _, _, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
+        f = data[off + 16: off + 16 + incl]
+        off += 16 + incl
+        ports = _tcp_ports(f)
+        if ports is None or server_port not in ports:
+            continue
+        inbound = ports[1] == server_port
+        client = ports[0] if inbound else ports[1]
+        t = out.setdefault(client, dict(packets_in=0, packets_out=0, bytes_in=0, bytes_out=0, syn=0))
+        t["packets_in" if inbound else "packets_out"] += 1
+        t["bytes_in" if inbound else "bytes_out"] += orig
+        flags = _tcp_flags(f)
+        if inbound and flags is not None and flags & 0x12 == 0x02:
+            t["syn"] += 1
+    return out
+
+
+def _tcp_flags(f):
+    l2 = 14
+    ethertype = struct.unpack(">H", f[12:14])[0]
+    if ethertype == 0x8100:
+        ethertype, l2 = struct.unpack(">H", f[16:18])[0], 18
+    if ethertype == 0x0800:
+        l4 = l2 + (f[l2] & 0x0F) * 4
+    elif ethertype == 0x86DD:
+        l4 = l2 + 40
+    else:
+        return None
+    return f[l4 + 13] if len(f) > l4 + 13 else None
+
+
+def pcap_retransmissions(path, server_port):
+    """Per client port: (retransmitted in, retransmitted out, out of order in, out of
+    order out) computed from a pcap with exact sets of seen sequence ranges: a segment
+    is retransmitted when part of it was seen before, out of order when part of it lies
+    below the highest sequence seen but was never seen. The reference for pg_netstat's
+    bounded (four gaps per direction) bookkeeping."""
+    data = Path(path).read_bytes()
+    endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    seen, high, base, out = {}, {}, {}, {}
+    off = 24
+    while off + 16 <= len(data):
+        _, _, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
+        f = data[off + 16: off + 16 + incl]
+        off += 16 + incl
+        if struct.unpack(">H", f[12:14])[0] != 0x0800:
+            continue  # the test traffic is IPv4
+        ihl, tot = (f[14] & 15) * 4, struct.unpack(">H", f[16:18])[0]
+        l4 = 14 + ihl
+        sport, dport, seq = struct.unpack(">HHI", f[l4:l4 + 8])
+        if server_port not in (sport, dport):
+            continue
+        doff, flags = (f[l4 + 12] >> 4) * 4, f[l4 + 13]
+        used = tot - ihl - doff + (1 if flags & 2 else 0) + (1 if flags & 1 else 0)
+        if flags & 4 or used <= 0:
+            continue
+        inbound = dport == server_port
+        key = (sport if inbound else dport, inbound)
+        b = base.setdefault(key, seq)
+        s = (seq - b) & 0xffffffff
+        e = s + used
+        ranges = seen.setdefault(key, [])
+        overlap = sum(max(0, min(e, re) - max(s, rs)) for rs, re in ranges)
+        counts = out.setdefault(key[0], [0, 0, 0, 0])
+        if overlap > 0:
+            counts[0 if inbound else 1] += 1
+        if overlap < e - s and s < high.get(key, 0):
+            counts[2 if inbound else 3] += 1
+        high[key] = max(high.get(key, 0), e)
+        ranges.append((s, e))
+        ranges.sort()
+        merged = [ranges[0]]
+        for rs, re in ranges[1:]:
+            if rs <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], re))
+            else:
+                merged.append((rs, re))
+        seen[key] = merged
+    return out

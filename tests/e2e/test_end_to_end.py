@@ -108,11 +108,18 @@ def test_device_status_reports_capture(cluster, netns):
 def test_view_is_for_pg_monitor_not_public(cluster):
     cluster.sql("CREATE ROLE pgn_plain LOGIN; CREATE ROLE pgn_monitor LOGIN IN ROLE pg_monitor")
     try:
-        for obj in ("pg_netstat", "pg_netstat_devices", "pg_netstat_history()"):
+        for obj in ("pg_netstat", "pg_netstat_devices", "pg_netstat_history()", "pg_netstat_intervals",
+                    "pg_netstat_connections", "pg_netstat_roles", "pg_netstat_databases", "pg_netstat_flow_table",
+                    "pg_netstat_flows()"):
             with pytest.raises(SqlError) as e:
                 cluster.sql(f"SELECT count(*) FROM {obj}", user="pgn_plain")
             assert "permission denied" in e.value.stderr
-            assert int(cluster.sql(f"SELECT count(*) FROM {obj}", user="pgn_monitor")) > 0
+            # pg_monitor reads them (over TCP, so there is at least this connection).
+            assert int(cluster.sql(f"SELECT count(*) FROM {obj}", user="pgn_monitor", host="127.0.0.1")) > 0, obj
+        # Resetting is for superusers, like pg_stat_reset().
+        with pytest.raises(SqlError) as e:
+            cluster.sql("SELECT pg_netstat_reset()", user="pgn_monitor")
+        assert "permission denied" in e.value.stderr
     finally:
         cluster.sql("DROP ROLE pgn_plain; DROP ROLE pgn_monitor")
 

@@ -1,0 +1,160 @@
+//! The backend side of per-connection accounting: each TCP backend records who it is
+//! (role, database, PID) under its client address and port as it authenticates, or as
+//! it is refused, and marks the record ended when it exits. The worker copies that into
+//! the matching flow, so a flow keeps its role and database after the backend is gone.
+
+use crate::flowshm;
+use crate::flows::{end_owner, name_bytes, register_owner, Owner, OwnerKey, OwnerStatus};
+use pgrx::pg_sys;
+use pgrx::pg_sys::libpq::be::Port;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once this backend has a record, and once its exit callback is registered.
+static REGISTERED: AtomicBool = AtomicBool::new(false);
+static EXIT_HOOKED: AtomicBool = AtomicBool::new(false);
+static mut MY_KEY: OwnerKey = OwnerKey { client_addr: [0; 16], client_port: 0, server_port: 0, ipv6: false };
+
+/// Address family, address (IPv4 in the first 4 bytes; IPv4-mapped IPv6 as IPv4, which
+/// is how the packets carry it) and port of a socket address; `None` for Unix sockets.
+fn inet(sa: &pg_sys::SockAddr) -> Option<([u8; 16], u16, bool)> {
+    let family = sa.addr.ss_family as i32;
+    let p = &sa.addr as *const pg_sys::sockaddr_storage;
+    let mut addr = [0u8; 16];
+    if family == libc::AF_INET {
+        // SAFETY: ss_family says this storage holds a sockaddr_in.
+        let sin = unsafe { &*(p as *const libc::sockaddr_in) };
+        addr[..4].copy_from_slice(&sin.sin_addr.s_addr.to_ne_bytes());
+        Some((addr, u16::from_be(sin.sin_port), false))
+    } else if family == libc::AF_INET6 {
+        // SAFETY: ss_family says this storage holds a sockaddr_in6.
+        let sin6 = unsafe { &*(p as *const libc::sockaddr_in6) };
+        let a = sin6.sin6_addr.s6_addr;
+        let port = u16::from_be(sin6.sin6_port);
+        if a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff {
+            addr[..4].copy_from_slice(&a[12..]);
+            Some((addr, port, false))
+        } else {
+            Some((a, port, true))
+        }
+    } else {
+        None
+    }
+}
+
+fn cstr_bytes(p: *const std::ffi::c_char) -> &'static [u8] {
+    if p.is_null() {
+        b""
+    } else {
+        // SAFETY: a NUL-terminated string owned by the Port, alive for the backend's life.
+        unsafe { CStr::from_ptr(p).to_bytes() }
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Records this backend's connection, once. Called from the ClientAuthentication hook
+/// with the outcome of authentication.
+pub fn register(port: *const Port, status: OwnerStatus) {
+    if REGISTERED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    record(port, status);
+}
+
+/// Writes (or rewrites, for a backend refused after it authenticated: unknown role or
+/// database) this backend's record.
+fn record(port: *const Port, status: OwnerStatus) {
+    if !flowshm::enabled() || port.is_null() {
+        return;
+    }
+    REGISTERED.store(true, Ordering::Release);
+    // SAFETY: MyProcPort / the hook's port is valid for the whole backend.
+    let port = unsafe { &*port };
+    let (Some((client_addr, client_port, ipv6)), Some((_, server_port, _))) = (inet(&port.raddr), inet(&port.laddr))
+    else {
+        return;
+    };
+    let key = OwnerKey { client_addr, client_port, server_port, ipv6 };
+    let now = now_us();
+    let ended = status != OwnerStatus::Authenticated;
+    let owner = Owner {
+        in_use: true,
+        key,
+        status,
+        // SAFETY: a plain read of this process's PID.
+        pid: unsafe { pg_sys::MyProcPid },
+        role: name_bytes(cstr_bytes(port.user_name)),
+        database: name_bytes(cstr_bytes(port.database_name)),
+        started_us: now,
+        // A refused backend is about to exit.
+        ended_us: if ended { now } else { 0 },
+    };
+    flowshm::with_table(true, |t| register_owner(t, owner));
+    if !ended && !EXIT_HOOKED.swap(true, Ordering::AcqRel) {
+        // SAFETY: written once, before the exit callback that reads it can run.
+        unsafe {
+            MY_KEY = key;
+            pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    // SAFETY: MY_KEY was set before this callback was registered.
+    let key = unsafe { MY_KEY };
+    let pid = unsafe { pg_sys::MyProcPid };
+    flowshm::with_table(true, |t| end_owner(t, &key, pid, now_us()));
+}
+
+static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+pub fn install_log_hook() {
+    if !flowshm::configured() {
+        return;
+    }
+    // SAFETY: hook chaining in _PG_init, in the postmaster, before any backend exists.
+    unsafe {
+        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(on_log);
+    }
+}
+
+/// A connection refused while it starts (pg_hba.conf "reject" or no line, wrong
+/// password, unknown role or database, too many clients) ends in a FATAL with one of
+/// these codes: record it then, with the role and database it asked for. Everything
+/// else passes straight through.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
+    use pgrx::PgSqlErrorCode as E;
+    // SAFETY: PostgreSQL passes a valid ErrorData; the globals are this backend's.
+    unsafe {
+        let port = pg_sys::libpq::be::MyProcPort;
+        if !edata.is_null() && (*edata).elevel == pg_sys::FATAL as i32 && !port.is_null() && !pg_sys::MyProc.is_null() {
+            let code = (*edata).sqlerrcode;
+            let status = if code == E::ERRCODE_INVALID_PASSWORD as i32 {
+                Some(OwnerStatus::AuthFailed)
+            } else if [
+                E::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+                E::ERRCODE_INVALID_CATALOG_NAME, // 3D000, "database does not exist"
+                E::ERRCODE_TOO_MANY_CONNECTIONS,
+            ]
+            .iter()
+            .any(|c| *c as i32 == code)
+            {
+                Some(OwnerStatus::Rejected)
+            } else {
+                None
+            };
+            if let Some(status) = status {
+                record(port, status);
+            }
+        }
+        if let Some(prev) = PREV_EMIT_LOG_HOOK {
+            prev(edata);
+        }
+    }
+}
