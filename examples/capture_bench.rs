@@ -61,13 +61,13 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
     sll.sll_ifindex = info.ifindex as i32;
     sll.sll_halen = 6;
     let mac = info.mac.unwrap_or([2, 0, 0, 0, 0, 2]);
-    let frames: Vec<(Vec<u8>, bool)> = (0..PAYLOADS.len() * 5)
+    let mut frames: Vec<(Vec<u8>, bool)> = (0..PAYLOADS.len() * 5)
         .map(|i| {
             let noise = i % 5 == 4;
             (frame(mac, if noise { noise_port } else { port }, PAYLOADS[i % PAYLOADS.len()]), noise)
         })
         .collect();
-    let (mut sent, mut bytes, mut noise_sent) = (0u64, 0u64, 0u64);
+    let (mut sent, mut bytes, mut noise_sent, mut seq) = (0u64, 0u64, 0u64, 1u32);
     let start = Instant::now();
     for i in 0..count {
         if rate > 0 {
@@ -76,14 +76,22 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
                 std::hint::spin_loop();
             }
         }
-        let (f, noise) = &frames[i as usize % frames.len()];
+        let n = frames.len();
+        let (f, noise) = &mut frames[i as usize % n];
+        // One TCP stream: each segment starts where the last one ended, as in a real
+        // transfer (the capture's flow bookkeeping sees new data, not repeats).
+        if !*noise {
+            f[38..42].copy_from_slice(&seq.to_be_bytes());
+            seq = seq.wrapping_add((f.len() - 54) as u32);
+        }
+        let (f, noise) = (&*f, *noise);
         let rc = unsafe {
             libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&sll as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
         };
         if rc < 0 {
             continue;
         }
-        if *noise {
+        if noise {
             noise_sent += 1;
         } else {
             sent += 1;

@@ -45,18 +45,24 @@ impl FlowKey {
     }
 
     fn hash(&self) -> u64 {
-        // FNV-1a: keys are short and not attacker-chosen beyond the client port and
-        // address, and a collision only costs a longer probe.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |b: u8| {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100_0000_01b3);
-        };
-        self.client_addr.iter().chain(self.server_addr.iter()).for_each(|&b| eat(b));
-        self.client_port.to_be_bytes().into_iter().chain(self.server_port.to_be_bytes()).for_each(&mut eat);
-        self.device.iter().for_each(|&b| eat(b));
-        eat(self.ipv6 as u8);
-        h
+        // Multiply-rotate over 8-byte words (as rustc's FxHash does): a handful of
+        // instructions per key, where a byte-wise hash cost more than the rest of the
+        // per-packet work. Keys are not secret; a collision only lengthens a probe.
+        let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]));
+        let ports = (self.client_port as u64) << 32 | (self.server_port as u64) << 16 | self.ipv6 as u64;
+        let mut h = 0u64;
+        for w in [
+            word(&self.client_addr[..8]),
+            word(&self.client_addr[8..]),
+            word(&self.server_addr[..8]),
+            word(&self.server_addr[8..]),
+            word(&self.device[..8]),
+            word(&self.device[8..]),
+            ports,
+        ] {
+            h = (h.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+        h ^ (h >> 29)
     }
 
     /// Same connection as seen by the backend: client address and port, server port.
@@ -386,6 +392,9 @@ pub struct Header {
     /// Set by a new owner record or a new flow, so the worker looks for owners only
     /// when there may be something to find.
     pub resolve_pending: bool,
+    /// Position of the flow the last packet belonged to, plus 1 (0 = none): bulk
+    /// transfers send long runs of packets of one flow, which then skip the hash.
+    pub last_pos: u32,
     pub last_sweep_us: i64,
 }
 
@@ -620,8 +629,15 @@ impl FlowTable<'_> {
     }
 
     fn find_or_insert(&mut self, key: &FlowKey, now_us: i64) -> usize {
+        if let Some(f) = (self.header.last_pos as usize).checked_sub(1).and_then(|p| self.flows.get(p)) {
+            if f.in_use && f.key == *key {
+                return self.header.last_pos as usize - 1;
+            }
+        }
         if let (i, true) = self.probe(key) {
-            return self.index[i] as usize - 1;
+            let pos = self.index[i] as usize - 1;
+            self.header.last_pos = pos as u32 + 1;
+            return pos;
         }
         if self.header.count as usize >= self.flows.len() {
             let v = self.victim();
@@ -633,6 +649,7 @@ impl FlowTable<'_> {
         let (i, _) = self.probe(key);
         self.index[i] = pos as u32 + 1;
         self.header.count += 1;
+        self.header.last_pos = pos as u32 + 1;
         self.header.resolve_pending = true; // its owner may have registered already
         pos
     }
@@ -656,7 +673,9 @@ impl FlowTable<'_> {
         let mut ev = TcpCounters::default();
         f.total.add(dir, wire_len as u64);
         f.last_seen_us = f.last_seen_us.max(clock.ts_us);
-        let start = align(clock.ts_us.div_euclid(1_000_000), clock.interval_secs.max(1));
+        let secs = clock.interval_secs.max(1) as i64;
+        let ts_s = clock.ts_us.div_euclid(1_000_000);
+        let start = if ts_s >= f.cur_start && ts_s < f.cur_start + secs { f.cur_start } else { align(ts_s, secs as u32) };
         if start > f.cur_start {
             (f.prev_start, f.prev) = (f.cur_start, f.cur);
             (f.cur_start, f.cur) = (start, Counters::default());

@@ -137,8 +137,12 @@ impl Intervals {
     }
 
     fn slot_for(&mut self, ts: i64) -> &mut Open {
+        // The two common cases without a division: the oldest open interval, and the
+        // one after it (while the oldest waits out packet_wait_time).
         let idx = if ts < self.first_end {
             0
+        } else if ts < self.first_end + self.secs as i64 {
+            1
         } else {
             1 + ((align(ts, self.secs) - self.first_end) / self.secs as i64) as usize
         };
