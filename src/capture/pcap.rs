@@ -66,6 +66,11 @@ impl PcapSource {
             }
         };
         cap.filter(&filter_expression(ports), true).map_err(|e| pcap_err("pcap_setfilter", e))?;
+        if device.loopback {
+            // Only the received copy of each loopback packet is wanted; say so, so that
+            // libpcap can have the kernel skip the sent copies where it knows how.
+            cap.direction(pcap::Direction::In).map_err(|e| pcap_err("pcap_setdirection", e))?;
+        }
         let cap = cap.setnonblock().map_err(|e| pcap_err("pcap_setnonblock", e))?;
         let mac = if device.loopback { None } else { device.mac };
         Ok(PcapSource { cap, link, mac, settings })

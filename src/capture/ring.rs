@@ -18,6 +18,7 @@ const SOL_PACKET: libc::c_int = 263;
 const PACKET_RX_RING: libc::c_int = 5;
 const PACKET_STATISTICS: libc::c_int = 6;
 const PACKET_VERSION: libc::c_int = 10;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 const TPACKET_V3: libc::c_int = 2;
 const ETH_P_ALL: u16 = 0x0003;
 const TP_STATUS_KERNEL: u32 = 0;
@@ -176,6 +177,13 @@ impl Ring {
             .map_err(os_err("socket(AF_PACKET)"))?;
         let fd = socket.as_raw_fd();
         setsockopt(fd, SOL_PACKET, PACKET_VERSION, &TPACKET_V3).map_err(os_err("PACKET_VERSION"))?;
+        if device.loopback {
+            // Loopback hands every packet to a packet socket twice, as sent and as
+            // received. Without this the kernel clones each sent one only for our filter
+            // to drop it, on the sending CPU — the server's own backends. Linux 4.20+;
+            // on older kernels the filter still drops the copy, so failure is harmless.
+            let _ = setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &1i32);
+        }
 
         let req = TpacketReq3 {
             block_size: geometry.block_size,
