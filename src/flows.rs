@@ -713,7 +713,9 @@ impl FlowTable<'_> {
                     if inbound { ev.ooo_in += 1 } else { ev.ooo_out += 1 }
                 }
             }
-            if t.window == 0 && !syn {
+            // A side that has sent its FIN closes its receive window when the
+            // application lets go of the socket: that zero is the end, not a slow reader.
+            if t.window == 0 && !syn && !fin && !f.fin_seen[d] {
                 if inbound { ev.zero_window_in += 1 } else { ev.zero_window_out += 1 }
             }
             if fin && !f.fin_seen[d] {
@@ -967,6 +969,14 @@ mod tests {
         let mut z = tcp(5, TCP_ACK, 0);
         z.window = 0;
         assert_eq!(t.record(&k, Direction::In, Some(&z), 54, at(1)).zero_window_in, 1);
+        // A zero window after the sender's own FIN is the socket closing, not a full
+        // receive buffer.
+        let k2 = key(40005);
+        let mut fin = tcp(9, TCP_FIN | TCP_ACK, 0);
+        t.record(&k2, Direction::Out, Some(&fin), 54, at(1));
+        fin.flags = TCP_ACK;
+        fin.window = 0;
+        assert_eq!(t.record(&k2, Direction::Out, Some(&fin), 54, at(1)).zero_window_out, 0);
         // A RST commonly carries window 0: that is not a full receive buffer.
         z.flags = TCP_RST;
         let ev = t.record(&k, Direction::In, Some(&z), 54, at(2));

@@ -287,7 +287,9 @@ fn pg_netstat_flows() -> TableIterator<
     TableIterator::new(rows)
 }
 
-fn totals_rows(by_role: bool) -> Vec<(Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, TimestampWithTimeZone)> {
+type TotalsRow = (Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, Option<TimestampWithTimeZone>);
+
+fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
     flowshm::with_table(false, |t| {
         let reset = t.header.stats_reset_us;
         t.totals_with_live(by_role)
@@ -306,7 +308,7 @@ fn totals_rows(by_role: bool) -> Vec<(Option<String>, i64, i64, i64, i64, i64, i
                     as_i64(r.tcp.retrans_in),
                     as_i64(r.tcp.retrans_out),
                     as_i64(r.tcp.zero_window_in + r.tcp.zero_window_out),
-                    timestamptz(reset),
+                    (reset != 0).then(|| timestamptz(reset)),
                 )
             })
             .collect()
@@ -332,7 +334,7 @@ fn pg_netstat_role_totals() -> TableIterator<
         name!(retransmits_in, i64),
         name!(retransmits_out, i64),
         name!(zero_windows, i64),
-        name!(stats_reset, TimestampWithTimeZone),
+        name!(stats_reset, Option<TimestampWithTimeZone>),
     ),
 > {
     TableIterator::new(totals_rows(true))
@@ -355,7 +357,7 @@ fn pg_netstat_database_totals() -> TableIterator<
         name!(retransmits_in, i64),
         name!(retransmits_out, i64),
         name!(zero_windows, i64),
-        name!(stats_reset, TimestampWithTimeZone),
+        name!(stats_reset, Option<TimestampWithTimeZone>),
     ),
 > {
     TableIterator::new(totals_rows(false))
