@@ -46,10 +46,16 @@ CREATE VIEW pg_netstat_connections AS
      ORDER BY f.bytes_in + f.bytes_out DESC, f.first_seen;
 
 CREATE VIEW pg_netstat_roles AS
-    SELECT * FROM pg_netstat_role_totals() ORDER BY bytes_in + bytes_out DESC;
+    SELECT name AS role, connections, packets_in, packets_out, bytes_in, bytes_out,
+           connection_attempts, resets_in, resets_out, retransmits_in, retransmits_out,
+           zero_windows, stats_reset
+      FROM pg_netstat_totals('role') ORDER BY bytes_in + bytes_out DESC;
 
 CREATE VIEW pg_netstat_databases AS
-    SELECT * FROM pg_netstat_database_totals() ORDER BY bytes_in + bytes_out DESC;
+    SELECT name AS database, connections, packets_in, packets_out, bytes_in, bytes_out,
+           connection_attempts, resets_in, resets_out, retransmits_in, retransmits_out,
+           zero_windows, stats_reset
+      FROM pg_netstat_totals('database') ORDER BY bytes_in + bytes_out DESC;
 
 CREATE VIEW pg_netstat_flow_table AS
     SELECT * FROM pg_netstat_flow_table_status();
@@ -68,13 +74,13 @@ COMMENT ON FUNCTION pg_netstat_inject_worker_error() IS 'Makes the capture worke
 -- Traffic figures are monitoring data: superusers and pg_monitor, not PUBLIC.
 REVOKE ALL ON FUNCTION pg_netstat_history(), pg_netstat_interval_history(),
                         pg_netstat_device_status(), pg_netstat_inject_worker_error(),
-                        pg_netstat_flows(), pg_netstat_role_totals(), pg_netstat_database_totals(),
-                        pg_netstat_flow_table_status(), pg_netstat_reset() FROM PUBLIC;
+                        pg_netstat_flows(), pg_netstat_totals(text), pg_netstat_flow_table_status(),
+                        pg_netstat_reset() FROM PUBLIC;
 REVOKE ALL ON pg_netstat, pg_netstat_intervals, pg_netstat_devices, pg_netstat_connections,
               pg_netstat_roles, pg_netstat_databases, pg_netstat_flow_table FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pg_netstat_history(), pg_netstat_interval_history(),
-                          pg_netstat_device_status(), pg_netstat_flows(), pg_netstat_role_totals(),
-                          pg_netstat_database_totals(), pg_netstat_flow_table_status() TO pg_monitor;
+                          pg_netstat_device_status(), pg_netstat_flows(), pg_netstat_totals(text),
+                          pg_netstat_flow_table_status() TO pg_monitor;
 GRANT SELECT ON pg_netstat, pg_netstat_intervals, pg_netstat_devices, pg_netstat_connections,
                 pg_netstat_roles, pg_netstat_databases, pg_netstat_flow_table TO pg_monitor;
 -- pg_netstat_reset() stays with superusers, like pg_stat_reset(); GRANT EXECUTE to delegate.

@@ -316,13 +316,16 @@ fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
     .unwrap_or_default()
 }
 
-/// Cumulative traffic per role since the last reset: ended connections (folded) and
-/// live ones. The row with a NULL role holds connections no backend claimed.
+/// Cumulative traffic per role (`kind` = 'role') or per database ('database') since the
+/// last reset: ended connections (folded) and live ones. The row with a NULL name holds
+/// connections no backend claimed. Behind the pg_netstat_roles / _databases views.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_role_totals() -> TableIterator<
+fn pg_netstat_totals(
+    kind: &str,
+) -> TableIterator<
     'static,
     (
-        name!(role, Option<String>),
+        name!(name, Option<String>),
         name!(connections, i64),
         name!(packets_in, i64),
         name!(packets_out, i64),
@@ -337,30 +340,12 @@ fn pg_netstat_role_totals() -> TableIterator<
         name!(stats_reset, Option<TimestampWithTimeZone>),
     ),
 > {
-    TableIterator::new(totals_rows(true))
-}
-
-/// As pg_netstat_role_totals, per database.
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_database_totals() -> TableIterator<
-    'static,
-    (
-        name!(database, Option<String>),
-        name!(connections, i64),
-        name!(packets_in, i64),
-        name!(packets_out, i64),
-        name!(bytes_in, i64),
-        name!(bytes_out, i64),
-        name!(connection_attempts, i64),
-        name!(resets_in, i64),
-        name!(resets_out, i64),
-        name!(retransmits_in, i64),
-        name!(retransmits_out, i64),
-        name!(zero_windows, i64),
-        name!(stats_reset, Option<TimestampWithTimeZone>),
-    ),
-> {
-    TableIterator::new(totals_rows(false))
+    let by_role = match kind {
+        "role" => true,
+        "database" => false,
+        other => error!("pg_netstat_totals: kind must be 'role' or 'database', not '{other}'"),
+    };
+    TableIterator::new(totals_rows(by_role))
 }
 
 /// The flow table itself: size, use, and what it had to give up.

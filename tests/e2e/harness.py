@@ -214,10 +214,9 @@ class Tcpdump:
         return max((length for _, _, length in pcap_packets(self.path, self.ports)), default=0)
 
 
-def pcap_packets(path, ports):
-    """(seconds as float, 'in'|'out', original length) of each TCP packet on `ports` (one
-    port or a list) in a pcap file; 'in' is toward a port."""
-    ports = [ports] if isinstance(ports, int) else ports
+def pcap_frames(path):
+    """(seconds as float, original length, captured bytes) of each record of an Ethernet
+    pcap file (either byte order, micro- or nanosecond stamps)."""
     data = Path(path).read_bytes()
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
@@ -232,15 +231,22 @@ def pcap_packets(path, ports):
     off = 24
     while off + 16 <= len(data):
         sec, frac, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
-        frame = data[off + 16: off + 16 + incl]
+        yield sec + frac * frac_scale, orig, data[off + 16: off + 16 + incl]
         off += 16 + incl
+
+
+def pcap_packets(path, ports):
+    """(seconds as float, 'in'|'out', original length) of each TCP packet on `ports` (one
+    port or a list) in a pcap file; 'in' is toward a port."""
+    ports = [ports] if isinstance(ports, int) else ports
+    for ts, orig, frame in pcap_frames(path):
         tcp = _tcp_ports(frame)
         if tcp is None:
             continue
         if tcp[0] in ports:
-            yield sec + frac * frac_scale, "out", orig
+            yield ts, "out", orig
         elif tcp[1] in ports:
-            yield sec + frac * frac_scale, "in", orig
+            yield ts, "in", orig
 
 
 def pcap_tally(path, ports):
@@ -319,14 +325,8 @@ def free_port():
 def pcap_by_client(path, server_port):
     """Per client port: packets and bytes in/out (original lengths) and SYNs sent by the
     client, for TCP to or from `server_port` in a pcap file."""
-    data = Path(path).read_bytes()
-    endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     out = {}
-    off = 24
-    while off + 16 <= len(data):
-        _, _, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
-        f = data[off + 16: off + 16 + incl]
-        off += 16 + incl
+    for _, orig, f in pcap_frames(path):
         ports = _tcp_ports(f)
         if ports is None or server_port not in ports:
             continue
@@ -361,14 +361,8 @@ def pcap_retransmissions(path, server_port):
     is retransmitted when part of it was seen before, out of order when part of it lies
     below the highest sequence seen but was never seen. The reference for pg_netstat's
     bounded (four gaps per direction) bookkeeping."""
-    data = Path(path).read_bytes()
-    endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     seen, high, base, out = {}, {}, {}, {}
-    off = 24
-    while off + 16 <= len(data):
-        _, _, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
-        f = data[off + 16: off + 16 + incl]
-        off += 16 + incl
+    for _, _, f in pcap_frames(path):
         if struct.unpack(">H", f[12:14])[0] != 0x0800:
             continue  # the test traffic is IPv4
         ihl, tot = (f[14] & 15) * 4, struct.unpack(">H", f[16:18])[0]
