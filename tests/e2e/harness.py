@@ -384,7 +384,8 @@ def pcap_retransmissions(path, server_port):
         counts = out.setdefault(key[0], [0, 0, 0, 0])
         if overlap > 0:
             counts[0 if inbound else 1] += 1
-        if overlap < e - s and s < high.get(key, 0):
+        below = min(e, high.get(key, 0))  # new data past the highest seen fills no gap
+        if s < below and overlap < below - s:
             counts[2 if inbound else 3] += 1
         high[key] = max(high.get(key, 0), e)
         ranges.append((s, e))
