@@ -199,8 +199,33 @@ def test_retransmissions_counted_under_loss_and_zero_without(cluster, netns, tmp
                           "-U", "postgres", "-f", str(script)]).stdout
         return client_port_of(out)
 
+    latest = {}
+
+    def look():
+        """Keeps the newest row of each connection: an ended connection is folded into
+        the totals (and leaves the view) one interval + packet_wait_time after it ends."""
+        for port, row in flows_by_port(cluster, netns).items():
+            latest[port] = row
+
+    def ended(port):
+        """Waits until the connection has ended and its row has not moved for 2 s (under
+        loss a FIN can be re-sent after its ACK was dropped)."""
+        deadline, last, since = time.monotonic() + 60, None, time.monotonic()
+        while time.monotonic() < deadline:
+            look()
+            row = latest.get(port)
+            if row != last:
+                last, since = row, time.monotonic()
+            elif row and row["state"] != "open" and time.monotonic() - since >= 2:
+                return row
+            time.sleep(0.2)
+        raise AssertionError(f"connection {port} did not end and go quiet: {last}")
+
+    # tcpdump runs until both connections have ended, so the reference holds every
+    # packet the counters hold.
     with Tcpdump(netns.host_if, cluster.port, tmp_path) as td:
         clean = bulk()
+        ended(clean)
         # 5% of the segments each way dropped in the client's namespace (no netem here).
         nft(netns, "add table inet pgn_loss",
             "add chain inet pgn_loss out { type filter hook output priority 0 ; }",
@@ -211,25 +236,9 @@ def test_retransmissions_counted_under_loss_and_zero_without(cluster, netns, tmp
             lossy = bulk()
         finally:
             netns.exec(["nft", "delete", "table", "inet", "pgn_loss"], check=False)
-        # tcpdump keeps running until both connections have ended (under loss the last
-        # FIN may be re-sent after a timeout, or the end may be a reset), so the
-        # reference holds every packet the counters hold.
-        def ended():
-            f = flows_by_port(cluster, netns)
-            return f if all(p in f and f[p]["state"].startswith(("closed", "reset")) for p in (clean, lossy)) else None
-
-        try:
-            wait_for("both connections to end", ended, timeout=20)
-        except AssertionError:
-            # A FIN lost again and again can take its time; settle for no packet moving
-            # for two seconds.
-            def still():
-                a = flows_by_port(cluster, netns)
-                time.sleep(2)
-                return a if a == flows_by_port(cluster, netns) else None
-            wait_for("the connections to go quiet", still, timeout=60, every=0)
-        time.sleep(0.5)
-    flows = flows_by_port(cluster, netns)
+        ended(lossy)
+    look()
+    flows = latest
     ref = pcap_retransmissions(td.path, cluster.port)
     got = {p: [flows[p][k] for k in ("retransmits_in", "retransmits_out", "out_of_order_in", "out_of_order_out")]
            for p in (clean, lossy)}
