@@ -133,22 +133,6 @@ impl TcpCounters {
     }
 }
 
-fn add_counters(a: &mut Counters, b: &Counters) {
-    a.packets_in += b.packets_in;
-    a.packets_out += b.packets_out;
-    a.bytes_in += b.bytes_in;
-    a.bytes_out += b.bytes_out;
-}
-
-fn sub_counters(a: &Counters, b: &Counters) -> Counters {
-    Counters {
-        packets_in: a.packets_in.saturating_sub(b.packets_in),
-        packets_out: a.packets_out.saturating_sub(b.packets_out),
-        bytes_in: a.bytes_in.saturating_sub(b.bytes_in),
-        bytes_out: a.bytes_out.saturating_sub(b.bytes_out),
-    }
-}
-
 /// How the connection's backend came to be, as far as pg_netstat saw it.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -267,6 +251,8 @@ pub struct Flow {
     fin_seen: [bool; 2],
     /// Which side sent the first FIN: 0 none yet, 1 the client, 2 the server.
     first_fin: u8,
+    /// While free: the next free place + 1 (0 = none).
+    next_free: u32,
 }
 
 impl Default for Flow {
@@ -292,6 +278,7 @@ impl Default for Flow {
             seq: [SeqTrack::default(); 2],
             fin_seen: [false; 2],
             first_fin: 0,
+            next_free: 0,
         }
     }
 }
@@ -349,7 +336,7 @@ impl Totals {
     /// opening SYN was seen then: the tail of a flow pushed out of a full table, or one
     /// already open when capture began, adds traffic but no connection.
     pub fn add_flow(&mut self, f: &Flow) {
-        add_counters(&mut self.counters, &sub_counters(&f.total, &f.base));
+        self.counters.merge(&f.total.since(&f.base));
         let tcp = f.tcp.sub(&f.base_tcp);
         self.tcp.add(&tcp);
         self.connections += (tcp.syn > 0) as u64;
@@ -392,10 +379,14 @@ pub struct Header {
     /// Set by a new owner record or a new flow, so the worker looks for owners only
     /// when there may be something to find.
     pub resolve_pending: bool,
+    /// Free places: a list through `Flow::next_free` (head + 1, 0 = empty), then every
+    /// place from `never_used` on. Zeroed memory is an empty table: nothing listed, all
+    /// places never used. Taking or giving back a place is O(1).
+    pub free_head: u32,
+    pub never_used: u32,
     /// Position of the flow the last packet belonged to, plus 1 (0 = none): bulk
     /// transfers send long runs of packets of one flow, which then skip the hash.
     pub last_pos: u32,
-    pub last_sweep_us: i64,
 }
 
 /// The table over its storage. `index` has a power-of-two length of at least twice
@@ -614,7 +605,8 @@ impl FlowTable<'_> {
         if found {
             self.unlink(i);
         }
-        self.flows[pos] = Flow::default();
+        self.flows[pos] = Flow { next_free: self.header.free_head, ..Flow::default() };
+        self.header.free_head = pos as u32 + 1;
         self.header.count -= 1;
         self.header.folded += 1;
     }
@@ -644,7 +636,17 @@ impl FlowTable<'_> {
             self.fold(v);
             self.header.evictions += 1;
         }
-        let pos = self.flows.iter().position(|f| !f.in_use).expect("a free place after eviction");
+        let pos = match self.header.free_head {
+            0 => {
+                self.header.never_used += 1;
+                self.header.never_used as usize - 1
+            }
+            head => {
+                let p = head as usize - 1;
+                self.header.free_head = self.flows[p].next_free;
+                p
+            }
+        };
         self.flows[pos] = Flow { in_use: true, key: *key, first_seen_us: now_us, ..Flow::default() };
         let (i, _) = self.probe(key);
         self.index[i] = pos as u32 + 1;
@@ -767,7 +769,6 @@ impl FlowTable<'_> {
     /// Folds and forgets flows closed more than `linger_us` ago or idle longer than
     /// `idle_us` (0 = never); forgets owner records of backends gone over a minute.
     pub fn sweep(&mut self, now_us: i64, linger_us: i64, idle_us: i64) {
-        self.header.last_sweep_us = now_us;
         for pos in 0..self.flows.len() {
             let f = &self.flows[pos];
             if !f.in_use {

@@ -119,10 +119,7 @@ impl DeviceEntry {
             let newest = (self.head as usize + self.len as usize - 1) % HISTORY;
             let last = &mut self.slots[newest];
             if slot.start <= last.start {
-                last.counters.packets_in += slot.counters.packets_in;
-                last.counters.packets_out += slot.counters.packets_out;
-                last.counters.bytes_in += slot.counters.bytes_in;
-                last.counters.bytes_out += slot.counters.bytes_out;
+                last.counters.merge(&slot.counters);
                 last.kernel_drops += slot.kernel_drops;
                 last.late += slot.late;
                 last.tcp.add(&slot.tcp);

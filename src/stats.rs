@@ -32,6 +32,23 @@ impl Counters {
     pub fn packets(&self) -> u64 {
         self.packets_in + self.packets_out
     }
+
+    pub fn merge(&mut self, o: &Counters) {
+        self.packets_in += o.packets_in;
+        self.packets_out += o.packets_out;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+
+    /// What was counted since `base` was taken.
+    pub fn since(&self, base: &Counters) -> Counters {
+        Counters {
+            packets_in: self.packets_in.saturating_sub(base.packets_in),
+            packets_out: self.packets_out.saturating_sub(base.packets_out),
+            bytes_in: self.bytes_in.saturating_sub(base.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(base.bytes_out),
+        }
+    }
 }
 
 /// A finished interval: `[start, start + secs)` in Unix seconds.

@@ -261,7 +261,9 @@ def pcap_tally(path, ports):
     return t
 
 
-def _tcp_ports(f):
+def _tcp_at(f):
+    """(offset of the TCP header, end of the IP packet by its own length field) in an
+    Ethernet frame, or None when it is not TCP over IPv4/IPv6 with the ports captured."""
     if len(f) < 14:
         return None
     l2 = 14
@@ -269,14 +271,19 @@ def _tcp_ports(f):
     if ethertype == 0x8100 and len(f) >= 18:  # libpcap re-inserts tags the kernel moved aside
         ethertype, l2 = struct.unpack(">H", f[16:18])[0], 18
     if ethertype == 0x0800 and len(f) >= l2 + 20:
-        proto, l4 = f[l2 + 9], l2 + (f[l2] & 0x0F) * 4
+        proto, l4, end = f[l2 + 9], l2 + (f[l2] & 0x0F) * 4, l2 + struct.unpack(">H", f[l2 + 2:l2 + 4])[0]
     elif ethertype == 0x86DD and len(f) >= l2 + 40:
-        proto, l4 = f[l2 + 6], l2 + 40
+        proto, l4, end = f[l2 + 6], l2 + 40, l2 + 40 + struct.unpack(">H", f[l2 + 4:l2 + 6])[0]
     else:
         return None
     if proto != 6 or len(f) < l4 + 4:
         return None
-    return struct.unpack(">HH", f[l4:l4 + 4])
+    return l4, end
+
+
+def _tcp_ports(f):
+    at = _tcp_at(f)
+    return None if at is None else struct.unpack(">HH", f[at[0]:at[0] + 4])
 
 
 def interval_sums(cluster, device, first_sec, last_sec):
@@ -335,24 +342,10 @@ def pcap_by_client(path, server_port):
         t = out.setdefault(client, dict(packets_in=0, packets_out=0, bytes_in=0, bytes_out=0, syn=0))
         t["packets_in" if inbound else "packets_out"] += 1
         t["bytes_in" if inbound else "bytes_out"] += orig
-        flags = _tcp_flags(f)
-        if inbound and flags is not None and flags & 0x12 == 0x02:
+        l4 = _tcp_at(f)[0]
+        if inbound and len(f) > l4 + 13 and f[l4 + 13] & 0x12 == 0x02:
             t["syn"] += 1
     return out
-
-
-def _tcp_flags(f):
-    l2 = 14
-    ethertype = struct.unpack(">H", f[12:14])[0]
-    if ethertype == 0x8100:
-        ethertype, l2 = struct.unpack(">H", f[16:18])[0], 18
-    if ethertype == 0x0800:
-        l4 = l2 + (f[l2] & 0x0F) * 4
-    elif ethertype == 0x86DD:
-        l4 = l2 + 40
-    else:
-        return None
-    return f[l4 + 13] if len(f) > l4 + 13 else None
 
 
 def pcap_retransmissions(path, server_port):
@@ -363,15 +356,15 @@ def pcap_retransmissions(path, server_port):
     bounded (four gaps per direction) bookkeeping."""
     seen, high, base, out = {}, {}, {}, {}
     for _, _, f in pcap_frames(path):
-        if struct.unpack(">H", f[12:14])[0] != 0x0800:
-            continue  # the test traffic is IPv4
-        ihl, tot = (f[14] & 15) * 4, struct.unpack(">H", f[16:18])[0]
-        l4 = 14 + ihl
+        at = _tcp_at(f)
+        if at is None or len(f) < at[0] + 14:
+            continue
+        l4, ip_end = at
         sport, dport, seq = struct.unpack(">HHI", f[l4:l4 + 8])
         if server_port not in (sport, dport):
             continue
         doff, flags = (f[l4 + 12] >> 4) * 4, f[l4 + 13]
-        used = tot - ihl - doff + (1 if flags & 2 else 0) + (1 if flags & 1 else 0)
+        used = ip_end - l4 - doff + (1 if flags & 2 else 0) + (1 if flags & 1 else 0)
         if flags & 4 or used <= 0:
             continue
         inbound = dport == server_port
