@@ -6,7 +6,9 @@ use crate::flowshm;
 use crate::gucs::Settings;
 use crate::shmem::{Slot, INJECT_ERROR, STATE};
 use crate::stats::align;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
 use std::sync::atomic::Ordering;
 
 /// Unix microseconds to PostgreSQL's timestamptz (microseconds since 2000-01-01 UTC).
@@ -19,9 +21,71 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A result column as the library builds it: name and type.
+type Column = (&'static str, pg_sys::Oid);
+
+const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+const TSTZ: pg_sys::Oid = pg_sys::TIMESTAMPTZOID;
+const INT8: pg_sys::Oid = pg_sys::INT8OID;
+const INT4: pg_sys::Oid = pg_sys::INT4OID;
+
+/// Refuses to run when the SQL definition that called us does not match what this
+/// library returns. It happens between installing a newer package and `ALTER EXTENSION
+/// pg_netstat UPDATE`: the catalog still holds the old function, the new library is
+/// loaded. PostgreSQL builds the rows from the catalog's column list, so a reordered or
+/// retyped column would read one value as another. An older definition whose columns are
+/// a prefix of ours (new versions only append) gets exactly the columns it asks for.
+fn check_result_columns(fcinfo: pg_sys::FunctionCallInfo, function: &str, columns: &[Column]) {
+    let mut tupdesc: pg_sys::TupleDesc = std::ptr::null_mut();
+    let mut type_oid = pg_sys::Oid::INVALID;
+    // SAFETY: fcinfo is the call's own, passed by PostgreSQL through pgrx.
+    let class = unsafe { pg_sys::get_call_result_type(fcinfo, &mut type_oid, &mut tupdesc) };
+    let mismatch = if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || tupdesc.is_null() {
+        Some("it is not declared to return rows of columns".to_string())
+    } else {
+        // SAFETY: get_call_result_type returned a valid descriptor for this call.
+        let desc = unsafe { PgTupleDesc::from_pg_unchecked(tupdesc) };
+        if desc.len() > columns.len() {
+            Some(format!("it declares {} columns, this library returns {}", desc.len(), columns.len()))
+        } else {
+            (0..desc.len()).find_map(|i| {
+                let att = desc.get(i)?;
+                let (name, oid) = columns[i];
+                (att.is_dropped() || att.name() != name || att.atttypid != oid).then(|| {
+                    format!("its column {} is \"{}\" of type {}, this library returns \"{}\" of type {}", i + 1, att.name(), u32::from(att.atttypid), name, u32::from(oid))
+                })
+            })
+        }
+    };
+    if let Some(why) = mismatch {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("the SQL definition of {function}() does not match the pg_netstat library (version {})", env!("CARGO_PKG_VERSION")),
+            "check_result_columns",
+        )
+        .set_detail(format!("In the catalog, {why}."))
+        .set_hint("Run ALTER EXTENSION pg_netstat UPDATE in this database, or install the package that matches the extension's version.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+const PG_NETSTAT_HISTORY_COLUMNS: &[Column] = &[
+    ("device", TEXT),
+    ("ts", TSTZ),
+    ("packets_in", INT8),
+    ("packets_out", INT8),
+    ("packets_in_speed", INT8),
+    ("packets_out_speed", INT8),
+    ("bytes_in", INT8),
+    ("bytes_out", INT8),
+    ("bytes_in_speed", INT8),
+    ("bytes_out_speed", INT8),
+    ("created_at", TSTZ),
+];
+
 /// Every closed interval of every captured device; the `pg_netstat` view orders it.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_history() -> TableIterator<'static, (
+fn pg_netstat_history(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<'static, (
     name!(device, String),
     name!(ts, TimestampWithTimeZone),
     name!(packets_in, i64),
@@ -34,6 +98,7 @@ fn pg_netstat_history() -> TableIterator<'static, (
     name!(bytes_out_speed, i64),
     name!(created_at, TimestampWithTimeZone),
 )> {
+    check_result_columns(fcinfo, "pg_netstat_history", PG_NETSTAT_HISTORY_COLUMNS);
     let row = |device: &str, s: &Slot| {
         let secs = s.secs.max(1) as u64;
         let c = s.counters;
@@ -58,9 +123,23 @@ fn pg_netstat_history() -> TableIterator<'static, (
     TableIterator::new(rows)
 }
 
+const PG_NETSTAT_DEVICE_STATUS_COLUMNS: &[Column] = &[
+    ("device", TEXT),
+    ("capture_method", TEXT),
+    ("state", TEXT),
+    ("state_since", TSTZ),
+    ("packets_in", INT8),
+    ("packets_out", INT8),
+    ("bytes_in", INT8),
+    ("bytes_out", INT8),
+    ("kernel_drops", INT8),
+    ("ring_freezes", INT8),
+    ("last_error", TEXT),
+];
+
 /// Capture status per device: whether it is counting, and if not, why.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_device_status() -> TableIterator<'static, (
+fn pg_netstat_device_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<'static, (
     name!(device, String),
     name!(capture_method, String),
     name!(state, String),
@@ -73,6 +152,7 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
     name!(ring_freezes, i64),
     name!(last_error, Option<String>),
 )> {
+    check_result_columns(fcinfo, "pg_netstat_device_status", PG_NETSTAT_DEVICE_STATUS_COLUMNS);
     let rows: Vec<_> = {
         let shared = STATE.share();
         shared
@@ -100,11 +180,33 @@ fn pg_netstat_device_status() -> TableIterator<'static, (
     TableIterator::new(rows)
 }
 
+const PG_NETSTAT_INTERVAL_HISTORY_COLUMNS: &[Column] = &[
+    ("device", TEXT),
+    ("ts", TSTZ),
+    ("interval_seconds", INT4),
+    ("packets_in", INT8),
+    ("packets_out", INT8),
+    ("bytes_in", INT8),
+    ("bytes_out", INT8),
+    ("kernel_drops", INT8),
+    ("late_packets", INT8),
+    ("created_at", TSTZ),
+    ("connection_attempts", INT8),
+    ("resets_in", INT8),
+    ("resets_out", INT8),
+    ("retransmits_in", INT8),
+    ("retransmits_out", INT8),
+    ("zero_windows_in", INT8),
+    ("zero_windows_out", INT8),
+    ("out_of_order_in", INT8),
+    ("out_of_order_out", INT8),
+];
+
 /// Every closed interval with what the compatible view leaves out: its own length (it
 /// changes when pg_netstat.interval is reloaded), packets the kernel dropped, and
 /// packets counted late.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_interval_history() -> TableIterator<
+fn pg_netstat_interval_history(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
     'static,
     (
         name!(device, String),
@@ -128,6 +230,7 @@ fn pg_netstat_interval_history() -> TableIterator<
         name!(out_of_order_out, i64),
     ),
 > {
+    check_result_columns(fcinfo, "pg_netstat_interval_history", PG_NETSTAT_INTERVAL_HISTORY_COLUMNS);
     let row = |device: &str, s: &Slot| {
         let t = s.tcp;
         (
@@ -192,11 +295,46 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
+const PG_NETSTAT_FLOWS_COLUMNS: &[Column] = &[
+    ("device", TEXT),
+    ("client_addr", TEXT),
+    ("client_port", INT4),
+    ("server_addr", TEXT),
+    ("server_port", INT4),
+    ("pid", INT4),
+    ("role", TEXT),
+    ("database", TEXT),
+    ("auth", TEXT),
+    ("packets_in", INT8),
+    ("packets_out", INT8),
+    ("bytes_in", INT8),
+    ("bytes_out", INT8),
+    ("interval_start", TSTZ),
+    ("interval_packets_in", INT8),
+    ("interval_packets_out", INT8),
+    ("interval_bytes_in", INT8),
+    ("interval_bytes_out", INT8),
+    ("fins_in", INT8),
+    ("fins_out", INT8),
+    ("resets_in", INT8),
+    ("resets_out", INT8),
+    ("retransmits_in", INT8),
+    ("retransmits_out", INT8),
+    ("zero_windows_in", INT8),
+    ("zero_windows_out", INT8),
+    ("out_of_order_in", INT8),
+    ("out_of_order_out", INT8),
+    ("state", TEXT),
+    ("first_seen", TSTZ),
+    ("last_seen", TSTZ),
+    ("closed_at", TSTZ),
+];
+
 /// Every TCP connection the worker is tracking, with what the backends told about
 /// themselves. `pg_netstat_connections` joins it to pg_stat_activity. The "interval"
 /// columns are the last closed interval (the newest row `pg_netstat` can show).
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_flows() -> TableIterator<
+fn pg_netstat_flows(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
     'static,
     (
         name!(device, String),
@@ -233,6 +371,7 @@ fn pg_netstat_flows() -> TableIterator<
         name!(closed_at, Option<TimestampWithTimeZone>),
     ),
 > {
+    check_result_columns(fcinfo, "pg_netstat_flows", PG_NETSTAT_FLOWS_COLUMNS);
     let s = Settings::current();
     let last_closed = align(now_us() / 1_000_000 - s.packet_wait_time as i64, s.interval) - s.interval as i64;
     let row = |f: &Flow, owner: Option<(crate::flows::OwnerStatus, i32, &[u8], &[u8])>| {
@@ -316,12 +455,29 @@ fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
     .unwrap_or_default()
 }
 
+const PG_NETSTAT_TOTALS_COLUMNS: &[Column] = &[
+    ("name", TEXT),
+    ("connections", INT8),
+    ("packets_in", INT8),
+    ("packets_out", INT8),
+    ("bytes_in", INT8),
+    ("bytes_out", INT8),
+    ("connection_attempts", INT8),
+    ("resets_in", INT8),
+    ("resets_out", INT8),
+    ("retransmits_in", INT8),
+    ("retransmits_out", INT8),
+    ("zero_windows", INT8),
+    ("stats_reset", TSTZ),
+];
+
 /// Cumulative traffic per role (`kind` = 'role') or per database ('database') since the
 /// last reset: ended connections (folded) and live ones. The row with a NULL name holds
 /// connections no backend claimed. Behind the pg_netstat_roles / _databases views.
 #[pg_extern(volatile, parallel_restricted)]
 fn pg_netstat_totals(
     kind: &str,
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<
     'static,
     (
@@ -340,6 +496,7 @@ fn pg_netstat_totals(
         name!(stats_reset, Option<TimestampWithTimeZone>),
     ),
 > {
+    check_result_columns(fcinfo, "pg_netstat_totals", PG_NETSTAT_TOTALS_COLUMNS);
     let by_role = match kind {
         "role" => true,
         "database" => false,
@@ -348,9 +505,18 @@ fn pg_netstat_totals(
     TableIterator::new(totals_rows(by_role))
 }
 
+const PG_NETSTAT_FLOW_TABLE_STATUS_COLUMNS: &[Column] = &[
+    ("max_flows", INT4),
+    ("flows", INT4),
+    ("evictions", INT8),
+    ("folded", INT8),
+    ("owner_overflow", INT8),
+    ("stats_reset", TSTZ),
+];
+
 /// The flow table itself: size, use, and what it had to give up.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_flow_table_status() -> TableIterator<
+fn pg_netstat_flow_table_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
     'static,
     (
         name!(max_flows, i32),
@@ -361,6 +527,7 @@ fn pg_netstat_flow_table_status() -> TableIterator<
         name!(stats_reset, Option<TimestampWithTimeZone>),
     ),
 > {
+    check_result_columns(fcinfo, "pg_netstat_flow_table_status", PG_NETSTAT_FLOW_TABLE_STATUS_COLUMNS);
     let row = flowshm::with_table(false, |t| {
         let h = &t.header;
         (
