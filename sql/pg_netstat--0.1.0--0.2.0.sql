@@ -1,0 +1,171 @@
+-- pg_netstat 0.1.0 -> 0.2.0: traffic per connection, role and database with TCP health;
+-- TCP health per device and interval; pg_netstat_reset().
+-- The result of `ALTER EXTENSION pg_netstat UPDATE` must equal a fresh 0.2.0 install
+-- (tests/e2e/test_package.py compares functions, views, comments and privileges).
+\echo Use "ALTER EXTENSION pg_netstat UPDATE TO '0.2.0'" to load this file. \quit
+
+-- pg_netstat_interval_history() gains the TCP health columns. A function's result type
+-- cannot be changed in place, so it and the view over it are made again. A view of
+-- your own on top of pg_netstat_intervals stops the update with PostgreSQL's
+-- "cannot drop ... because other objects depend on it": drop it, update, re-create it.
+DROP VIEW pg_netstat_intervals;
+DROP FUNCTION pg_netstat_interval_history();
+CREATE FUNCTION pg_netstat_interval_history() RETURNS TABLE (
+	"device" TEXT,
+	"ts" timestamp with time zone,
+	"interval_seconds" INT,
+	"packets_in" bigint,
+	"packets_out" bigint,
+	"bytes_in" bigint,
+	"bytes_out" bigint,
+	"kernel_drops" bigint,
+	"late_packets" bigint,
+	"created_at" timestamp with time zone,
+	"connection_attempts" bigint,
+	"resets_in" bigint,
+	"resets_out" bigint,
+	"retransmits_in" bigint,
+	"retransmits_out" bigint,
+	"zero_windows_in" bigint,
+	"zero_windows_out" bigint,
+	"out_of_order_in" bigint,
+	"out_of_order_out" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_interval_history_wrapper';
+CREATE VIEW pg_netstat_intervals AS
+    SELECT * FROM pg_netstat_interval_history() ORDER BY device, ts;
+COMMENT ON VIEW pg_netstat_intervals IS 'Every closed interval with its own length, kernel drops, late packets and TCP health';
+
+-- The connection table and the totals folded from it.
+CREATE FUNCTION pg_netstat_flows() RETURNS TABLE (
+	"device" TEXT,
+	"client_addr" TEXT,
+	"client_port" INT,
+	"server_addr" TEXT,
+	"server_port" INT,
+	"pid" INT,
+	"role" TEXT,
+	"database" TEXT,
+	"auth" TEXT,
+	"packets_in" bigint,
+	"packets_out" bigint,
+	"bytes_in" bigint,
+	"bytes_out" bigint,
+	"interval_start" timestamp with time zone,
+	"interval_packets_in" bigint,
+	"interval_packets_out" bigint,
+	"interval_bytes_in" bigint,
+	"interval_bytes_out" bigint,
+	"fins_in" bigint,
+	"fins_out" bigint,
+	"resets_in" bigint,
+	"resets_out" bigint,
+	"retransmits_in" bigint,
+	"retransmits_out" bigint,
+	"zero_windows_in" bigint,
+	"zero_windows_out" bigint,
+	"out_of_order_in" bigint,
+	"out_of_order_out" bigint,
+	"state" TEXT,
+	"first_seen" timestamp with time zone,
+	"last_seen" timestamp with time zone,
+	"closed_at" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_flows_wrapper';
+CREATE FUNCTION pg_netstat_totals("kind" TEXT) RETURNS TABLE (
+	"name" TEXT,
+	"connections" bigint,
+	"packets_in" bigint,
+	"packets_out" bigint,
+	"bytes_in" bigint,
+	"bytes_out" bigint,
+	"connection_attempts" bigint,
+	"resets_in" bigint,
+	"resets_out" bigint,
+	"retransmits_in" bigint,
+	"retransmits_out" bigint,
+	"zero_windows" bigint,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_totals_wrapper';
+CREATE FUNCTION pg_netstat_flow_table_status() RETURNS TABLE (
+	"max_flows" INT,
+	"flows" INT,
+	"evictions" bigint,
+	"folded" bigint,
+	"owner_overflow" bigint,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_flow_table_status_wrapper';
+CREATE FUNCTION pg_netstat_reset() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_reset_wrapper';
+
+CREATE VIEW pg_netstat_connections AS
+    SELECT coalesce(a.pid, f.pid) AS pid,
+           coalesce(a.usename::text, f.role) AS usename,
+           coalesce(a.datname::text, f.database) AS datname,
+           a.application_name,
+           a.backend_type,
+           f.auth,
+           f.client_addr::inet AS client_addr,
+           f.client_port,
+           f.server_addr::inet AS server_addr,
+           f.server_port,
+           f.device,
+           f.state,
+           f.packets_in, f.packets_out, f.bytes_in, f.bytes_out,
+           f.interval_start,
+           f.interval_packets_in, f.interval_packets_out,
+           f.interval_bytes_in, f.interval_bytes_out,
+           f.retransmits_in, f.retransmits_out,
+           f.resets_in, f.resets_out,
+           f.fins_in, f.fins_out,
+           f.zero_windows_in, f.zero_windows_out,
+           f.out_of_order_in, f.out_of_order_out,
+           f.first_seen, f.last_seen, f.closed_at
+      FROM pg_netstat_flows() f
+      LEFT JOIN pg_stat_activity a
+        ON a.pid = f.pid AND a.client_port = f.client_port
+     ORDER BY f.bytes_in + f.bytes_out DESC, f.first_seen;
+
+CREATE VIEW pg_netstat_roles AS
+    SELECT name AS role, connections, packets_in, packets_out, bytes_in, bytes_out,
+           connection_attempts, resets_in, resets_out, retransmits_in, retransmits_out,
+           zero_windows, stats_reset
+      FROM pg_netstat_totals('role') ORDER BY bytes_in + bytes_out DESC;
+
+CREATE VIEW pg_netstat_databases AS
+    SELECT name AS database, connections, packets_in, packets_out, bytes_in, bytes_out,
+           connection_attempts, resets_in, resets_out, retransmits_in, retransmits_out,
+           zero_windows, stats_reset
+      FROM pg_netstat_totals('database') ORDER BY bytes_in + bytes_out DESC;
+
+CREATE VIEW pg_netstat_flow_table AS
+    SELECT * FROM pg_netstat_flow_table_status();
+
+COMMENT ON VIEW pg_netstat_connections IS 'Traffic and TCP health per connection, joined to pg_stat_activity';
+COMMENT ON VIEW pg_netstat_roles IS 'Cumulative traffic per role since pg_netstat_reset(), ended connections included';
+COMMENT ON VIEW pg_netstat_databases IS 'Cumulative traffic per database since pg_netstat_reset(), ended connections included';
+COMMENT ON VIEW pg_netstat_flow_table IS 'Size and use of the connection table (pg_netstat.max_flows)';
+COMMENT ON FUNCTION pg_netstat_reset() IS 'Restarts the cumulative figures (roles, databases, device totals) from zero';
+
+-- The same privileges as a fresh install: pg_monitor reads, PUBLIC does not,
+-- pg_netstat_reset() stays with superusers.
+REVOKE ALL ON FUNCTION pg_netstat_interval_history(), pg_netstat_flows(), pg_netstat_totals(text),
+                        pg_netstat_flow_table_status(), pg_netstat_reset() FROM PUBLIC;
+REVOKE ALL ON pg_netstat_intervals, pg_netstat_connections, pg_netstat_roles,
+              pg_netstat_databases, pg_netstat_flow_table FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pg_netstat_interval_history(), pg_netstat_flows(), pg_netstat_totals(text),
+                          pg_netstat_flow_table_status() TO pg_monitor;
+GRANT SELECT ON pg_netstat_intervals, pg_netstat_connections, pg_netstat_roles,
+                pg_netstat_databases, pg_netstat_flow_table TO pg_monitor;
