@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import INTERVAL
+from dashboard import metric_names, plain_promql, queries
 from harness import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,14 @@ def promql(port, query):
     assert body["status"] == "success", body
     return {tuple(sorted((k, v) for k, v in s["metric"].items() if k not in ("__name__", "instance", "job", "server"))):
             int(float(s["value"][1])) for s in body["data"]["result"]}
+
+
+def api(port, path, **params):
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]
 
 
 def view(cluster, sql):
@@ -85,6 +94,18 @@ def test_prometheus_reports_the_views(cluster, tmp_path):
         assert r == {((("role", role),) if role else ()): v for (role,), v in want_roles.items()}, (r, want_roles)
         # The other families are there too.
         assert promql(prom_port, 'pg_netstat_database_connections{database="postgres"}')
+
+        # The Grafana dashboard: every metric it names exists in Prometheus, every query
+        # is PromQL Prometheus accepts, and the server variable finds this server.
+        in_prometheus = set(api(prom_port, "label/__name__/values"))
+        for title, expr in queries():
+            assert metric_names(expr) <= in_prometheus, (title, sorted(metric_names(expr) - in_prometheus))
+            if not expr.startswith("label_values("):
+                api(prom_port, "query", query=plain_promql(expr))
+        assert api(prom_port, "label/server/values", **{"match[]": "pg_netstat_device_bytes_in"})
+        states = api(prom_port, "query", query=plain_promql(dict(queries())["Capture state"]))["result"]
+        assert {(s["metric"]["device"], s["metric"]["state"]) for s in states} == {
+            (dev, st) for dev, _, st in want_devices}
     finally:
         for p in (prom, exporter):
             p.terminate()
