@@ -1,11 +1,15 @@
-"""Every ```sql block in README.md and docs/*.md runs against the test cluster: the
-examples a DBA copies from the docs must work with the views as they are."""
+"""The documentation against the real thing: every ```sql block in README.md and
+docs/*.md runs against the test cluster (the examples a DBA copies must work with the
+views as they are); the Grafana dashboard names only exported metrics; the chart script
+plots the view's own rows."""
 
 import json
 import re
 from pathlib import Path
 
 import pytest
+
+from harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -40,3 +44,26 @@ def test_the_grafana_dashboard_uses_only_exported_metrics():
         named = metric_names(expr)
         assert named, f"{title}: {expr} names no pg_netstat metric"
         assert named <= exported, f"{title}: {sorted(named - exported)} are not exported"
+
+
+def test_the_chart_script_plots_the_view(cluster, tmp_path):
+    """scripts/chart plot (which made docs/traffic.png with `scripts/chart capture`) draws
+    the view's own rows: its CSV is rows of pg_netstat_intervals, and the PNG is real."""
+    import csv
+    import subprocess
+
+    cluster.sql("SELECT repeat('c', 30000)", host="127.0.0.1")
+    wait_for("an interval with traffic on lo", lambda: int(cluster.sql(
+        "SELECT count(*) FROM pg_netstat_intervals WHERE device = 'lo' AND bytes_out > 30000")) > 0, timeout=20)
+    out = tmp_path / "lo.png"
+    subprocess.run([str(ROOT / "scripts" / "chart"), "plot", "--host", str(cluster.dir), "--port", str(cluster.port),
+                    "--device", "lo", str(out)], check=True, capture_output=True, text=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with open(out.with_suffix(".csv")) as f:
+        plotted = [(r["device"], int(r["ts"]), int(r["bytes_in"]), int(r["bytes_out"])) for r in csv.DictReader(f)]
+    # Closed intervals do not change; newer ones may have closed since the chart was made.
+    in_view = {(d, int(ts), int(i), int(o)) for d, ts, i, o in cluster.rows(
+        "SELECT device, extract(epoch FROM ts)::bigint, bytes_in, bytes_out FROM pg_netstat_intervals")}
+    assert plotted and set(plotted) <= in_view
+    assert any(o > 30000 for _, _, _, o in plotted)
+    assert {d for d, *_ in plotted} == {"lo"}
