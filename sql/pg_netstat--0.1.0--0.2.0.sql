@@ -2,6 +2,10 @@
 -- TCP health per device and interval; pg_netstat_reset().
 -- The result of `ALTER EXTENSION pg_netstat UPDATE` must equal a fresh 0.2.0 install
 -- (tests/e2e/test_package.py compares functions, views, comments and privileges).
+-- Restart the server after installing the 0.2.0 library and before running this: the
+-- library is preloaded, so a running server keeps the old one. Run under the old
+-- library, this script stops at the first new function with `could not find function
+-- "pg_netstat_flows_wrapper"` and changes nothing (tried; docs/install.md).
 \echo Use "ALTER EXTENSION pg_netstat UPDATE TO '0.2.0'" to load this file. \quit
 
 -- pg_netstat_interval_history() gains the TCP health columns. A function's result type
