@@ -384,10 +384,10 @@ def pcap_retransmissions(path, server_port):
         ranges.append((s, e))
         ranges.sort()
         merged = [ranges[0]]
-        for rs, re in ranges[1:]:
+        for rs, rend in ranges[1:]:
             if rs <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], re))
+                merged[-1] = (merged[-1][0], max(merged[-1][1], rend))
             else:
-                merged.append((rs, re))
+                merged.append((rs, rend))
         seen[key] = merged
     return out

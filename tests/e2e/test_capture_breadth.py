@@ -9,7 +9,7 @@ import threading
 import time
 
 from conftest import EXPECTED_METHOD, INTERVAL
-from harness import Tcpdump, free_port, interval_sums, run, wait_for
+from harness import Tcpdump, free_port, interval_sums, wait_for
 
 
 def reload_and_wait(cluster, assignments):

@@ -7,7 +7,6 @@ package and running ALTER EXTENSION UPDATE) is refused with an error, not misrea
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest

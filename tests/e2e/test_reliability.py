@@ -12,7 +12,7 @@ import pytest
 
 from conftest import CAPTURE_METHOD, INTERVAL
 from harness import (CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits, cpu_ticks,
-                     free_port, interval_sums, pcap_packets, run, wait_for)
+                     free_port, interval_sums, pcap_packets, wait_for)
 
 
 class Traffic:
@@ -134,7 +134,7 @@ def test_worker_comes_back_after_sigterm_and_after_an_error(cluster):
     assert first, "no capture worker process"
     os.kill(first, signal.SIGTERM)
     second = wait_for("a new worker after SIGTERM", lambda: (p := cluster.worker_pid()) and p != first and p)
-    assert f'terminating background worker "pg_netstat" due to administrator command' in cluster.log()
+    assert 'terminating background worker "pg_netstat" due to administrator command' in cluster.log()
 
     assert cluster.sql("SELECT pg_netstat_inject_worker_error()") == str(second)
     third = wait_for("a new worker after the injected error",
