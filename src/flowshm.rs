@@ -2,7 +2,7 @@
 //! starts, behind an LWLock of its own so per-connection work never waits on the
 //! interval history's lock. With `max_flows = 0` nothing is allocated and flows are off.
 
-use crate::flows::{index_len, Flow, FlowTable, Header, Owner, Totals, TOTALS_ROWS};
+use crate::flows::{index, Flow, FlowTable, FlowView, Header, Owner, Totals, TOTALS_ROWS};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::mem::{align_of, size_of};
@@ -10,6 +10,10 @@ use std::ptr::null_mut;
 
 const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat flows";
 const TRANCHE: &std::ffi::CStr = c"pg_netstat_flows";
+/// AddinShmemInitLock's place in MainLWLockArray (lwlocklist.h: the same on 15 to 18).
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+/// Flows copied per hold of the shared lock by `snapshot_flows`.
+const SNAPSHOT_CHUNK: usize = 1024;
 
 /// Where each part of the region starts, in bytes.
 #[derive(Clone, Copy)]
@@ -18,6 +22,7 @@ struct Layout {
     owners_capacity: usize,
     index: usize,
     flows: usize,
+    owner_index: usize,
     owners: usize,
     roles: usize,
     databases: usize,
@@ -32,12 +37,13 @@ fn place<T>(at: &mut usize, n: usize) -> usize {
 
 fn layout(capacity: usize, owners_capacity: usize) -> Layout {
     let mut at = size_of::<Header>();
-    let index = place::<u32>(&mut at, index_len(capacity));
+    let index = place::<u32>(&mut at, index::len_for(capacity));
     let flows = place::<Flow>(&mut at, capacity);
+    let owner_index = place::<u32>(&mut at, index::len_for(owners_capacity));
     let owners = place::<Owner>(&mut at, owners_capacity);
     let roles = place::<Totals>(&mut at, TOTALS_ROWS);
     let databases = place::<Totals>(&mut at, TOTALS_ROWS);
-    Layout { capacity, owners_capacity, index, flows, owners, roles, databases, total: at }
+    Layout { capacity, owners_capacity, index, flows, owner_index, owners, roles, databases, total: at }
 }
 
 // Set once in the postmaster (startup hook) and inherited by every child.
@@ -105,7 +111,7 @@ unsafe extern "C-unwind" fn on_startup() {
         }
         #[allow(static_mut_refs)]
         let Some(l) = LAYOUT else { return };
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let p = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), l.total, &mut found) as *mut u8;
@@ -142,28 +148,81 @@ impl Drop for Held {
     }
 }
 
-/// Runs `f` on the table under the lock (exclusive or shared); `None` when flows are
-/// off. Readers must not change anything.
-pub fn with_table<R>(exclusive: bool, f: impl FnOnce(&mut FlowTable<'_>) -> R) -> Option<R> {
+fn lock(mode: pg_sys::LWLockMode::Type) -> Held {
+    // SAFETY: LOCK was set up with the region (enabled() is checked by every caller).
+    unsafe { pg_sys::LWLockAcquire(LOCK, mode) };
+    Held
+}
+
+fn current_layout() -> Option<Layout> {
+    // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
+    unsafe { *(&raw const LAYOUT) }
+}
+
+/// Runs `f` on the table under the exclusive lock; `None` when flows are off. Callers
+/// keep `f` bounded (one ring block, one sweep budget, one registration): the lock is
+/// what every new connection's authentication waits for.
+pub fn write<R>(f: impl FnOnce(&mut FlowTable<'_>) -> R) -> Option<R> {
     if !enabled() {
         return None;
     }
-    // SAFETY: REGION holds the layout computed at start; the lock serialises writers
-    // and keeps readers off while one writes. The slices stay inside the region.
-    unsafe {
-        #[allow(static_mut_refs)]
-        let l = LAYOUT?;
-        let mode = if exclusive { pg_sys::LWLockMode::LW_EXCLUSIVE } else { pg_sys::LWLockMode::LW_SHARED };
-        pg_sys::LWLockAcquire(LOCK, mode);
-        let _held = Held;
-        let mut t = FlowTable {
+    let l = current_layout()?;
+    let _held = lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    // SAFETY: REGION holds the layout computed at start; the exclusive lock keeps every
+    // other process out while these slices exist. They stay inside the region.
+    let mut t = unsafe {
+        FlowTable {
             header: &mut *(REGION as *mut Header),
-            index: std::slice::from_raw_parts_mut(REGION.add(l.index) as *mut u32, index_len(l.capacity)),
+            index: std::slice::from_raw_parts_mut(REGION.add(l.index) as *mut u32, index::len_for(l.capacity)),
             flows: std::slice::from_raw_parts_mut(REGION.add(l.flows) as *mut Flow, l.capacity),
+            owner_index: std::slice::from_raw_parts_mut(
+                REGION.add(l.owner_index) as *mut u32,
+                index::len_for(l.owners_capacity),
+            ),
             owners: std::slice::from_raw_parts_mut(REGION.add(l.owners) as *mut Owner, l.owners_capacity),
             roles: std::slice::from_raw_parts_mut(REGION.add(l.roles) as *mut Totals, TOTALS_ROWS),
             databases: std::slice::from_raw_parts_mut(REGION.add(l.databases) as *mut Totals, TOTALS_ROWS),
-        };
-        Some(f(&mut t))
+        }
+    };
+    Some(f(&mut t))
+}
+
+/// Runs `f` on a read-only view of the table under the shared lock; `None` when flows
+/// are off. Keep `f` short: the worker waits for it.
+pub fn read<R>(f: impl FnOnce(&FlowView<'_>) -> R) -> Option<R> {
+    read_flows(0..0, |v| f(v))
+}
+
+/// Like `read`, with only the flows in `range` (clamped to the table) in the view.
+fn read_flows<R>(range: std::ops::Range<usize>, f: impl FnOnce(&FlowView<'_>) -> R) -> Option<R> {
+    if !enabled() {
+        return None;
     }
+    let l = current_layout()?;
+    let (start, end) = (range.start.min(l.capacity), range.end.min(l.capacity));
+    let _held = lock(pg_sys::LWLockMode::LW_SHARED);
+    // SAFETY: as in `write`; under the shared lock nobody writes while these shared
+    // references exist.
+    let v = unsafe {
+        FlowView {
+            header: &*(REGION as *const Header),
+            flows: std::slice::from_raw_parts((REGION.add(l.flows) as *const Flow).add(start), end.max(start) - start),
+            roles: std::slice::from_raw_parts(REGION.add(l.roles) as *const Totals, TOTALS_ROWS),
+            databases: std::slice::from_raw_parts(REGION.add(l.databases) as *const Totals, TOTALS_ROWS),
+        }
+    };
+    Some(f(&v))
+}
+
+/// Every flow in use, copied `SNAPSHOT_CHUNK` places per hold of the shared lock so a
+/// large table never holds the worker up for long. A flow keeps its place while it
+/// lives, so each flow that lives through the copy is in it exactly once; flows that
+/// begin or end meanwhile may or may not be.
+pub fn snapshot_flows() -> Vec<Flow> {
+    let Some(l) = current_layout().filter(|_| enabled()) else { return Vec::new() };
+    let mut out = Vec::new();
+    for start in (0..l.capacity).step_by(SNAPSHOT_CHUNK) {
+        read_flows(start..start + SNAPSHOT_CHUNK, |v| out.extend(v.flows.iter().filter(|f| f.in_use).copied()));
+    }
+    out
 }

@@ -6,7 +6,10 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod capture;
+pub mod counters;
 pub mod flows;
+pub mod handover;
+pub mod kernel_counters;
 pub mod privileges;
 pub mod stats;
 

@@ -4,7 +4,7 @@
 //! the matching flow, so a flow keeps its role and database after the backend is gone.
 
 use crate::flowshm;
-use crate::flows::{end_owner, name_bytes, register_owner, Owner, OwnerKey, OwnerStatus};
+use crate::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
 use pgrx::pg_sys;
 use pgrx::pg_sys::libpq::be::Port;
 use std::ffi::CStr;
@@ -73,7 +73,7 @@ fn record(port: *const Port, status: OwnerStatus) {
     REGISTERED.store(true, Ordering::Release);
     // SAFETY: MyProcPort / the hook's port is valid for the whole backend.
     let port = unsafe { &*port };
-    let (Some((client_addr, client_port, ipv6)), Some((_, server_port, _))) = (inet(&port.raddr), inet(&port.laddr))
+    let (Some((client_addr, client_port, ipv6)), Some((server_addr, server_port, _))) = (inet(&port.raddr), inet(&port.laddr))
     else {
         return;
     };
@@ -91,8 +91,11 @@ fn record(port: *const Port, status: OwnerStatus) {
         started_us: now,
         // A refused backend is about to exit.
         ended_us: if ended { now } else { 0 },
+        ..Owner::default()
     };
-    flowshm::with_table(true, |t| register_owner(t, owner));
+    // O(number of captured devices) under the lock: never a scan of the table, so a
+    // flood of connections cannot make logins wait on each other here.
+    flowshm::write(|t| t.register_owner(owner, server_addr));
     if !ended && !EXIT_HOOKED.swap(true, Ordering::AcqRel) {
         // SAFETY: written once, before the exit callback that reads it can run.
         unsafe {
@@ -107,7 +110,7 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum)
     // SAFETY: MY_KEY was set before this callback was registered.
     let key = unsafe { MY_KEY };
     let pid = unsafe { pg_sys::MyProcPid };
-    flowshm::with_table(true, |t| end_owner(t, &key, pid, now_us()));
+    flowshm::write(|t| t.end_owner(&key, pid, now_us()));
 }
 
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;

@@ -2,11 +2,11 @@
 //! intervals and the capture status. Fixed size, plain data, behind one named LWLock.
 
 use crate::capture::{MAX_DEVICES, MAX_DEVICE_NAME};
-use crate::flows::TcpCounters;
-use crate::stats::{Closed, Counters};
+use crate::counters::{Counters, TcpCounters};
+use crate::stats::Closed;
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32};
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys};
@@ -144,8 +144,6 @@ impl DeviceEntry {
 #[derive(Copy, Clone)]
 pub struct NetstatShared {
     pub devices: [DeviceEntry; MAX_DEVICES],
-    /// PID of the capture worker, 0 before it first starts.
-    pub worker_pid: i32,
 }
 
 impl Default for NetstatShared {
@@ -180,6 +178,10 @@ impl NetstatShared {
         Some(&mut self.devices[pos])
     }
 
+    pub fn entry(&self, name: &str) -> Option<&DeviceEntry> {
+        self.devices.iter().find(|d| d.in_use && d.name() == name)
+    }
+
     /// Forgets every device not in `keep` (after a reload removed it from the list).
     pub fn retain(&mut self, keep: &[String]) {
         for d in self.devices.iter_mut() {
@@ -190,13 +192,20 @@ impl NetstatShared {
     }
 }
 
+// SAFETY (these three): each name is this extension's own, and pg_shmem_init! in
+// _PG_init (preload only) places the value in shared memory before any process uses it.
 pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat") };
 
 /// Set by `pg_netstat_inject_worker_error()`; the worker raises an ERROR when it sees it.
 /// An atomic, not under the lock, because the worker checks it on every wake-up.
 pub static INJECT_ERROR: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_inject_error") };
 
+/// PID of the running capture worker; 0 while none runs (before it starts, and from its
+/// exit until the next one starts). An atomic: the worker clears it as it exits.
+pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_netstat_worker_pid") };
+
 pub fn init() {
     pg_shmem_init!(STATE);
     pg_shmem_init!(INJECT_ERROR);
+    pg_shmem_init!(WORKER_PID);
 }

@@ -4,8 +4,8 @@ use crate::capture::CaptureMethod;
 use crate::flows::{name_str, Flow, Totals};
 use crate::flowshm;
 use crate::gucs::Settings;
-use crate::shmem::{Slot, INJECT_ERROR, STATE};
-use crate::stats::align;
+use crate::shmem::{Slot, INJECT_ERROR, STATE, WORKER_PID};
+use crate::counters::align;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -267,7 +267,7 @@ fn pg_netstat_interval_history(fcinfo: pg_sys::FunctionCallInfo) -> TableIterato
 /// the worker that was asked, or NULL when no worker is running.
 #[pg_extern(volatile, parallel_unsafe)]
 fn pg_netstat_inject_worker_error() -> Option<i32> {
-    let pid = STATE.share().worker_pid;
+    let pid = WORKER_PID.get().load(Ordering::Acquire);
     if pid <= 0 {
         return None;
     }
@@ -374,8 +374,8 @@ fn pg_netstat_flows(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
     check_result_columns(fcinfo, "pg_netstat_flows", PG_NETSTAT_FLOWS_COLUMNS);
     let s = Settings::current();
     let last_closed = align(now_us() / 1_000_000 - s.packet_wait_time as i64, s.interval) - s.interval as i64;
-    let row = |f: &Flow, owner: Option<(crate::flows::OwnerStatus, i32, &[u8], &[u8])>| {
-        let (status, pid, role, db) = owner.unwrap_or((f.status, f.pid, &f.role, &f.database));
+    let row = |f: &Flow| {
+        let (status, pid, role, db) = (f.status, f.pid, &f.role, &f.database);
         let iv = f.interval(last_closed);
         let t = f.tcp;
         (
@@ -413,26 +413,22 @@ fn pg_netstat_flows(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
             (f.closed_us != 0).then(|| timestamptz(f.closed_us)),
         )
     };
-    let rows = flowshm::with_table(false, |t| {
-        t.flows
-            .iter()
-            .filter(|f| f.in_use)
-            // Owners the worker has not copied in yet are looked up here, so a
-            // connection shows its role as soon as it has authenticated.
-            .map(|f| row(f, t.owner_of(f).map(|o| (o.status, o.pid, &o.role[..], &o.database[..]))))
-            .collect::<Vec<_>>()
-    })
-    .unwrap_or_default();
+    // Copied a chunk at a time, rows built outside the lock: the worker never waits
+    // for the formatting of a large table. Owners are resolved in the table itself as
+    // soon as a backend registers, so a connection shows its role from then on.
+    let rows: Vec<_> = flowshm::snapshot_flows().iter().map(row).collect();
     TableIterator::new(rows)
 }
 
 type TotalsRow = (Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, Option<TimestampWithTimeZone>);
 
 fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
-    flowshm::with_table(false, |t| {
-        let reset = t.header.stats_reset_us;
-        t.totals_with_live(by_role)
-            .iter()
+    // A copy of a few hundred rows under the shared lock: the totals are kept up to date
+    // by the worker, never summed from the flows here.
+    let Some((reset, rows)) = flowshm::read(|v| (v.header.stats_reset_us, v.totals(by_role))) else {
+        return Vec::new();
+    };
+    rows.iter()
             .map(|r: &Totals| {
                 (
                     opt_name(&r.name),
@@ -451,8 +447,6 @@ fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
                 )
             })
             .collect()
-    })
-    .unwrap_or_default()
 }
 
 const PG_NETSTAT_TOTALS_COLUMNS: &[Column] = &[
@@ -528,8 +522,8 @@ fn pg_netstat_flow_table_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterat
     ),
 > {
     check_result_columns(fcinfo, "pg_netstat_flow_table_status", PG_NETSTAT_FLOW_TABLE_STATUS_COLUMNS);
-    let row = flowshm::with_table(false, |t| {
-        let h = &t.header;
+    let row = flowshm::read(|v| {
+        let h = v.header;
         (
             h.capacity as i32,
             h.count as i32,
@@ -550,7 +544,7 @@ fn pg_netstat_flow_table_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterat
 #[pg_extern(volatile, parallel_unsafe)]
 fn pg_netstat_reset() {
     let now = now_us();
-    flowshm::with_table(true, |t| t.reset(now));
+    flowshm::write(|t| t.reset(now));
     let mut shared = STATE.exclusive();
     for d in shared.devices.iter_mut().filter(|d| d.in_use) {
         d.total_base = d.total;

@@ -4,52 +4,8 @@
 //! block when the interval ended are counted where they belong. Time is passed in.
 
 use crate::capture::Direction;
-use crate::flows::TcpCounters;
+use crate::counters::{align, Counters, TcpCounters};
 use std::collections::VecDeque;
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-impl Counters {
-    pub fn add(&mut self, dir: Direction, bytes: u64) {
-        match dir {
-            Direction::In => {
-                self.packets_in += 1;
-                self.bytes_in += bytes;
-            }
-            Direction::Out => {
-                self.packets_out += 1;
-                self.bytes_out += bytes;
-            }
-        }
-    }
-
-    pub fn packets(&self) -> u64 {
-        self.packets_in + self.packets_out
-    }
-
-    pub fn merge(&mut self, o: &Counters) {
-        self.packets_in += o.packets_in;
-        self.packets_out += o.packets_out;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-    }
-
-    /// What was counted since `base` was taken.
-    pub fn since(&self, base: &Counters) -> Counters {
-        Counters {
-            packets_in: self.packets_in.saturating_sub(base.packets_in),
-            packets_out: self.packets_out.saturating_sub(base.packets_out),
-            bytes_in: self.bytes_in.saturating_sub(base.bytes_in),
-            bytes_out: self.bytes_out.saturating_sub(base.bytes_out),
-        }
-    }
-}
 
 /// A finished interval: `[start, start + secs)` in Unix seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,10 +49,6 @@ pub struct Intervals {
     open: VecDeque<Open>,
     /// Once the interval length changes, the old series stops here (exclusive).
     stop_at: Option<i64>,
-}
-
-pub fn align(t: i64, secs: u32) -> i64 {
-    t - t.rem_euclid(secs as i64)
 }
 
 impl Intervals {

@@ -4,12 +4,15 @@
 
 use crate::capture::source::Source;
 use crate::capture::{self, classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Frame, MAX_DEVICES};
-use crate::flows::{device_bytes, Clock, FlowKey, FlowTable, TcpCounters};
+use crate::counters::Counters;
+use crate::flows::{device_bytes, Clock, FlowKey, FlowTable};
 use crate::flowshm;
 use crate::gucs::Settings;
+use crate::handover::{self, Fate, Handover, HeldFrame};
+use crate::kernel_counters::KernelCounters;
 use crate::privileges;
-use crate::shmem::{DeviceState, INJECT_ERROR, STATE};
-use crate::stats::{Bucketing, Closed, Counters};
+use crate::shmem::{DeviceState, INJECT_ERROR, STATE, WORKER_PID};
+use crate::stats::{Bucketing, Closed};
 use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -27,14 +30,22 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 const PG_WAIT_EXTENSION: u32 = 0x0700_0000;
 const PGINVALID_SOCKET: pg_sys::pgsocket = -1;
+/// Closed or idle flows folded per hold of the flows lock, and holds per upkeep: a flood
+/// of short connections is folded at up to this many a second without one long hold.
+const SWEEP_BUDGET: usize = 1024;
+const SWEEP_ROUNDS: usize = 64;
 
 pub fn register() {
     BackgroundWorkerBuilder::new(WORKER_NAME)
         .set_type("pg_netstat")
         .set_library("pg_netstat")
         .set_function("pg_netstat_worker_main")
-        .enable_shmem_access(None)
-        .set_start_time(BgWorkerStartTime::PostmasterStart)
+        // A connection to no database, as the logical replication launcher has: it is what
+        // lists the worker in pg_stat_activity (backend_type "pg_netstat", its wait event
+        // while it waits). Such a worker may start once the server is consistent: at once
+        // on a primary, when hot standby opens on a replica.
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_AFTER))
         .load();
 }
@@ -54,9 +65,22 @@ pub extern "C-unwind" fn pg_netstat_worker_main(_arg: pg_sys::Datum) {
         Ok(false) => {} // reported per device as no_permission when sockets fail
         Err(e) => log!("pg_netstat: could not raise CAP_NET_RAW: {e}"),
     }
-    STATE.exclusive().worker_pid = std::process::id() as i32;
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    WORKER_PID.get().store(std::process::id() as i32, Ordering::Release);
+    // SAFETY: registering an exit callback is what before_shmem_exit is for; it runs in
+    // this process while shared memory is still attached.
+    unsafe { pg_sys::before_shmem_exit(Some(forget_worker_pid), pg_sys::Datum::from(0)) };
     let mut worker = Worker::start();
     worker.run();
+}
+
+/// A worker that has exited has no PID to signal: pg_netstat_inject_worker_error() must
+/// not signal whatever process gets the number next, nor leave an error for the next
+/// worker to raise.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_worker_pid(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    let _ = WORKER_PID.get().compare_exchange(std::process::id() as i32, 0, Ordering::AcqRel, Ordering::Acquire);
+    INJECT_ERROR.get().store(false, Ordering::Release);
 }
 
 unsafe extern "C-unwind" {
@@ -99,14 +123,16 @@ const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). 
     setcap cap_net_raw=ep on the postgres executable. Capture is retried every minute.";
 
 /// The ring being replaced after a settings change. Until it is closed, both rings see
-/// every packet: the old one counts those stamped before `split`, the new one the rest,
-/// so a rebuild neither loses nor double-counts a packet.
+/// every packet; `handover` decides which of them counts each one (see handover.rs), so
+/// a rebuild neither loses nor double-counts a packet.
 struct RetiringRing {
     ring: Source,
-    /// Its kernel drops already charged.
+    /// Its running drop count already charged.
     drops_seen: u64,
-    split: (u32, u32),
+    handover: Handover<HeldFrame>,
     close_at: Instant,
+    /// Being closed: resolve the handover with what both rings have handed over.
+    closing: bool,
 }
 
 struct Device {
@@ -121,13 +147,8 @@ struct Device {
     error: String,
     retry_at: Instant,
     backoff: Duration,
-    /// Kernel drops already charged to an interval (running total of the current source).
-    drops_seen: u64,
-    /// Drops of earlier sources of this device (before a rebuild or reopen).
-    kernel_drops_total: u64,
-    /// Times the current source's ring was full (frozen), and those of earlier sources.
-    freezes_seen: u64,
-    freezes_total: u64,
+    /// Kernel drops and ring freezes, across every source this device has had.
+    kernel: KernelCounters,
     total: Counters,
     /// State or error changed and is not yet in shared memory. (Totals are published
     /// with each closed interval, so the hot path never takes the lock.)
@@ -147,10 +168,7 @@ impl Device {
             error: String::new(),
             retry_at: Instant::now(),
             backoff: RETRY_FIRST,
-            drops_seen: 0,
-            kernel_drops_total: 0,
-            freezes_seen: 0,
-            freezes_total: 0,
+            kernel: KernelCounters::default(),
             total: Counters::default(),
             dirty: true,
         }
@@ -199,30 +217,38 @@ impl Device {
         self.dirty = true;
     }
 
-    /// Charges drops the current source reported since last asked, then makes its count
-    /// part of the device total, before the source is replaced or dropped.
-    /// Returns the source's running drop count at this point.
-    fn retire_source_stats(&mut self) -> u64 {
-        let (now, _) = wall_now();
+    /// Learns the current source's kernel counters and charges the new drops to the
+    /// interval open at `now`.
+    fn observe_kernel(&mut self, now: i64) {
         if let Some(r) = self.ring.as_mut() {
             if let Ok(st) = r.read_kernel_stats() {
-                self.buckets.record_drops(now, st.dropped.saturating_sub(self.drops_seen));
-                self.drops_seen = st.dropped;
-                self.freezes_seen = st.freezes;
+                let new = self.kernel.observe(st.dropped, st.freezes);
+                self.buckets.record_drops(now, new);
             }
         }
-        let seen = self.drops_seen;
-        self.kernel_drops_total += seen;
-        self.drops_seen = 0;
-        self.freezes_total += self.freezes_seen;
-        self.freezes_seen = 0;
-        seen
+    }
+
+    /// Takes the current source away (replaced, or failed), keeping what it reported.
+    fn take_source(&mut self) -> Option<Source> {
+        self.observe_kernel(wall_now().0);
+        self.kernel.source_replaced();
+        self.ring.take()
+    }
+
+    /// Closes the ring being replaced, charging the drops it reported since.
+    fn close_old_ring(&mut self) {
+        if let Some(mut old) = self.old_ring.take() {
+            if let Ok(st) = old.ring.read_kernel_stats() {
+                let n = st.dropped.saturating_sub(old.drops_seen);
+                self.buckets.record_drops(wall_now().0, n);
+                self.kernel.charge_retired(n);
+            }
+        }
     }
 
     fn fail(&mut self, state: DeviceState, error: String) {
-        let _ = self.retire_source_stats();
-        self.ring = None;
-        self.old_ring = None;
+        self.take_source();
+        self.close_old_ring();
         self.set_state(state, error);
         let delay = if state == DeviceState::NoPermission { RETRY_MAX } else { self.backoff };
         self.retry_at = Instant::now() + delay;
@@ -238,7 +264,7 @@ impl Device {
         match Source::open(method, &info, ports, settings) {
             Ok(ring) => {
                 log!("pg_netstat: device \"{}\": {}", self.name, ring.describe());
-                let _ = self.retire_source_stats();
+                self.take_source();
                 self.ring = Some(ring);
                 self.backoff = RETRY_FIRST;
                 let state = if info.up { DeviceState::Capturing } else { DeviceState::Down };
@@ -262,7 +288,7 @@ impl Device {
                 let before = self.info.as_ref().map(|i| i.ifindex);
                 if before != Some(now.ifindex) {
                     // Same name, new device: the old socket is bound to a dead ifindex.
-                    self.ring = None;
+                    self.take_source();
                     self.open(ports, method, settings);
                 } else {
                     let state = if now.up { DeviceState::Capturing } else { DeviceState::Down };
@@ -274,24 +300,41 @@ impl Device {
         }
     }
 
+    /// Reads what the kernel has handed over: one ring block per hold of the flows lock
+    /// (bounded work: a login waits for at most one block), at most one lap per call so
+    /// a flood cannot starve the rest of the loop. Returns the blocks read.
     fn drain(&mut self, ports: &[u16]) -> u32 {
-        if flowshm::enabled() {
-            // One lock per drain (at most one lap of the ring), not per packet.
-            flowshm::with_table(true, |t| self.drain_into(ports, Some(t))).unwrap_or(0)
-        } else {
-            self.drain_into(ports, None)
+        let lap = self.ring.iter().chain(self.old_ring.as_ref().map(|o| &o.ring)).map(Source::blocks_per_lap).sum::<u32>();
+        if !flowshm::enabled() {
+            return self.drain_into(ports, None, lap);
         }
+        let mut blocks = 0;
+        while blocks < lap.max(1) {
+            let n = flowshm::write(|t| self.drain_into(ports, Some(t), 1)).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            blocks += n;
+        }
+        blocks
     }
 
-    fn drain_into(&mut self, ports: &[u16], mut flows: Option<&mut FlowTable<'_>>) -> u32 {
-        let (now, _) = wall_now();
+    /// Reads at most `max_blocks` blocks from each of the device's rings.
+    fn drain_into(&mut self, ports: &[u16], mut flows: Option<&mut FlowTable<'_>>, max_blocks: u32) -> u32 {
+        // The wall clock bounds the packets' own stamps (a stamp from the future after a
+        // clock step counts now). Read again whenever a frame is stamped later than the
+        // last reading, so no frame is ever pulled back across an interval edge.
+        let mut now = wall_now().0;
         let device_key = device_bytes(&self.name);
-        let Device { ring, old_ring, info, buckets, total, more, drops_seen, .. } = self;
+        let Device { ring, old_ring, info, buckets, total, more, kernel, .. } = self;
         let Some(info) = info.as_ref() else {
             return 0;
         };
         let interval_secs = buckets.secs();
         let mut count = |f: &Frame<'_>, link, by_ports: bool| {
+            if f.sec as i64 > now {
+                now = wall_now().0;
+            }
             // Off loopback the kernel's packet type is the direction, so without flows
             // only loopback pays for parsing.
             let meta = if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
@@ -301,7 +344,7 @@ impl Device {
                 if let (Some(t), Some(m)) = (flows.as_deref_mut(), meta.as_ref()) {
                     let clock = Clock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
                     let ev = t.record(&FlowKey::of(device_key, dir, m, ports), dir, m.tcp.as_ref(), f.len, clock);
-                    if ev != TcpCounters::default() {
+                    if !ev.is_zero() {
                         buckets.record_tcp(f.sec as i64, now, &ev);
                     }
                 }
@@ -309,19 +352,34 @@ impl Device {
         };
         let mut blocks = 0;
         let mut failure = None;
-        let split = old_ring.as_ref().map(|o| o.split);
+        let mut dropped = 0;
         if let Some(old) = old_ring.as_mut() {
             let (link, by_ports) = (old.ring.link(), old.ring.direction_by_ports(info));
-            match old.ring.drain(|f| if (f.sec, f.nsec) < old.split { count(f, link, by_ports) }) {
+            let RetiringRing { ring: old_source, handover: h, .. } = old;
+            let drained = old_source.drain_blocks(max_blocks, |f| match h.old_fate(handover::ts_ns(f)) {
+                Fate::Count => count(f, link, by_ports),
+                Fate::Hold => h.hold_old(handover::hold(f, link, by_ports)),
+                Fate::Ignore => {}
+            });
+            match drained {
                 Ok(st) => blocks += st.blocks,
                 // The old ring is on its way out; the new one carries on.
-                Err(_) => *old_ring = None,
+                Err(_) => old.closing = true,
             }
         }
         *more = false;
+        let mut hand = old_ring.as_mut().map(|o| &mut o.handover);
         if let Some(r) = ring.as_mut() {
             let (link, by_ports) = (r.link(), r.direction_by_ports(info));
-            match r.drain(|f| if split.is_none_or(|s| (f.sec, f.nsec) >= s) { count(f, link, by_ports) }) {
+            let drained = r.drain_blocks(max_blocks, |f| {
+                let fate = hand.as_deref_mut().map_or(Fate::Count, |h| h.new_fate(handover::ts_ns(f)));
+                match (fate, hand.as_deref_mut()) {
+                    (Fate::Count, _) => count(f, link, by_ports),
+                    (Fate::Hold, Some(h)) => h.hold_new(handover::hold(f, link, by_ports)),
+                    _ => {}
+                }
+            });
+            match drained {
                 Ok(st) => {
                     blocks += st.blocks;
                     *more = st.more;
@@ -329,14 +387,27 @@ impl Device {
                     // many now, so they are charged to the interval they happened in.
                     if st.losing {
                         if let Ok(k) = r.read_kernel_stats() {
-                            buckets.record_drops(now, k.dropped.saturating_sub(*drops_seen));
-                            *drops_seen = k.dropped;
+                            dropped = kernel.observe(k.dropped, k.freezes);
                         }
                     }
                 }
                 Err(e) => failure = Some(e),
             }
         }
+        // Once both rings have handed over everything in the window around the cut (or
+        // the old one is closing), what they held is counted: oldest first, twins once,
+        // before anything newer.
+        if let Some(old) = old_ring.as_mut() {
+            if old.handover.ready() || (old.closing && !old.handover.resolved()) {
+                let held = old.handover.resolve();
+                let (o, n, w, m) = old.handover.stats;
+                debug1!("pg_netstat: ring handover: held {o} old and {n} new frames, {w} of them in the window, {m} twins");
+                for h in &held {
+                    count(&h.frame.frame(), h.frame.link, h.frame.by_ports);
+                }
+            }
+        }
+        buckets.record_drops(wall_now().0, dropped);
         if let Some(e) = failure {
             match e {
                 CaptureError::DeviceDown(_) => self.fail(DeviceState::Down, String::new()),
@@ -352,16 +423,11 @@ impl Device {
     fn retire_old_ring(&mut self, ports: &[u16], force: bool) -> bool {
         match &self.old_ring {
             Some(old) if force || Instant::now() >= old.close_at => {
-                self.drain(ports);
-                if let Some(mut old) = self.old_ring.take() {
-                    // Its count was reset when it was replaced; what it dropped since counts too.
-                    if let Ok(st) = old.ring.read_kernel_stats() {
-                        let (now, _) = wall_now();
-                        let n = st.dropped.saturating_sub(old.drops_seen);
-                        self.buckets.record_drops(now, n);
-                        self.kernel_drops_total += n;
-                    }
+                if let Some(old) = self.old_ring.as_mut() {
+                    old.closing = true;
                 }
+                self.drain(ports);
+                self.close_old_ring();
                 true
             }
             _ => false,
@@ -369,38 +435,37 @@ impl Device {
     }
 
     /// Applies new ring settings: the new ring is bound before the old one is closed.
+    /// When the new ring cannot be had, the old one simply goes on, its counters untouched.
     fn rebuild(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
         self.retire_old_ring(ports, true);
-        let old_seen = if self.ring.is_some() { self.retire_source_stats() } else { 0 };
-        let Some(old) = self.ring.take() else {
+        if self.ring.is_none() {
             // Not capturing (missing, no permission...): just try again with the new settings.
             self.retry_at = Instant::now();
             return;
-        };
-        let info = match capture::device_info(&self.name) {
-            Ok(Some(i)) => i,
-            _ => {
-                self.ring = Some(old);
-                return; // the health check will deal with the device
-            }
+        }
+        let Ok(Some(info)) = capture::device_info(&self.name) else {
+            return; // the health check will deal with the device
         };
         match Source::open(method, &info, ports, settings) {
             Ok(new) => {
                 log!("pg_netstat: device \"{}\": new settings, {}", self.name, new.describe());
+                self.observe_kernel(wall_now().0);
+                let drops_seen = self.kernel.current_source_drops();
+                let Some(old) = self.take_source() else { return };
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 let grace = Duration::from_millis(old.retire_ms() as u64) + Duration::from_millis(250);
                 self.old_ring = Some(RetiringRing {
-                    drops_seen: old_seen,
+                    drops_seen,
                     ring: old,
-                    split: (now.as_secs() as u32, now.subsec_nanos()),
+                    handover: Handover::new(now.as_nanos() as u64),
                     close_at: Instant::now() + grace,
+                    closing: false,
                 });
                 self.ring = Some(new);
                 self.info = Some(info);
             }
             Err(e) => {
                 // Keep counting with the old settings rather than not at all.
-                self.ring = Some(old);
                 log_report(
                     PgLogLevel::WARNING,
                     PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
@@ -538,7 +603,20 @@ impl Worker {
         let (now, _) = wall_now();
         w.devices = names.into_iter().map(|n| Device::new(n, &settings, now)).collect();
         // History of devices still configured survives a worker restart; the rest goes.
-        STATE.exclusive().retain(&w.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>());
+        // Their running totals carry on from what the previous worker published, so
+        // they never go back (only pg_netstat_reset() restarts what the views show).
+        let names: Vec<String> = w.devices.iter().map(|d| d.name.clone()).collect();
+        {
+            let mut shared = STATE.exclusive();
+            shared.retain(&names);
+            for d in w.devices.iter_mut() {
+                if let Some(e) = shared.entry(&d.name) {
+                    d.total = e.total;
+                    d.kernel = KernelCounters::carried_over(e.kernel_drops, e.ring_freezes);
+                }
+            }
+        }
+        flowshm::write(|t| t.set_devices(&names));
         w.open_due();
         w
     }
@@ -615,9 +693,10 @@ impl Worker {
         }
     }
 
-    /// Once a second: gives flows their owners and folds closed or idle flows into the
-    /// role and database totals. A closed connection stays visible for one interval
-    /// plus the wait, so the interval it ended in can still be read next to it.
+    /// Once a second: forgets closed and idle flows (their figures are already in the
+    /// role and database totals) and owner records of long-gone backends, oldest first,
+    /// a bounded batch per hold of the lock. A closed connection stays visible for one
+    /// interval plus the wait, so the interval it ended in can still be read next to it.
     fn flow_upkeep(&mut self) {
         if !flowshm::enabled() || Instant::now() < self.next_flow_upkeep {
             return;
@@ -626,10 +705,11 @@ impl Worker {
         let (_, now_us) = wall_now();
         let linger_us = (self.settings.interval as i64 + self.settings.packet_wait_time as i64) * 1_000_000;
         let idle_us = self.settings.flow_idle_timeout as i64 * 1_000_000;
-        flowshm::with_table(true, |t| {
-            t.resolve_owners();
-            t.sweep(now_us, linger_us, idle_us);
-        });
+        for _ in 0..SWEEP_ROUNDS {
+            if !flowshm::write(|t| t.sweep(now_us, linger_us, idle_us, SWEEP_BUDGET)).unwrap_or(false) {
+                break;
+            }
+        }
     }
 
     /// Sleeps until a ring has data, the latch is set, or the next interval is due.
@@ -743,6 +823,7 @@ impl Worker {
         }
         self.devices.sort_by_key(|d| names.iter().position(|n| n == &d.name));
         STATE.exclusive().retain(&names);
+        flowshm::write(|t| t.set_devices(&names));
 
         // Ring settings, ports or method: rebuild every ring, each bound anew before the
         // old one closes.
@@ -782,13 +863,7 @@ impl Worker {
             if d.buckets.next_deadline() <= now {
                 // Drops not flagged by the ring (or from libpcap) are learned here, and
                 // charged to the interval open now, never to one being closed.
-                if let Some(r) = d.ring.as_mut() {
-                    if let Ok(st) = r.read_kernel_stats() {
-                        d.buckets.record_drops(now, st.dropped.saturating_sub(d.drops_seen));
-                        d.drops_seen = st.dropped;
-                        d.freezes_seen = st.freezes;
-                    }
-                }
+                d.observe_kernel(now);
             }
             let closed = d.buckets.close_due(now);
             if !closed.is_empty() || d.dirty {
@@ -812,8 +887,8 @@ impl Worker {
             e.method = d.ring.as_ref().map(|r| r.method()).unwrap_or(self.settings.method) as u8;
             e.set_error(&d.error);
             e.total = d.total;
-            e.kernel_drops = d.kernel_drops_total + d.drops_seen;
-            e.ring_freezes = d.freezes_total + d.freezes_seen;
+            e.kernel_drops = d.kernel.drops();
+            e.ring_freezes = d.kernel.freezes();
             d.dirty = false;
         }
     }

@@ -8,7 +8,7 @@
 use pg_netstat::capture::ring::{Ring, RingGeometry};
 use pg_netstat::capture::source::Source;
 use pg_netstat::capture::{classify, device_info, packet, CaptureMethod, CaptureSettings, Direction};
-use pg_netstat::stats::Counters;
+use pg_netstat::counters::Counters;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -13,8 +13,12 @@ use pcap::{Active, Capture, Linktype};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-/// Most packets read per call; the worker comes straight back when `more` is set.
-const MAX_PER_DRAIN: u32 = 65_536;
+/// libpcap has no blocks the worker could see: this many frames stand for one, so a
+/// caller bounding its work in blocks bounds it here too.
+pub const PCAP_FRAMES_PER_BLOCK: u32 = 4096;
+/// Blocks of one lap (what one unbounded drain reads at most); the worker comes straight
+/// back when `more` is set.
+pub const PCAP_BLOCKS_PER_LAP: u32 = 16;
 
 pub struct PcapSource {
     cap: Capture<Active>,
@@ -93,10 +97,11 @@ impl PcapSource {
         self.mac.is_none()
     }
 
-    pub fn drain(&mut self, mut on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
+    /// Reads at most `max_frames` frames.
+    pub fn drain(&mut self, max_frames: u32, mut on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
         let mut out = DrainStats::default();
         loop {
-            if out.frames >= MAX_PER_DRAIN {
+            if out.frames >= max_frames {
                 out.more = true;
                 break;
             }
@@ -130,9 +135,7 @@ impl PcapSource {
                 Err(e) => return Err(pcap_err("pcap_next_ex", e)),
             }
         }
-        if out.frames > 0 {
-            out.blocks = 1;
-        }
+        out.blocks = out.frames.div_ceil(PCAP_FRAMES_PER_BLOCK);
         Ok(out)
     }
 

@@ -260,10 +260,16 @@ impl Ring {
     /// Hands every block the kernel has filled to `on_frame`, then returns it to the
     /// kernel. Reads at most one lap of the ring per call so a flood cannot starve the
     /// caller's other work; the socket stays readable if more is waiting.
-    pub fn drain(&mut self, mut on_frame: impl FnMut(&Frame<'_>)) -> DrainStats {
+    pub fn drain(&mut self, on_frame: impl FnMut(&Frame<'_>)) -> DrainStats {
+        self.drain_blocks(self.geometry.block_count, on_frame)
+    }
+
+    /// Like `drain`, reading at most `max_blocks` blocks: a caller holding a lock per
+    /// call bounds its hold to that many blocks. `more` says the next block is ready.
+    pub fn drain_blocks(&mut self, max_blocks: u32, mut on_frame: impl FnMut(&Frame<'_>)) -> DrainStats {
         let mut out = DrainStats::default();
         let bs = self.geometry.block_size as usize;
-        for _ in 0..self.geometry.block_count {
+        for _ in 0..max_blocks.min(self.geometry.block_count) {
             let block = self.block_ptr(self.next_block);
             let status = self.block_status(block);
             let st = status.load(Ordering::Acquire);
@@ -320,9 +326,7 @@ impl Ring {
             out.blocks += 1;
             self.next_block = (self.next_block + 1) % self.geometry.block_count;
         }
-        // A full lap with the next block ready again: more is waiting.
-        out.more = out.blocks == self.geometry.block_count
-            && self.block_status(self.block_ptr(self.next_block)).load(Ordering::Acquire) & TP_STATUS_USER != 0;
+        out.more = self.block_status(self.block_ptr(self.next_block)).load(Ordering::Acquire) & TP_STATUS_USER != 0;
         out
     }
 

@@ -133,12 +133,29 @@ impl Source {
         }
     }
 
+    /// Reads at most one lap (the whole ring, or libpcap's equivalent).
     pub fn drain(&mut self, on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
+        self.drain_blocks(self.blocks_per_lap(), on_frame)
+    }
+
+    /// Reads at most `max_blocks` blocks (for libpcap, that many times
+    /// `PCAP_FRAMES_PER_BLOCK` frames): bounded work per call. `more` says more is ready.
+    pub fn drain_blocks(&mut self, max_blocks: u32, on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
         match self {
             #[cfg(target_os = "linux")]
-            Source::Ring(r) => Ok(r.drain(on_frame)),
+            Source::Ring(r) => Ok(r.drain_blocks(max_blocks, on_frame)),
             #[cfg(any(feature = "pcap", not(target_os = "linux")))]
-            Source::Pcap(p) => p.drain(on_frame),
+            Source::Pcap(p) => p.drain(max_blocks.saturating_mul(super::pcap::PCAP_FRAMES_PER_BLOCK), on_frame),
+        }
+    }
+
+    /// How many blocks make one lap: the most one `drain` reads.
+    pub fn blocks_per_lap(&self) -> u32 {
+        match self {
+            #[cfg(target_os = "linux")]
+            Source::Ring(r) => r.geometry().block_count,
+            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            Source::Pcap(_) => super::pcap::PCAP_BLOCKS_PER_LAP,
         }
     }
 

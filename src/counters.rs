@@ -1,0 +1,119 @@
+//! Counter types shared by the interval bucketing (`stats`), the flow table (`flows`)
+//! and shared memory: packets and bytes per direction, TCP events, and interval
+//! alignment. Plain data with no dependencies of its own, so every other room can use it
+//! without importing each other.
+
+use crate::capture::Direction;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, dir: Direction, bytes: u64) {
+        match dir {
+            Direction::In => {
+                self.packets_in += 1;
+                self.bytes_in += bytes;
+            }
+            Direction::Out => {
+                self.packets_out += 1;
+                self.bytes_out += bytes;
+            }
+        }
+    }
+
+    pub fn packets(&self) -> u64 {
+        self.packets_in + self.packets_out
+    }
+
+    pub fn merge(&mut self, o: &Counters) {
+        self.packets_in += o.packets_in;
+        self.packets_out += o.packets_out;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+
+    /// What was counted since `base` was taken.
+    pub fn since(&self, base: &Counters) -> Counters {
+        Counters {
+            packets_in: self.packets_in.saturating_sub(base.packets_in),
+            packets_out: self.packets_out.saturating_sub(base.packets_out),
+            bytes_in: self.bytes_in.saturating_sub(base.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(base.bytes_out),
+        }
+    }
+}
+
+/// TCP events, per flow, per device interval, per role and database.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// Connection attempts: SYN without ACK from a client.
+    pub syn: u64,
+    pub fin_in: u64,
+    pub fin_out: u64,
+    pub rst_in: u64,
+    pub rst_out: u64,
+    /// Data (or SYN/FIN) segments whose sequence range starts before the highest one
+    /// already seen in that direction: retransmissions (and reordering, which a
+    /// capture cannot tell apart).
+    pub retrans_in: u64,
+    pub retrans_out: u64,
+    /// Segments advertising a zero receive window (the sender's receive buffer is full).
+    pub zero_window_in: u64,
+    pub zero_window_out: u64,
+    /// Segments that filled a gap left earlier in the sequence space: reordered on the
+    /// way, or re-sent after a loss before this host (whose first copy was never seen,
+    /// so it is not a retransmission by the definition above).
+    pub ooo_in: u64,
+    pub ooo_out: u64,
+}
+
+impl TcpCounters {
+    pub fn add(&mut self, o: &TcpCounters) {
+        self.syn += o.syn;
+        self.fin_in += o.fin_in;
+        self.fin_out += o.fin_out;
+        self.rst_in += o.rst_in;
+        self.rst_out += o.rst_out;
+        self.retrans_in += o.retrans_in;
+        self.retrans_out += o.retrans_out;
+        self.zero_window_in += o.zero_window_in;
+        self.zero_window_out += o.zero_window_out;
+        self.ooo_in += o.ooo_in;
+        self.ooo_out += o.ooo_out;
+    }
+
+    pub fn sub(&self, o: &TcpCounters) -> TcpCounters {
+        TcpCounters {
+            syn: self.syn.saturating_sub(o.syn),
+            fin_in: self.fin_in.saturating_sub(o.fin_in),
+            fin_out: self.fin_out.saturating_sub(o.fin_out),
+            rst_in: self.rst_in.saturating_sub(o.rst_in),
+            rst_out: self.rst_out.saturating_sub(o.rst_out),
+            retrans_in: self.retrans_in.saturating_sub(o.retrans_in),
+            retrans_out: self.retrans_out.saturating_sub(o.retrans_out),
+            zero_window_in: self.zero_window_in.saturating_sub(o.zero_window_in),
+            zero_window_out: self.zero_window_out.saturating_sub(o.zero_window_out),
+            ooo_in: self.ooo_in.saturating_sub(o.ooo_in),
+            ooo_out: self.ooo_out.saturating_sub(o.ooo_out),
+        }
+    }
+}
+
+impl TcpCounters {
+    pub fn is_zero(&self) -> bool {
+        *self == TcpCounters::default()
+    }
+}
+
+/// Start of the `secs`-long interval that `t` (Unix seconds) falls in, aligned to the
+/// epoch; correct for negative `t` too.
+pub fn align(t: i64, secs: u32) -> i64 {
+    t - t.rem_euclid(secs as i64)
+}

@@ -1,0 +1,798 @@
+//! Per-connection accounting, free of PostgreSQL: a bounded table of TCP flows keyed by
+//! device and 4-tuple, their TCP health, who owns them (filled in by the backends), and
+//! per-role / per-database totals that outlive the flows. The worker owns the table; it
+//! lives in shared memory (see `flowshm`) but everything here works on plain slices, so
+//! the unit tests drive it with vectors.
+//!
+//! Every operation is O(1) whatever `max_flows` is — a SYN flood or a port scan costs in
+//! proportion to its packets, never to the size of the table:
+//! - lookups go through hash indexes (`index`), for flows and for owner records;
+//! - a flow gets its owner once, when the flow or the owner record appears (`resolve`);
+//! - role and database totals are kept up to date per packet (`totals`), so the views
+//!   never walk the flows;
+//! - eviction and expiry take the head of a list (`list`): open flows least recently
+//!   seen first, closed flows in the order they closed, owners of ended backends oldest
+//!   first.
+//!
+//! Eviction policy, when a new flow finds the table full: a flow already closed (FIN both
+//! ways or RST) goes first, the one closed longest ago; otherwise the flow seen least
+//! recently. Its figures are already in the role and database totals, so bytes are never
+//! lost, only the per-connection detail; `evictions` counts these.
+
+mod flow;
+pub mod index;
+mod key;
+mod list;
+mod owners;
+mod seq;
+mod totals;
+
+pub use flow::Flow;
+pub use key::{device_bytes, name_bytes, name_str, FlowKey, OwnerKey, NAME_LEN};
+pub use owners::{Owner, OwnerStatus, ENDED_KEPT_US};
+pub use totals::{Totals, TOTALS_ROWS};
+
+use crate::capture::packet::{TcpFields, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::capture::{Direction, MAX_DEVICES};
+use crate::counters::{align, Counters, TcpCounters};
+use list::List;
+
+/// Fixed-size bookkeeping at the head of the table. All-zero bytes are an empty table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Header {
+    pub capacity: u32,
+    pub count: u32,
+    /// Flows pushed out because the table was full.
+    pub evictions: u64,
+    /// Flows forgotten (closed, idle, or evicted); their figures stay in the totals.
+    pub folded: u64,
+    /// Owner records that found the registry full of live backends.
+    pub owner_overflow: u64,
+    pub stats_reset_us: i64,
+    /// Free flow places; places from `never_used` on were never taken.
+    free: List,
+    never_used: u32,
+    /// Open flows, least recently seen first.
+    open: List,
+    /// Closed flows, in the order they closed.
+    closed: List,
+    /// Position of the flow the last packet belonged to, plus 1 (0 = none): bulk
+    /// transfers send long runs of packets of one flow, which then skip the hash.
+    pub last_pos: u32,
+    owner_free: List,
+    owner_never_used: u32,
+    /// Records of ended backends, oldest first.
+    ended: List,
+    pub owner_count: u32,
+    /// The devices being captured, so a backend can find its flows on each.
+    devices: [[u8; 16]; MAX_DEVICES],
+    device_count: u32,
+}
+
+/// The table over its storage. `index` has length `index::len_for(flows.len())`,
+/// `owner_index` likewise for `owners`.
+pub struct FlowTable<'a> {
+    pub header: &'a mut Header,
+    pub index: &'a mut [u32],
+    pub flows: &'a mut [Flow],
+    pub owner_index: &'a mut [u32],
+    pub owners: &'a mut [Owner],
+    pub roles: &'a mut [Totals],
+    pub databases: &'a mut [Totals],
+}
+
+/// What readers (the SQL views) may see of the table: nothing they could change.
+pub struct FlowView<'a> {
+    pub header: &'a Header,
+    pub flows: &'a [Flow],
+    pub roles: &'a [Totals],
+    pub databases: &'a [Totals],
+}
+
+impl FlowView<'_> {
+    /// The role (or database) totals as the views show them: ended and live connections
+    /// alike, since the last reset.
+    pub fn totals(&self, by_role: bool) -> Vec<Totals> {
+        totals::visible(if by_role { self.roles } else { self.databases })
+    }
+}
+
+/// Owned storage, for tests and for sizing.
+#[derive(Default)]
+pub struct Storage {
+    pub header: Header,
+    pub index: Vec<u32>,
+    pub flows: Vec<Flow>,
+    pub owner_index: Vec<u32>,
+    pub owners: Vec<Owner>,
+    pub roles: Vec<Totals>,
+    pub databases: Vec<Totals>,
+}
+
+impl Storage {
+    pub fn new(capacity: usize, owners: usize) -> Storage {
+        Storage {
+            header: Header { capacity: capacity as u32, ..Header::default() },
+            index: vec![0; index::len_for(capacity)],
+            flows: vec![Flow::default(); capacity],
+            owner_index: vec![0; index::len_for(owners)],
+            owners: vec![Owner::default(); owners],
+            roles: vec![Totals::default(); TOTALS_ROWS],
+            databases: vec![Totals::default(); TOTALS_ROWS],
+        }
+    }
+
+    pub fn table(&mut self) -> FlowTable<'_> {
+        FlowTable {
+            header: &mut self.header,
+            index: &mut self.index,
+            flows: &mut self.flows,
+            owner_index: &mut self.owner_index,
+            owners: &mut self.owners,
+            roles: &mut self.roles,
+            databases: &mut self.databases,
+        }
+    }
+}
+
+/// Timing the worker passes in with each packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Packet timestamp, Unix microseconds.
+    pub ts_us: i64,
+    pub interval_secs: u32,
+}
+
+impl FlowTable<'_> {
+    pub fn view(&self) -> FlowView<'_> {
+        FlowView { header: self.header, flows: self.flows, roles: self.roles, databases: self.databases }
+    }
+
+    /// The devices being captured (the worker sets them at start and on reload).
+    pub fn set_devices(&mut self, names: &[String]) {
+        self.header.devices = [[0; 16]; MAX_DEVICES];
+        for (d, n) in self.header.devices.iter_mut().zip(names) {
+            *d = device_bytes(n);
+        }
+        self.header.device_count = names.len().min(MAX_DEVICES) as u32;
+    }
+
+    fn slot(&self, key: &FlowKey) -> (usize, bool) {
+        let flows = &*self.flows;
+        index::find(self.index, key.hash(), |p| flows[p].key == *key)
+    }
+
+    fn flow_pos(&self, key: &FlowKey) -> Option<usize> {
+        match self.slot(key) {
+            (i, true) => Some(self.index[i] as usize - 1),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
+        self.flow_pos(key).map(|p| &self.flows[p])
+    }
+
+    /// Gives the flow at `pos` its owner, if that backend has registered and the flow
+    /// has none yet, and moves what the flow counted so far to the owner's rows.
+    fn resolve(&mut self, pos: usize) {
+        let f = &self.flows[pos];
+        if f.status != OwnerStatus::Unknown {
+            return;
+        }
+        let Some(o) = self.owner(&f.key.owner_key()).copied() else { return };
+        if !o.fits(f.first_seen_us, f.opened_here) {
+            return;
+        }
+        let (role_row, db_row) = (totals::row_for(self.roles, &o.role), totals::row_for(self.databases, &o.database));
+        let f = &mut self.flows[pos];
+        (f.status, f.pid, f.role, f.database) = (o.status, o.pid, o.role, o.database);
+        let c = f.contribution();
+        self.roles[f.role_row as usize].remove(&c);
+        self.databases[f.db_row as usize].remove(&c);
+        (f.role_row, f.db_row) = (role_row, db_row);
+        self.roles[role_row as usize].add(&c);
+        self.databases[db_row as usize].add(&c);
+    }
+
+    /// Forgets the flow at `pos` and frees its place. Its figures are already in the
+    /// totals; a flow pushed out before its owner was known still gets it here.
+    fn fold(&mut self, pos: usize) {
+        self.resolve(pos);
+        if let (i, true) = self.slot(&self.flows[pos].key) {
+            let flows = &*self.flows;
+            index::remove(self.index, i, |p| flows[p].key.hash());
+        }
+        if self.flows[pos].closed_us != 0 {
+            self.header.closed.remove(self.flows, pos);
+        } else {
+            self.header.open.remove(self.flows, pos);
+        }
+        if self.header.last_pos as usize == pos + 1 {
+            self.header.last_pos = 0;
+        }
+        self.flows[pos] = Flow::default();
+        self.header.free.push_back(self.flows, pos);
+        self.header.count -= 1;
+        self.header.folded += 1;
+    }
+
+    /// The flow to push out of a full table (see the module comment).
+    fn victim(&self) -> Option<usize> {
+        self.header.closed.front().or_else(|| self.header.open.front())
+    }
+
+    /// The position of `key`'s flow, and whether it was just created.
+    fn find_or_insert(&mut self, key: &FlowKey, now_us: i64) -> (usize, bool) {
+        if let Some(p) = (self.header.last_pos as usize).checked_sub(1) {
+            if self.flows[p].in_use && self.flows[p].key == *key {
+                return (p, false);
+            }
+        }
+        if let Some(p) = self.flow_pos(key) {
+            self.header.last_pos = p as u32 + 1;
+            return (p, false);
+        }
+        if self.header.count as usize >= self.flows.len() {
+            if let Some(v) = self.victim() {
+                self.fold(v);
+                self.header.evictions += 1;
+            }
+        }
+        let pos = match self.header.free.pop_front(self.flows) {
+            Some(p) => p,
+            None => {
+                self.header.never_used += 1;
+                self.header.never_used as usize - 1
+            }
+        };
+        self.flows[pos] = Flow { in_use: true, key: *key, first_seen_us: now_us, ..Flow::default() };
+        let (i, _) = self.slot(key);
+        self.index[i] = pos as u32 + 1;
+        self.header.open.push_back(self.flows, pos);
+        self.header.count += 1;
+        self.header.last_pos = pos as u32 + 1;
+        (pos, true)
+    }
+
+    /// Counts one packet of the flow `key`; returns the TCP events it carried, for the
+    /// device's interval figures.
+    pub fn record(&mut self, key: &FlowKey, dir: Direction, tcp: Option<&TcpFields>, wire_len: u32, clock: Clock) -> TcpCounters {
+        let new_connection = tcp.is_some_and(|t| t.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN);
+        if new_connection {
+            // The same 4-tuple again after a close (a client port reused): a new
+            // connection, not more of the old one.
+            if let Some(pos) = self.flow_pos(key) {
+                if self.flows[pos].closed_us != 0 {
+                    self.fold(pos);
+                }
+            }
+        }
+        let (pos, inserted) = self.find_or_insert(key, clock.ts_us);
+        if inserted {
+            self.flows[pos].opened_here = new_connection;
+        }
+        let f = &mut self.flows[pos];
+        let was_open = f.closed_us == 0;
+        f.total.add(dir, wire_len as u64);
+        f.last_seen_us = f.last_seen_us.max(clock.ts_us);
+        let secs = clock.interval_secs.max(1) as i64;
+        let ts_s = clock.ts_us.div_euclid(1_000_000);
+        let start = if ts_s >= f.cur_start && ts_s < f.cur_start + secs { f.cur_start } else { align(ts_s, secs as u32) };
+        if start > f.cur_start {
+            (f.prev_start, f.prev) = (f.cur_start, f.cur);
+            (f.cur_start, f.cur) = (start, Counters::default());
+        }
+        if start == f.cur_start {
+            f.cur.add(dir, wire_len as u64);
+        } else if start == f.prev_start {
+            f.prev.add(dir, wire_len as u64);
+        }
+        let ev = match tcp {
+            Some(t) => tcp_events(f, dir, t, wire_len, clock.ts_us),
+            None => TcpCounters::default(),
+        };
+        // The role and database rows follow packet by packet.
+        let first_syn = ev.syn > 0 && f.tcp.syn == f.base_tcp.syn;
+        f.tcp.add(&ev);
+        let (rr, dr, closed) = (f.role_row as usize, f.db_row as usize, f.closed_us != 0);
+        for row in [&mut self.roles[rr], &mut self.databases[dr]] {
+            row.counters.add(dir, wire_len as u64);
+            if !ev.is_zero() {
+                row.tcp.add(&ev);
+                row.connections += first_syn as u64;
+            }
+        }
+        if was_open && closed {
+            self.header.open.remove(self.flows, pos);
+            self.header.closed.push_back(self.flows, pos);
+        } else if was_open && self.header.open.back() != Some(pos) {
+            self.header.open.remove(self.flows, pos);
+            self.header.open.push_back(self.flows, pos);
+        }
+        if inserted {
+            self.resolve(pos);
+        }
+        ev
+    }
+
+    /// Folds flows closed more than `linger_us` ago or idle longer than `idle_us`
+    /// (0 = never), and forgets owner records of backends long gone: at most `budget`
+    /// of them, oldest first, so one call holds the lock for bounded work. Returns
+    /// true when more are due.
+    pub fn sweep(&mut self, now_us: i64, linger_us: i64, idle_us: i64, budget: usize) -> bool {
+        let mut n = 0;
+        while n < budget {
+            match self.header.closed.front() {
+                Some(p) if now_us - self.flows[p].closed_us > linger_us => self.fold(p),
+                _ => break,
+            }
+            n += 1;
+        }
+        while idle_us > 0 && n < budget {
+            match self.header.open.front() {
+                Some(p) if now_us - self.flows[p].last_seen_us > idle_us => self.fold(p),
+                _ => break,
+            }
+            n += 1;
+        }
+        n += self.expire_owners(now_us, budget - n);
+        n >= budget
+    }
+
+    /// pg_netstat_reset(): role and database totals start again from zero; the flows
+    /// keep their own figures but count towards the totals only from here. (Walks the
+    /// table once: called by a user, never on the capture path.)
+    pub fn reset(&mut self, now_us: i64) {
+        for r in self.roles.iter_mut().chain(self.databases.iter_mut()) {
+            r.clear();
+        }
+        for f in self.flows.iter_mut().filter(|f| f.in_use) {
+            f.base = f.total;
+            f.base_tcp = f.tcp;
+        }
+        self.header.evictions = 0;
+        self.header.folded = 0;
+        self.header.owner_overflow = 0;
+        self.header.stats_reset_us = now_us;
+    }
+}
+
+/// The TCP events of one segment of flow `f` (flags, sequence space, window), with the
+/// flow's own state brought up to date.
+fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us: i64) -> TcpCounters {
+    let mut ev = TcpCounters::default();
+    let d = match dir {
+        Direction::In => 0,
+        Direction::Out => 1,
+    };
+    let (inbound, syn, fin, rst) = (d == 0, t.flags & TCP_SYN != 0, t.flags & TCP_FIN != 0, t.flags & TCP_RST != 0);
+    if syn && t.flags & TCP_ACK == 0 && inbound {
+        ev.syn += 1;
+    }
+    if rst {
+        if inbound { ev.rst_in += 1 } else { ev.rst_out += 1 }
+        if f.closed_us == 0 {
+            // 0 means open (and decides list membership), whatever the clock says.
+            f.closed_us = ts_us.max(1);
+        }
+        return ev;
+    }
+    // Sequence space: SYN and FIN take one number each, data its length.
+    let payload = t.payload_len(wire_len);
+    let used = payload + syn as u32 + fin as u32;
+    if used > 0 {
+        let (retrans, ooo) = f.seq[d].segment(t.seq, t.seq.wrapping_add(used));
+        if retrans {
+            if inbound { ev.retrans_in += 1 } else { ev.retrans_out += 1 }
+        }
+        if ooo {
+            if inbound { ev.ooo_in += 1 } else { ev.ooo_out += 1 }
+        }
+    }
+    // A side that has sent its FIN closes its receive window when the application lets
+    // go of the socket: that zero is the end, not a slow reader.
+    if t.window == 0 && !syn && !fin && !f.fin_seen[d] {
+        if inbound { ev.zero_window_in += 1 } else { ev.zero_window_out += 1 }
+    }
+    if fin && !f.fin_seen[d] {
+        f.fin_seen[d] = true;
+        if f.first_fin == 0 {
+            f.first_fin = d as u8 + 1;
+        }
+        if inbound { ev.fin_in += 1 } else { ev.fin_out += 1 }
+        if f.fin_seen[0] && f.fin_seen[1] && f.closed_us == 0 {
+            f.closed_us = ts_us.max(1);
+        }
+    }
+    ev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: [u8; 16] = [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    fn key(port: u16) -> FlowKey {
+        let mut k = FlowKey { client_port: port, server_port: 5432, ..FlowKey::default() };
+        k.client_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        k.server_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k
+    }
+
+    fn tcp(seq: u32, flags: u8, payload: u32) -> TcpFields {
+        TcpFields { seq, flags, window: 512, header_len: 20, offset: 34, segment_len: Some(20 + payload) }
+    }
+
+    fn at(s: i64) -> Clock {
+        Clock { ts_us: s * 1_000_000, interval_secs: 10 }
+    }
+
+    fn owner(port: u16, pid: i32, role: &str, db: &str) -> Owner {
+        let k = key(port);
+        Owner {
+            in_use: true,
+            key: OwnerKey { client_addr: k.client_addr, client_port: port, server_port: 5432, ipv6: false },
+            status: OwnerStatus::Authenticated,
+            pid,
+            role: name_bytes(role.as_bytes()),
+            database: name_bytes(db.as_bytes()),
+            started_us: 1_500_000,
+            ended_us: 0,
+            ..Owner::default()
+        }
+    }
+
+    #[test]
+    fn a_connection_from_syn_to_fin() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        let k = key(40000);
+        let ack = TCP_ACK;
+        let ev = t.record(&k, Direction::In, Some(&tcp(100, TCP_SYN, 0)), 74, at(1000));
+        assert_eq!(ev.syn, 1);
+        t.record(&k, Direction::Out, Some(&tcp(900, TCP_SYN | ack, 0)), 74, at(1000));
+        t.record(&k, Direction::In, Some(&tcp(101, ack, 50)), 104, at(1001));
+        t.record(&k, Direction::Out, Some(&tcp(901, ack, 1000)), 1054, at(1001));
+        t.record(&k, Direction::In, Some(&tcp(151, TCP_FIN | ack, 0)), 54, at(1002));
+        t.record(&k, Direction::Out, Some(&tcp(1901, TCP_FIN | ack, 0)), 54, at(1002));
+        let f = *t.get(&k).unwrap();
+        assert_eq!((f.total.packets_in, f.total.packets_out, f.total.bytes_in, f.total.bytes_out), (3, 3, 232, 1182));
+        assert_eq!((f.tcp.syn, f.tcp.fin_in, f.tcp.fin_out, f.tcp.retrans_in, f.tcp.retrans_out), (1, 1, 1, 0, 0));
+        assert_eq!(f.closed_us, 1002_000_000);
+        assert_eq!(f.end_state(), Some("closed by client"));
+        assert_eq!(f.interval(1000).packets(), 6);
+    }
+
+    #[test]
+    fn retransmissions_partial_and_whole_but_not_keepalives() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        let k = key(40001);
+        t.record(&k, Direction::Out, Some(&tcp(1000, TCP_ACK, 100)), 154, at(1));
+        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1000, TCP_ACK, 100)), 154, at(1)).retrans_out, 1);
+        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1050, TCP_ACK, 100)), 154, at(1)).retrans_out, 1);
+        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1150, TCP_ACK, 100)), 154, at(1)).retrans_out, 0);
+        // A keep-alive probe: one below the next sequence number, no data.
+        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1249, TCP_ACK, 0)), 54, at(1)).retrans_out, 0);
+        // Pure ACKs the other way never count.
+        assert_eq!(t.record(&k, Direction::In, Some(&tcp(7, TCP_ACK, 0)), 54, at(1)).retrans_in, 0);
+        assert_eq!(t.record(&k, Direction::In, Some(&tcp(7, TCP_ACK, 0)), 54, at(1)).retrans_in, 0);
+        // Across the 2^32 wrap.
+        let k2 = key(40002);
+        t.record(&k2, Direction::In, Some(&tcp(u32::MAX - 10, TCP_ACK, 100)), 154, at(1));
+        assert_eq!(t.record(&k2, Direction::In, Some(&tcp(89, TCP_ACK, 100)), 154, at(1)).retrans_in, 0);
+        assert_eq!(t.record(&k2, Direction::In, Some(&tcp(u32::MAX - 10, TCP_ACK, 100)), 154, at(1)).retrans_in, 1);
+    }
+
+    #[test]
+    fn reordering_is_out_of_order_not_retransmission() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        let k = key(40004);
+        let seg = |t: &mut FlowTable<'_>, seq| t.record(&k, Direction::In, Some(&tcp(seq, TCP_ACK, 100)), 154, at(1));
+        seg(&mut t, 1000);
+        // 1100 is late: 1200 and 1300 arrive first, leaving a gap.
+        assert_eq!(seg(&mut t, 1200), TcpCounters::default());
+        seg(&mut t, 1300);
+        let ev = seg(&mut t, 1100);
+        assert_eq!((ev.retrans_in, ev.ooo_in), (0, 1));
+        // Now 1100 has been seen: sending it again is a retransmission.
+        let ev = seg(&mut t, 1100);
+        assert_eq!((ev.retrans_in, ev.ooo_in), (1, 0));
+        // A segment in the middle of a gap splits it; both halves can still be filled.
+        seg(&mut t, 2000); // gap [1400, 2000)
+        assert_eq!(seg(&mut t, 1600).ooo_in, 1);
+        assert_eq!(seg(&mut t, 1400).ooo_in, 1);
+        assert_eq!(seg(&mut t, 1800).ooo_in, 1);
+        let ev = seg(&mut t, 1800); // [1800, 1900) already seen
+        assert_eq!((ev.retrans_in, ev.ooo_in), (1, 0));
+        let ev = seg(&mut t, 1500);
+        assert_eq!((ev.retrans_in, ev.ooo_in), (0, 1));
+        assert_eq!(t.get(&k).unwrap().tcp.retrans_in, 2);
+    }
+
+    #[test]
+    fn zero_windows_and_resets() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        let k = key(40003);
+        let mut z = tcp(5, TCP_ACK, 0);
+        z.window = 0;
+        assert_eq!(t.record(&k, Direction::In, Some(&z), 54, at(1)).zero_window_in, 1);
+        // A zero window after the sender's own FIN is the socket closing, not a full
+        // receive buffer.
+        let k2 = key(40005);
+        let mut fin = tcp(9, TCP_FIN | TCP_ACK, 0);
+        t.record(&k2, Direction::Out, Some(&fin), 54, at(1));
+        fin.flags = TCP_ACK;
+        fin.window = 0;
+        assert_eq!(t.record(&k2, Direction::Out, Some(&fin), 54, at(1)).zero_window_out, 0);
+        // A RST commonly carries window 0: that is not a full receive buffer.
+        z.flags = TCP_RST;
+        let ev = t.record(&k, Direction::In, Some(&z), 54, at(2));
+        assert_eq!((ev.rst_in, ev.zero_window_in), (1, 0));
+        assert_eq!(t.get(&k).unwrap().end_state(), Some("reset by client"));
+        assert_eq!(t.get(&k).unwrap().closed_us, 2_000_000);
+    }
+
+    #[test]
+    fn padding_is_not_payload_and_big_tcp_uses_the_wire_length() {
+        // A 54-byte ACK padded to 60 bytes on Ethernet.
+        let t = TcpFields { seq: 0, flags: TCP_ACK, window: 1, header_len: 20, offset: 34, segment_len: Some(20) };
+        assert_eq!(t.payload_len(60), 0);
+        let big = TcpFields { segment_len: None, ..t };
+        assert_eq!(big.payload_len(34 + 20 + 150_000), 150_000);
+    }
+
+    #[test]
+    fn owners_resolve_and_totals_survive_the_flow() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        let (a, b) = (key(40010), key(40011));
+        t.record(&a, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.record(&b, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.set_devices(&[String::new()]);
+        t.register_owner(owner(40010, 111, "alice", "sales"), SERVER);
+        assert_eq!(name_str(&t.get(&a).unwrap().role), "alice");
+        assert_eq!(t.get(&b).unwrap().status, OwnerStatus::Unknown);
+        t.record(&a, Direction::Out, Some(&tcp(1, TCP_ACK, 500)), 554, at(2));
+        t.record(&a, Direction::In, Some(&tcp(2, TCP_RST, 0)), 54, at(3));
+        t.end_owner(&owner(40010, 111, "", "").key, 111, 3_000_000);
+        // Live: the role's totals already include the flow.
+        let roles = t.view().totals(true);
+        let alice = roles.iter().find(|r| name_str(&r.name) == "alice").unwrap();
+        assert_eq!((alice.connections, alice.counters.bytes_out, alice.tcp.rst_in), (1, 554, 1));
+        // Folded after the linger: same figures, flow gone.
+        assert!(!t.sweep(10_000_000, 5_000_000, 0, 100));
+        assert!(t.get(&a).is_none());
+        assert_eq!(t.header.count, 1);
+        let roles = t.view().totals(true);
+        let alice = roles.iter().find(|r| name_str(&r.name) == "alice").unwrap();
+        assert_eq!((alice.connections, alice.counters.bytes_out, alice.counters.packets()), (1, 554, 3));
+        let unknown = roles.iter().find(|r| r.name[0] == 0).unwrap();
+        assert_eq!((unknown.connections, unknown.counters.packets_in), (1, 1));
+        let dbs = t.view().totals(false);
+        assert_eq!(dbs.iter().find(|r| name_str(&r.name) == "sales").unwrap().counters.bytes_in, 128);
+        // Owner records of ended backends are forgotten a minute later.
+        t.sweep(64_000_001, 5_000_000, 0, 100);
+        assert!(t.owners.iter().all(|o| !o.in_use));
+    }
+
+    #[test]
+    fn reset_restarts_totals_but_not_connections() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        let a = key(40020);
+        t.record(&a, Direction::In, Some(&tcp(1, TCP_ACK, 10)), 64, at(1));
+        t.reset(2_000_000);
+        t.record(&a, Direction::In, Some(&tcp(11, TCP_ACK, 10)), 64, at(3));
+        assert_eq!(t.get(&a).unwrap().total.packets_in, 2);
+        let unknown = t.view().totals(true)[0];
+        assert_eq!((unknown.counters.packets_in, unknown.connections), (1, 0));
+    }
+
+    #[test]
+    fn full_table_evicts_closed_then_least_recent_and_keeps_every_byte() {
+        let mut s = Storage::new(4, 4);
+        let mut t = s.table();
+        for p in 0..4 {
+            t.record(&key(41000 + p), Direction::In, Some(&tcp(1, TCP_ACK, 10)), 100, at(10 + p as i64));
+        }
+        t.record(&key(41002), Direction::In, Some(&tcp(11, TCP_RST, 0)), 54, at(20));
+        t.record(&key(42000), Direction::In, None, 100, at(21));
+        assert!(t.get(&key(41002)).is_none(), "the closed flow goes first");
+        t.record(&key(42001), Direction::In, None, 100, at(22));
+        assert!(t.get(&key(41000)).is_none(), "then the least recently seen");
+        assert_eq!((t.header.count, t.header.evictions), (4, 2));
+        for p in [41001, 41003, 42000, 42001] {
+            assert!(t.get(&key(p)).is_some(), "{p}");
+        }
+        let all: u64 = t.view().totals(true).iter().map(|r| r.counters.bytes_in).sum();
+        assert_eq!(all, 4 * 100 + 54 + 2 * 100);
+    }
+
+    #[test]
+    fn the_index_survives_random_inserts_and_removals() {
+        // Backward-shift deletion must keep every remaining key findable.
+        let mut s = Storage::new(64, 64);
+        let mut t = s.table();
+        let mut rng = crate::capture::testframes::xorshift(7);
+        let mut live = std::collections::BTreeSet::new();
+        for step in 0..5000 {
+            let p = 30000 + (rng() % 200) as u16;
+            if rng() % 3 == 0 {
+                if let Some(pos) = t.flow_pos(&key(p)) {
+                    t.fold(pos);
+                    live.remove(&p);
+                }
+            } else {
+                t.record(&key(p), Direction::In, None, 60, at(step));
+                live.insert(p);
+                if live.len() > 64 {
+                    // The table evicted one: forget whichever it was.
+                    live.retain(|q| t.get(&key(*q)).is_some());
+                }
+            }
+            assert_eq!(t.header.count as usize, live.len());
+            for q in &live {
+                assert!(t.get(&key(*q)).is_some(), "step {step}: {q} lost");
+            }
+        }
+    }
+
+    #[test]
+    fn an_owner_registered_before_its_flow_is_captured_is_found_when_the_flow_appears() {
+        // The backend authenticates before the worker has read the SYN from the ring.
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        t.register_owner(owner(40030, 7, "carol", "shop"), SERVER);
+        t.record(&key(40030), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        let f = t.get(&key(40030)).unwrap();
+        assert_eq!((name_str(&f.role), f.pid), ("carol", 7));
+        let carol = t.view().totals(true).into_iter().find(|r| name_str(&r.name) == "carol").unwrap();
+        assert_eq!((carol.connections, carol.counters.bytes_in), (1, 74));
+    }
+
+    #[test]
+    fn an_owner_registered_after_its_flow_takes_the_flow_on_every_device() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        t.set_devices(&["eth0".to_string(), "lo".to_string()]);
+        let on = |dev: &str| FlowKey { device: device_bytes(dev), ..key(40031) };
+        t.record(&on("eth0"), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.record(&on("lo"), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        assert_eq!(t.view().totals(true)[0].counters.bytes_in, 148, "unknown until the backend registers");
+        t.register_owner(owner(40031, 8, "dave", "shop"), SERVER);
+        for dev in ["eth0", "lo"] {
+            assert_eq!(name_str(&t.get(&on(dev)).unwrap().role), "dave", "{dev}");
+        }
+        let roles = t.view().totals(true);
+        assert!(roles.iter().all(|r| r.name[0] != 0), "nothing left unknown: {roles:?}");
+        assert_eq!((roles[0].connections, roles[0].counters.bytes_in), (2, 148));
+    }
+
+    #[test]
+    fn a_reused_client_port_is_not_given_the_earlier_backend() {
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        t.set_devices(&[String::new()]);
+        let k = key(40032);
+        t.record(&k, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.register_owner(owner(40032, 9, "erin", "shop"), SERVER);
+        t.record(&k, Direction::In, Some(&tcp(2, TCP_FIN | TCP_ACK, 0)), 54, at(2));
+        t.record(&k, Direction::Out, Some(&tcp(9, TCP_FIN | TCP_ACK, 0)), 54, at(2));
+        t.end_owner(&owner(40032, 9, "", "").key, 9, 2_500_000);
+        // The same port, a new connection, before its backend registers.
+        t.record(&k, Direction::In, Some(&tcp(500, TCP_SYN, 0)), 74, at(3));
+        assert_eq!(t.get(&k).unwrap().status, OwnerStatus::Unknown, "erin's record is older than this SYN");
+        let mut frank = owner(40032, 10, "frank", "shop");
+        frank.started_us = 3_200_000;
+        t.register_owner(frank, SERVER);
+        assert_eq!(name_str(&t.get(&k).unwrap().role), "frank");
+        let roles = t.view().totals(true);
+        let erin = roles.iter().find(|r| name_str(&r.name) == "erin").unwrap();
+        assert_eq!((erin.connections, erin.counters.packets()), (1, 3));
+    }
+
+    #[test]
+    fn a_full_owner_registry_reuses_the_oldest_ended_record_and_counts_what_it_loses() {
+        let mut s = Storage::new(4, 3);
+        let mut t = s.table();
+        for (port, pid) in [(1, 1), (2, 2), (3, 3)] {
+            t.register_owner(owner(port, pid, "r", "d"), SERVER);
+        }
+        t.end_owner(&owner(2, 0, "", "").key, 2, 5);
+        t.end_owner(&owner(1, 0, "", "").key, 1, 6);
+        t.register_owner(owner(4, 4, "r", "d"), SERVER);
+        assert!(t.owner(&owner(2, 0, "", "").key).is_none(), "the one ended first made room");
+        assert!(t.owner(&owner(1, 0, "", "").key).is_some());
+        t.register_owner(owner(5, 5, "r", "d"), SERVER);
+        assert!(t.owner(&owner(1, 0, "", "").key).is_none());
+        t.register_owner(owner(6, 6, "r", "d"), SERVER);
+        assert_eq!((t.header.owner_overflow, t.header.owner_count), (1, 3), "all live: the record is lost, counted");
+        for p in [3, 4, 5] {
+            assert!(t.owner(&owner(p, 0, "", "").key).is_some(), "{p}");
+        }
+    }
+
+    #[test]
+    fn sweeping_takes_only_what_is_due_within_its_budget() {
+        let mut s = Storage::new(16, 16);
+        let mut t = s.table();
+        for p in 0..10 {
+            let k = key(43000 + p);
+            t.record(&k, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(p as i64 + 1));
+            t.record(&k, Direction::Out, Some(&tcp(1, TCP_RST, 0)), 54, at(p as i64 + 1));
+        }
+        t.record(&key(43100), Direction::In, None, 60, at(1)); // open, idle from 1 s
+        // At 12 s with a 5 s linger, flows closed at 1..=6 s are due: 6 of them.
+        assert!(t.sweep(12_000_000, 5_000_000, 0, 4), "4 of 6 done, more due");
+        assert!(!t.sweep(12_000_000, 5_000_000, 0, 4));
+        assert_eq!(t.header.count, 5);
+        assert!(t.get(&key(43005)).is_none() && t.get(&key(43006)).is_some());
+        // Idle flows go too once their time is up.
+        assert!(!t.sweep(12_000_000, 5_000_000, 10_000_000, 100));
+        assert!(t.get(&key(43100)).is_none());
+        let unknown = t.view().totals(true)[0];
+        assert_eq!((unknown.connections, unknown.counters.packets()), (10, 21), "folded flows stay in the totals");
+    }
+
+    #[test]
+    fn totals_always_equal_what_the_flows_carried() {
+        // Random packets, owners, closes, evictions and sweeps: the role rows must always
+        // equal the sum over every flow ever seen of what it carried (bytes and
+        // connections), attributed to the role of its owner when known.
+        let mut s = Storage::new(32, 16);
+        let mut t = s.table();
+        t.set_devices(&[String::new()]);
+        let mut rng = crate::capture::testframes::xorshift(99);
+        let (mut bytes, mut syns) = (0u64, 0u64);
+        for step in 0..20_000i64 {
+            let port = 44000 + (rng() % 48) as u16;
+            let k = key(port);
+            let ts = at(step / 100);
+            match rng() % 10 {
+                0 => {
+                    t.record(&k, Direction::In, Some(&tcp(rng(), TCP_SYN, 0)), 74, ts);
+                    bytes += 74;
+                    syns += 1;
+                }
+                1 => {
+                    t.record(&k, Direction::In, Some(&tcp(rng(), TCP_RST, 0)), 54, ts);
+                    bytes += 54;
+                }
+                2 => {
+                    let mut o = owner(port, step as i32, ["r1", "r2", "r3"][(rng() % 3) as usize], "d");
+                    o.started_us = ts.ts_us;
+                    t.register_owner(o, SERVER);
+                }
+                3 => t.end_owner(&owner(port, 0, "", "").key, t.owner(&k.owner_key()).map_or(0, |o| o.pid), ts.ts_us),
+                4 => {
+                    t.sweep(ts.ts_us, 2_000_000, 30_000_000, 3);
+                }
+                _ => {
+                    t.record(&k, Direction::In, Some(&tcp(rng(), TCP_ACK, 10)), 64, ts);
+                    bytes += 64;
+                }
+            }
+            let roles = t.view().totals(true);
+            let sum: u64 = roles.iter().map(|r| r.counters.bytes_in).sum();
+            assert_eq!(sum, bytes, "step {step}");
+            // Every SYN of a flow not yet counted is a connection; a flow counts once.
+            let conns: u64 = roles.iter().map(|r| r.connections).sum();
+            assert!(conns <= syns, "step {step}");
+            let dbs: u64 = t.view().totals(false).iter().map(|r| r.counters.bytes_in).sum();
+            assert_eq!(dbs, bytes, "step {step}");
+            assert_eq!(t.header.count as usize, t.flows.iter().filter(|f| f.in_use).count(), "step {step}");
+            assert_eq!(
+                t.header.owner_count as usize,
+                t.owners.iter().filter(|o| o.in_use).count(),
+                "step {step}"
+            );
+        }
+        assert!(t.header.evictions > 0 && t.header.folded > t.header.evictions);
+    }
+}
