@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PGBIN = Path("/usr/lib/postgresql/15/bin")
+# The server under test: PG_NETSTAT_PG_CONFIG names its pg_config (default: the system's
+# PostgreSQL 15); its programs are taken from that installation's bindir.
+PG_CONFIG = os.environ.get("PG_NETSTAT_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
+PGBIN = Path(subprocess.run([PG_CONFIG, "--bindir"], check=True, capture_output=True, text=True).stdout.strip())
 CLUSTER = ROOT / "scripts" / "cluster"
 
 
