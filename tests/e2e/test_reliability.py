@@ -11,8 +11,8 @@ import time
 import pytest
 
 from conftest import CAPTURE_METHOD, INTERVAL
-from harness import (CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits, cpu_ticks,
-                     free_port, interval_sums, pcap_packets, wait_for)
+from harness import (CAP_NET_BIND_SERVICE, CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits,
+                     cpu_ticks, free_port, interval_sums, pcap_packets, wait_for)
 
 
 class Traffic:
@@ -223,6 +223,70 @@ def test_only_the_capture_worker_holds_cap_net_raw(cluster):
     text = out.read_text()
     assert text.startswith("DENIED"), text
     assert all(v == 0 for v in cap_bits(text).values()), text
+
+
+def free_privileged_port():
+    """A TCP port below 1024 that nothing listens on at 127.0.0.1 (this test runs as root,
+    so the bind succeeds whenever the port is free)."""
+    import socket
+    for port in range(650, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024")
+
+
+def cap_bounding(status_text):
+    return int(next(line for line in status_text.splitlines() if line.startswith("CapBnd:")).split()[1], 16)
+
+
+def test_least_privilege_keeps_the_capabilities_the_administrator_granted():
+    """A server started with CAP_NET_BIND_SERVICE besides CAP_NET_RAW listens on a port
+    below 1024: pg_netstat takes CAP_NET_RAW from everyone but the capture worker and
+    leaves CAP_NET_BIND_SERVICE exactly as granted (effective, permitted, inheritable,
+    ambient), and the bounding set as it was."""
+    port = free_privileged_port()
+    assert int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read()) > port, \
+        "ports this low need no privilege here: the test would prove nothing"
+    c = Cluster(port, conf=["pg_netstat.capture_loopback = on", "pg_netstat.interval = 1",
+                            "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
+                            f"pg_netstat.capture_method = {CAPTURE_METHOD}"],
+                listen="127.0.0.1")
+    try:
+        c.start(extra_caps=["net_bind_service"])
+        granted = CAP_NET_RAW | CAP_NET_BIND_SERVICE
+        status = c.sql("SELECT pg_read_file('/proc/self/status')", host="127.0.0.1")
+        client = cap_bits(status)
+        assert all(v & CAP_NET_RAW == 0 for v in client.values()), f"client backend: {client}"
+        assert all(v & CAP_NET_BIND_SERVICE for v in client.values()), f"client backend: {client}"
+        bounding = cap_bounding(open("/proc/self/status").read())
+        assert cap_bounding(status) == bounding
+
+        worker_pid = wait_for("the capture worker", c.worker_pid)
+        worker = cap_bits(open(f"/proc/{worker_pid}/status").read())
+        assert worker["CapEff"] & granted == granted and worker["CapPrm"] & granted == granted, f"worker: {worker}"
+        assert worker["CapInh"] & granted == worker["CapAmb"] & granted == CAP_NET_BIND_SERVICE, f"worker: {worker}"
+
+        pm_status = open(f"/proc/{c.postmaster_pid()}/status").read()
+        postmaster = cap_bits(pm_status)
+        assert postmaster["CapPrm"] == granted, f"postmaster: {postmaster}"
+        assert postmaster["CapEff"] == postmaster["CapInh"] == postmaster["CapAmb"] == CAP_NET_BIND_SERVICE, \
+            f"postmaster: {postmaster}"
+        assert cap_bounding(pm_status) == bounding
+
+        # And the worker uses what it kept: loopback traffic on the low port is counted.
+        c.sql("CREATE EXTENSION pg_netstat")
+        wait_for("loopback capturing", lambda: c.sql(
+            "SELECT state FROM pg_netstat_devices WHERE device = 'lo'") == "capturing")
+        c.sql("SELECT 1", host="127.0.0.1")
+        wait_for("the connection counted", lambda: c.sql(
+            "SELECT coalesce(sum(packets_in), 0) > 0 FROM pg_netstat_intervals WHERE device = 'lo'") == "t")
+    finally:
+        c.stop()
+        c.remove()
 
 
 def test_without_cap_net_raw_the_server_runs_and_says_why():
