@@ -2,7 +2,8 @@
 //! All but `max_flows` are reloadable (PGC_SIGHUP): the worker re-reads them on
 //! `pg_ctl reload`. `max_flows` sizes shared memory and takes a restart.
 
-use crate::capture::{parse_device_list, parse_port_list, CaptureMethod};
+use crate::capture::filter::MAX_PORTS;
+use crate::capture::{parse_device_list, parse_port_list, CaptureMethod, MAX_DEVICES, MAX_DEVICE_NAME};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -36,57 +37,133 @@ static CAPTURE_METHODS: EnumEntries = EnumEntries([
 /// lower bound too.
 pub const MIN_SNAPLEN: i32 = 96;
 
+/// The unit of a numeric setting, as PostgreSQL reads and shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    None,
+    Seconds,
+    Milliseconds,
+    Bytes,
+}
+
+impl Unit {
+    fn flags(self) -> GucFlags {
+        match self {
+            Unit::None => GucFlags::default(),
+            Unit::Seconds => GucFlags::UNIT_S,
+            Unit::Milliseconds => GucFlags::UNIT_MS,
+            Unit::Bytes => GucFlags::UNIT_BYTE,
+        }
+    }
+
+    /// The symbol PostgreSQL prints after such a value, and the units a value may carry.
+    fn words(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Unit::None => None,
+            Unit::Seconds => Some(("s", "us, ms, s, min, h or d")),
+            Unit::Milliseconds => Some(("ms", "us, ms, s, min, h or d")),
+            Unit::Bytes => Some(("B", "B, kB, MB, GB or TB")),
+        }
+    }
+}
+
+/// A numeric setting. Its bounds are written here once: for its definition, and for the
+/// hint that says what is allowed when PostgreSQL cannot read a value as a number.
+struct IntSetting {
+    name: &'static CStr,
+    short: &'static CStr,
+    long: &'static CStr,
+    value: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    unit: Unit,
+    /// Takes a server restart (PGC_POSTMASTER) instead of a reload.
+    restart: bool,
+}
+
+static INT_SETTINGS: [IntSetting; 7] = [
+    IntSetting {
+        name: c"pg_netstat.interval",
+        short: c"Length of one statistics interval.",
+        long: c"Packets are counted in wall-clock-aligned intervals of this length; each device keeps the last 60.",
+        value: &INTERVAL,
+        min: 1,
+        max: 900_000,
+        unit: Unit::Seconds,
+        restart: false,
+    },
+    IntSetting {
+        name: c"pg_netstat.packet_wait_time",
+        short: c"How long after its end an interval stays open for packets still in the kernel.",
+        long: c"Must exceed pg_netstat.pcap_timeout, the longest the kernel holds a partly filled ring block.",
+        value: &PACKET_WAIT_TIME,
+        min: 1,
+        max: 60,
+        unit: Unit::Seconds,
+        restart: false,
+    },
+    IntSetting {
+        name: c"pg_netstat.pcap_buffer_size",
+        short: c"Capture buffer size per device.",
+        long: c"Size of each device's TPACKET_V3 ring (rounded up to whole blocks). Memory outside shared_buffers.",
+        value: &PCAP_BUFFER_SIZE,
+        min: 131_070,
+        max: 1 << 30,
+        unit: Unit::Bytes,
+        restart: false,
+    },
+    IntSetting {
+        name: c"pg_netstat.pcap_snaplen",
+        short: c"Bytes of each packet copied for header parsing.",
+        long: c"Only headers are parsed; payload is never read or kept. Lengths are counted from the original packet.",
+        value: &PCAP_SNAPLEN,
+        min: MIN_SNAPLEN,
+        max: 65_535,
+        unit: Unit::Bytes,
+        restart: false,
+    },
+    IntSetting {
+        name: c"pg_netstat.pcap_timeout",
+        short: c"Longest time the kernel holds a partly filled capture block.",
+        long: c"Becomes the ring's block retire timeout.",
+        value: &PCAP_TIMEOUT,
+        min: 1,
+        max: 30_000,
+        unit: Unit::Milliseconds,
+        restart: false,
+    },
+    IntSetting {
+        name: c"pg_netstat.max_flows",
+        short: c"Most TCP connections tracked at once for the per-connection, role and database views.",
+        long: c"Sized in shared memory at server start; 0 turns per-connection accounting off. When full, closed and then least recently seen connections are folded into the role and database totals to make room.",
+        value: &MAX_FLOWS,
+        min: 0,
+        max: 1 << 20,
+        unit: Unit::None,
+        restart: true,
+    },
+    IntSetting {
+        name: c"pg_netstat.flow_idle_timeout",
+        short: c"A connection with no packets for this long is folded into the role and database totals.",
+        long: c"0 keeps idle connections until the table needs their place.",
+        value: &FLOW_IDLE_TIMEOUT,
+        min: 0,
+        max: i32::MAX / 1000,
+        unit: Unit::Seconds,
+        restart: false,
+    },
+];
+
+const BOOL_ALLOWED: &str = "Allowed values: on, off, true, false, yes, no, 1, 0.";
+
 pub fn init() {
-    GucRegistry::define_int_guc(
-        c"pg_netstat.interval",
-        c"Length of one statistics interval.",
-        c"Packets are counted in wall-clock-aligned intervals of this length; each device keeps the last 60.",
-        &INTERVAL,
-        1,
-        900_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_netstat.packet_wait_time",
-        c"How long after its end an interval stays open for packets still in the kernel.",
-        c"Must exceed pg_netstat.pcap_timeout, the longest the kernel holds a partly filled ring block.",
-        &PACKET_WAIT_TIME,
-        1,
-        60,
-        GucContext::Sighup,
-        GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_netstat.pcap_buffer_size",
-        c"Capture buffer size per device.",
-        c"Size of each device's TPACKET_V3 ring (rounded up to whole blocks). Memory outside shared_buffers.",
-        &PCAP_BUFFER_SIZE,
-        131_070,
-        1 << 30,
-        GucContext::Sighup,
-        GucFlags::UNIT_BYTE,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_netstat.pcap_snaplen",
-        c"Bytes of each packet copied for header parsing.",
-        c"Only headers are parsed; payload is never read or kept. Lengths are counted from the original packet.",
-        &PCAP_SNAPLEN,
-        MIN_SNAPLEN,
-        65_535,
-        GucContext::Sighup,
-        GucFlags::UNIT_BYTE,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_netstat.pcap_timeout",
-        c"Longest time the kernel holds a partly filled capture block.",
-        c"Becomes the ring's block retire timeout.",
-        &PCAP_TIMEOUT,
-        1,
-        30_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
+    // First, so that a bad value in postgresql.conf, refused while the settings below are
+    // defined, is already logged with what is allowed.
+    install_hint_hook();
+    for s in &INT_SETTINGS {
+        let context = if s.restart { GucContext::Postmaster } else { GucContext::Sighup };
+        GucRegistry::define_int_guc(s.name, s.short, s.long, s.value, s.min, s.max, context, s.unit.flags());
+    }
     // SAFETY: called once from _PG_init in the postmaster; the static outlives the GUC.
     unsafe {
         pg_sys::DefineCustomStringVariable(
@@ -138,26 +215,6 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
-        c"pg_netstat.max_flows",
-        c"Most TCP connections tracked at once for the per-connection, role and database views.",
-        c"Sized in shared memory at server start; 0 turns per-connection accounting off. When full, closed and then least recently seen connections are folded into the role and database totals to make room.",
-        &MAX_FLOWS,
-        0,
-        1 << 20,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"pg_netstat.flow_idle_timeout",
-        c"A connection with no packets for this long is folded into the role and database totals.",
-        c"0 keeps idle connections until the table needs their place.",
-        &FLOW_IDLE_TIMEOUT,
-        0,
-        i32::MAX / 1000,
-        GucContext::Sighup,
-        GucFlags::UNIT_S,
-    );
     reserve_prefix();
 }
 
@@ -175,20 +232,35 @@ fn reserve_prefix() {
 
 /// GUC check hooks: a malformed list is rejected before it takes effect, so a bad
 /// `pg_ctl reload` keeps the old value (PostgreSQL logs our detail) and `ALTER SYSTEM`
-/// fails with it.
+/// fails with it. The detail says what is wrong, the hint what is allowed.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_devices(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to the candidate value.
-    unsafe { check_list(newval, |t| parse_device_list(t).map(|_| ())) }
+    unsafe { check_list(newval, &devices_allowed(), |t| parse_device_list(t).map(|_| ())) }
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_ports(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
     // SAFETY: as above.
-    unsafe { check_list(newval, |t| parse_port_list(t).map(|_| ())) }
+    unsafe { check_list(newval, &ports_allowed(), |t| parse_port_list(t).map(|_| ())) }
 }
 
-unsafe fn check_list(newval: *mut *mut c_char, parse: impl Fn(&str) -> Result<(), String>) -> bool {
+fn devices_allowed() -> String {
+    format!(
+        "Allowed values: up to {MAX_DEVICES} network device names ({MAX_DEVICE_NAME} characters at most, no blanks, '/' or ':'), \
+         each once, separated by commas, e.g. 'eth0,lo'; empty for the first device that is up and not loopback."
+    )
+}
+
+fn ports_allowed() -> String {
+    format!(
+        "Allowed values: up to {} TCP port numbers from 1 to 65535, each once, separated by commas, e.g. '6432,6433'; \
+         empty for the server's own port alone.",
+        MAX_PORTS - 1
+    )
+}
+
+unsafe fn check_list(newval: *mut *mut c_char, allowed: &str, parse: impl Fn(&str) -> Result<(), String>) -> bool {
     // SAFETY: the caller passes PostgreSQL's pointer to the candidate value (NULL allowed).
     let value = unsafe {
         if newval.is_null() || (*newval).is_null() {
@@ -196,17 +268,16 @@ unsafe fn check_list(newval: *mut *mut c_char, parse: impl Fn(&str) -> Result<()
         }
         CStr::from_ptr(*newval)
     };
-    let Ok(text) = value.to_str() else {
-        set_check_detail("The value is not valid UTF-8.");
-        return false;
+    let detail = match value.to_str() {
+        Err(_) => "The value is not valid UTF-8.".to_string(),
+        Ok(text) => match parse(text) {
+            Ok(()) => return true,
+            Err(detail) => detail,
+        },
     };
-    match parse(text) {
-        Ok(()) => true,
-        Err(detail) => {
-            set_check_detail(&detail);
-            false
-        }
-    }
+    set_check_detail(&detail);
+    set_check_hint(allowed);
+    false
 }
 
 #[pgrx::pg_guard]
@@ -235,6 +306,85 @@ fn set_check_detail(detail: &str) {
     // context; pstrdup makes one from our NUL-terminated copy.
     unsafe {
         pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(c.as_ptr());
+    }
+}
+
+/// PostgreSQL reads a number before any check hook could see it, so a value it cannot
+/// read at all ("ten", "5 parsecs", "3GB" past the integer range) or a Boolean it does
+/// not know is refused with a message that names the value but not what is allowed.
+/// This log hook adds that as a hint, for pg_netstat's own settings only: to the error
+/// ALTER SYSTEM returns, and to the log lines of a reload or of the server start.
+/// PostgreSQL documents that a log hook should change no more of the report than
+/// whether it is logged; adding a hint that was missing (or appending to PostgreSQL's
+/// units hint) is as small as that can be, and it is done before the report is sent
+/// anywhere.
+fn install_hint_hook() {
+    // SAFETY: hook chaining in _PG_init, in the postmaster, before any backend exists.
+    unsafe {
+        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(add_allowed_values);
+    }
+}
+
+static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn add_allowed_values(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: PostgreSQL passes the report being emitted; its strings are NUL-terminated
+    // or NULL. The new hint is palloc'd in the report's own context, which is current
+    // here, so it lives as long as the report.
+    unsafe {
+        if !edata.is_null() && !(*edata).message_id.is_null() && !(*edata).message.is_null() {
+            let id = CStr::from_ptr((*edata).message_id).to_bytes();
+            let old = (!(*edata).hint.is_null()).then(|| CStr::from_ptr((*edata).hint).to_string_lossy());
+            if let Some(hint) = refusal_hint(id, &CStr::from_ptr((*edata).message).to_string_lossy(), old.as_deref()) {
+                if let Ok(c) = CString::new(hint) {
+                    (*edata).hint = pg_sys::pstrdup(c.as_ptr());
+                }
+            }
+        }
+        if let Some(prev) = PREV_EMIT_LOG_HOOK {
+            prev(edata);
+        }
+    }
+}
+
+/// The hint for a report PostgreSQL made about one of our settings, or `None` to leave
+/// it alone. `message_id` is the untranslated format string (so this works whatever
+/// lc_messages says); `message` the formatted text, which names the setting.
+fn refusal_hint(message_id: &[u8], message: &str, old_hint: Option<&str>) -> Option<String> {
+    let ours = match message_id {
+        b"invalid value for parameter \"%s\": \"%s\"" => {
+            let s = INT_SETTINGS.iter().find(|s| names(message, s.name))?;
+            // PostgreSQL's only hint here lists the units; then ours need not repeat them.
+            int_allowed(s, old_hint.is_none())
+        }
+        b"parameter \"%s\" requires a Boolean value" if names(message, c"pg_netstat.capture_loopback") => BOOL_ALLOWED.to_string(),
+        _ => return None,
+    };
+    Some(match old_hint {
+        Some(old) if !old.is_empty() => format!("{old} {ours}"),
+        _ => ours,
+    })
+}
+
+/// Whether `message` names `setting` (followed by a quote, whichever a translation uses,
+/// not by more of a longer name).
+fn names(message: &str, setting: &CStr) -> bool {
+    let name = setting.to_str().unwrap_or_default();
+    message
+        .match_indices(name)
+        .any(|(at, _)| !message[at + name.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+}
+
+fn int_allowed(s: &IntSetting, with_units: bool) -> String {
+    match s.unit.words() {
+        Some((symbol, units)) if with_units => format!(
+            "Allowed values: whole numbers from {} to {} {symbol}; a unit may follow the number ({units}).",
+            s.min, s.max
+        ),
+        Some((symbol, _)) => format!("Allowed values: whole numbers from {} to {} {symbol}.", s.min, s.max),
+        None => format!("Allowed values: whole numbers from {} to {}.", s.min, s.max),
     }
 }
 
@@ -278,6 +428,67 @@ impl Settings {
             // SAFETY: a plain read of the GUC variable, in the process that owns it.
             method: CaptureMethod::from_i32(unsafe { CAPTURE_METHOD }),
             flow_idle_timeout: FLOW_IDLE_TIMEOUT.get().max(0) as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVALID: &[u8] = b"invalid value for parameter \"%s\": \"%s\"";
+
+    #[test]
+    fn an_unreadable_number_gets_its_bounds_and_units() {
+        let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.interval": "ten""#, None);
+        assert_eq!(
+            hint.as_deref(),
+            Some("Allowed values: whole numbers from 1 to 900000 s; a unit may follow the number (us, ms, s, min, h or d).")
+        );
+        let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.pcap_buffer_size": "3GB""#, None).unwrap();
+        assert!(hint.contains("from 131070 to 1073741824 B") && hint.contains("kB, MB, GB or TB"), "{hint}");
+        let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.max_flows": "lots""#, None);
+        assert_eq!(hint.as_deref(), Some("Allowed values: whole numbers from 0 to 1048576."));
+    }
+
+    #[test]
+    fn postgresqls_own_hint_is_kept_in_front() {
+        let units = r#"Valid units for this parameter are "us", "ms", "s", "min", "h", and "d"."#;
+        let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.pcap_timeout": "9 parsecs""#, Some(units));
+        assert_eq!(hint, Some(format!("{units} Allowed values: whole numbers from 1 to 30000 ms.")));
+    }
+
+    #[test]
+    fn a_boolean_gets_the_words_it_takes() {
+        let id = b"parameter \"%s\" requires a Boolean value";
+        let hint = refusal_hint(id, r#"parameter "pg_netstat.capture_loopback" requires a Boolean value"#, None);
+        assert_eq!(hint.as_deref(), Some(BOOL_ALLOWED));
+        assert_eq!(refusal_hint(id, r#"parameter "fsync" requires a Boolean value"#, None), None);
+    }
+
+    #[test]
+    fn other_reports_are_left_alone() {
+        // Other settings, settings whose check hooks give their own hint, other messages.
+        assert_eq!(refusal_hint(INVALID, r#"invalid value for parameter "work_mem": "ten""#, None), None);
+        assert_eq!(refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.devices": "lo,,x""#, None), None);
+        assert_eq!(refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.interval_x": "1""#, None), None);
+        assert_eq!(refusal_hint(b"%s", "pg_netstat.interval", None), None);
+    }
+
+    #[test]
+    fn a_translated_message_is_recognised_by_the_name_alone() {
+        let hint = refusal_hint(INVALID, "valeur invalide pour le paramètre « pg_netstat.packet_wait_time » : « bientôt »", None);
+        assert_eq!(
+            hint.as_deref(),
+            Some("Allowed values: whole numbers from 1 to 60 s; a unit may follow the number (us, ms, s, min, h or d).")
+        );
+    }
+
+    #[test]
+    fn every_numeric_setting_has_sane_bounds() {
+        for s in &INT_SETTINGS {
+            assert!(s.name.to_str().unwrap().starts_with("pg_netstat."));
+            assert!(s.min <= s.max, "{:?}", s.name);
         }
     }
 }

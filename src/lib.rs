@@ -48,8 +48,10 @@ pub extern "C-unwind" fn _PG_init() {
 /// Only the capture worker needs CAP_NET_RAW. The postmaster keeps it permitted only
 /// (children start without it in effect, programs they run never get it); client
 /// backends drop it for good as they authenticate; the worker raises it when it starts.
+/// No other capability is touched: this runs before the postmaster opens its listen
+/// sockets, which may need CAP_NET_BIND_SERVICE.
 fn least_privilege() {
-    if let Err(e) = privileges::postmaster_keep_permitted_only() {
+    if let Err(e) = privileges::postmaster_keep_net_raw_permitted_only() {
         warning!("pg_netstat: could not restrict CAP_NET_RAW in the postmaster: {e}");
     }
     // SAFETY: hook chaining during _PG_init in the postmaster, before any backend exists.
@@ -64,8 +66,8 @@ static mut PREV_CLIENT_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type 
 #[pg_guard]
 unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be::Port, status: i32) {
     // Before anything the client can make this backend do, authenticated or not.
-    if let Err(e) = privileges::drop_all() {
-        warning!("pg_netstat: could not drop capabilities in this backend: {e}");
+    if let Err(e) = privileges::drop_net_raw() {
+        warning!("pg_netstat: could not drop CAP_NET_RAW in this backend: {e}");
     }
     // Who this connection is, for pg_netstat_connections / _roles / _databases.
     let outcome = if status == pg_sys::STATUS_OK as i32 {

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PGBIN = Path("/usr/lib/postgresql/15/bin")
+# The server under test: PG_NETSTAT_PG_CONFIG names its pg_config (default: the system's
+# PostgreSQL 15); its programs are taken from that installation's bindir.
+PG_CONFIG = os.environ.get("PG_NETSTAT_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
+PGBIN = Path(subprocess.run([PG_CONFIG, "--bindir"], check=True, capture_output=True, text=True).stdout.strip())
 CLUSTER = ROOT / "scripts" / "cluster"
 
 
@@ -61,8 +64,10 @@ class Cluster:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, cap_net_raw=True):
-        env = dict(os.environ, NO_CAP_NET_RAW="" if cap_net_raw else "1")
+    def start(self, cap_net_raw=True, extra_caps=()):
+        """Starts the server with CAP_NET_RAW (unless told not to) and any `extra_caps`
+        (setpriv names such as "net_bind_service"), all inheritable and ambient."""
+        env = dict(os.environ, NO_CAP_NET_RAW="" if cap_net_raw else "1", EXTRA_CAPS=",".join(extra_caps))
         run([str(CLUSTER), "start", str(self.dir)], env=env)
 
     def stop(self):
@@ -314,6 +319,7 @@ def cap_bits(status_text):
 
 
 CAP_NET_RAW = 1 << 13
+CAP_NET_BIND_SERVICE = 1 << 10
 
 
 def cpu_ticks(pid):
