@@ -13,7 +13,9 @@
 use std::time::{Duration, Instant};
 
 fn usage() -> ! {
-    eprintln!("usage: capture_bench send IFACE PORT NOISE_PORT RATE COUNT | capture METHOD IFACE PORT SECONDS [BUFFER]");
+    eprintln!(
+        "usage: capture_bench send IFACE PORT NOISE_PORT RATE COUNT | capture METHOD IFACE PORT SECONDS [BUFFER]"
+    );
     std::process::exit(2)
 }
 
@@ -25,7 +27,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("send") => send(&args[2], arg(&args, 3), arg(&args, 4), arg(&args, 5), arg(&args, 6)),
-        Some("capture") => capture(&args[2], &args[3], arg(&args, 4), arg(&args, 5), args.get(6).and_then(|b| b.parse().ok())),
+        Some("capture") => {
+            capture(&args[2], &args[3], arg(&args, 4), arg(&args, 5), args.get(6).and_then(|b| b.parse().ok()))
+        }
         _ => usage(),
     }
 }
@@ -86,7 +90,14 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
         }
         let (f, noise) = (&*f, *noise);
         let rc = unsafe {
-            libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&sll as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
+            libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         if rc < 0 {
             continue;
@@ -118,7 +129,9 @@ fn rusage() -> (f64, f64, i64) {
     // Peak RSS from VmHWM: ru_maxrss survives exec and would show the parent's peak.
     let hwm = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0);
     (t(ru.ru_utime), t(ru.ru_stime), hwm)
 }
@@ -155,7 +168,7 @@ fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u3
     let at_ready = rusage();
     let (mut packets, mut bytes) = (0u64, 0u64);
     let end = Instant::now() + Duration::from_secs(seconds);
-        while Instant::now() < end {
+    while Instant::now() < end {
         let mut pfd = libc::pollfd { fd: src.fd(), events: libc::POLLIN, revents: 0 };
         // Like the worker, wake for data, not on a short timer (it wakes at interval
         // boundaries and for a 5 s health check).

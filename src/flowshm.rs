@@ -110,7 +110,10 @@ unsafe extern "C-unwind" fn on_startup() {
             prev();
         }
         #[allow(static_mut_refs)]
-        let Some(l) = LAYOUT else { return };
+        let Some(l) = LAYOUT
+        else {
+            return;
+        };
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;

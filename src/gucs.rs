@@ -234,13 +234,21 @@ fn reserve_prefix() {
 /// `pg_ctl reload` keeps the old value (PostgreSQL logs our detail) and `ALTER SYSTEM`
 /// fails with it. The detail says what is wrong, the hint what is allowed.
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_devices(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_devices(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to the candidate value.
     unsafe { check_list(newval, &devices_allowed(), |t| parse_device_list(t).map(|_| ())) }
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_ports(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_ports(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
     // SAFETY: as above.
     unsafe { check_list(newval, &ports_allowed(), |t| parse_port_list(t).map(|_| ())) }
 }
@@ -281,12 +289,18 @@ unsafe fn check_list(newval: *mut *mut c_char, allowed: &str, parse: impl Fn(&st
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_capture_method(newval: *mut std::ffi::c_int, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_capture_method(
+    newval: *mut std::ffi::c_int,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to the candidate value.
     let value = unsafe { *newval };
     if value == CaptureMethod::Pcap as i32 && !CaptureMethod::PCAP_BUILT_IN {
         set_check_detail("This build of pg_netstat has no libpcap backend.");
-        set_check_hint("Build it with the pcap feature (needs libpcap-dev): cargo pgrx install --release --features pcap");
+        set_check_hint(
+            "Build it with the pcap feature (needs libpcap-dev): cargo pgrx install --release --features pcap",
+        );
         return false;
     }
     true
@@ -359,7 +373,9 @@ fn refusal_hint(message_id: &[u8], message: &str, old_hint: Option<&str>) -> Opt
             // PostgreSQL's only hint here lists the units; then ours need not repeat them.
             int_allowed(s, old_hint.is_none())
         }
-        b"parameter \"%s\" requires a Boolean value" if names(message, c"pg_netstat.capture_loopback") => BOOL_ALLOWED.to_string(),
+        b"parameter \"%s\" requires a Boolean value" if names(message, c"pg_netstat.capture_loopback") => {
+            BOOL_ALLOWED.to_string()
+        }
         _ => return None,
     };
     Some(match old_hint {
@@ -421,10 +437,7 @@ impl Settings {
             timeout_ms: PCAP_TIMEOUT.get().max(1) as u32,
             devices,
             capture_loopback: CAPTURE_LOOPBACK.get(),
-            ports: PORTS
-                .get()
-                .and_then(|c| c.to_str().ok().and_then(|t| parse_port_list(t).ok()))
-                .unwrap_or_default(),
+            ports: PORTS.get().and_then(|c| c.to_str().ok().and_then(|t| parse_port_list(t).ok())).unwrap_or_default(),
             // SAFETY: a plain read of the GUC variable, in the process that owns it.
             method: CaptureMethod::from_i32(unsafe { CAPTURE_METHOD }),
             flow_idle_timeout: FLOW_IDLE_TIMEOUT.get().max(0) as u32,
@@ -445,7 +458,8 @@ mod tests {
             hint.as_deref(),
             Some("Allowed values: whole numbers from 1 to 900000 s; a unit may follow the number (us, ms, s, min, h or d).")
         );
-        let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.pcap_buffer_size": "3GB""#, None).unwrap();
+        let hint =
+            refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.pcap_buffer_size": "3GB""#, None).unwrap();
         assert!(hint.contains("from 131070 to 1073741824 B") && hint.contains("kB, MB, GB or TB"), "{hint}");
         let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.max_flows": "lots""#, None);
         assert_eq!(hint.as_deref(), Some("Allowed values: whole numbers from 0 to 1048576."));
@@ -454,7 +468,8 @@ mod tests {
     #[test]
     fn postgresqls_own_hint_is_kept_in_front() {
         let units = r#"Valid units for this parameter are "us", "ms", "s", "min", "h", and "d"."#;
-        let hint = refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.pcap_timeout": "9 parsecs""#, Some(units));
+        let hint =
+            refusal_hint(INVALID, r#"invalid value for parameter "pg_netstat.pcap_timeout": "9 parsecs""#, Some(units));
         assert_eq!(hint, Some(format!("{units} Allowed values: whole numbers from 1 to 30000 ms.")));
     }
 
@@ -477,10 +492,16 @@ mod tests {
 
     #[test]
     fn a_translated_message_is_recognised_by_the_name_alone() {
-        let hint = refusal_hint(INVALID, "valeur invalide pour le paramètre « pg_netstat.packet_wait_time » : « bientôt »", None);
+        let hint = refusal_hint(
+            INVALID,
+            "valeur invalide pour le paramètre « pg_netstat.packet_wait_time » : « bientôt »",
+            None,
+        );
         assert_eq!(
             hint.as_deref(),
-            Some("Allowed values: whole numbers from 1 to 60 s; a unit may follow the number (us, ms, s, min, h or d).")
+            Some(
+                "Allowed values: whole numbers from 1 to 60 s; a unit may follow the number (us, ms, s, min, h or d)."
+            )
         );
     }
 

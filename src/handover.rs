@@ -74,7 +74,15 @@ pub struct Handover<T> {
 
 impl<T> Handover<T> {
     pub fn new(split_ns: u64) -> Handover<T> {
-        Handover { split_ns, old: Vec::new(), new: Vec::new(), old_passed: false, new_passed: false, resolved: false, stats: (0, 0, 0, 0) }
+        Handover {
+            split_ns,
+            old: Vec::new(),
+            new: Vec::new(),
+            old_passed: false,
+            new_passed: false,
+            resolved: false,
+            stats: (0, 0, 0, 0),
+        }
     }
 
     pub fn split_ns(&self) -> u64 {
@@ -293,9 +301,8 @@ mod tests {
         // A packet every 700 ns across the cut, the new ring stamping up to 5.2 µs
         // earlier or later: every order of stamps around S happens.
         let mut rng = crate::capture::testframes::xorshift(5);
-        let packets: Vec<(u64, i64, u64)> = (0..20_000u64)
-            .map(|i| (S - 7_000_000 + i * 700, (rng() % 10_400) as i64 - 5_200, i * 10))
-            .collect();
+        let packets: Vec<(u64, i64, u64)> =
+            (0..20_000u64).map(|i| (S - 7_000_000 + i * 700, (rng() % 10_400) as i64 - 5_200, i * 10)).collect();
         let all: Vec<u64> = packets.iter().map(|p| p.2).collect();
         assert_eq!(run(&packets, |_| true, |_| true), all);
     }

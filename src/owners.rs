@@ -3,8 +3,8 @@
 //! it is refused, and marks the record ended when it exits. The worker copies that into
 //! the matching flow, so a flow keeps its role and database after the backend is gone.
 
-use crate::flowshm;
 use crate::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
+use crate::flowshm;
 use pgrx::pg_sys;
 use pgrx::pg_sys::libpq::be::Port;
 use std::ffi::CStr;
@@ -73,7 +73,8 @@ fn record(port: *const Port, status: OwnerStatus) {
     REGISTERED.store(true, Ordering::Release);
     // SAFETY: MyProcPort / the hook's port is valid for the whole backend.
     let port = unsafe { &*port };
-    let (Some((client_addr, client_port, ipv6)), Some((server_addr, server_port, _))) = (inet(&port.raddr), inet(&port.laddr))
+    let (Some((client_addr, client_port, ipv6)), Some((server_addr, server_port, _))) =
+        (inet(&port.raddr), inet(&port.laddr))
     else {
         return;
     };

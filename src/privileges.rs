@@ -84,7 +84,8 @@ fn set(data: [CapData; 2]) -> io::Result<()> {
 /// keep passing to the programs the server runs, as the administrator meant.
 fn lower_ambient_net_raw() -> io::Result<()> {
     // SAFETY: prctl with constant arguments.
-    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_LOWER, CAP_NET_RAW as libc::c_ulong, 0, 0) };
+    let rc =
+        unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_LOWER, CAP_NET_RAW as libc::c_ulong, 0, 0) };
     if rc != 0 {
         let e = io::Error::last_os_error();
         // A kernel without ambient capabilities (before 4.3) has none to lower.
@@ -143,7 +144,10 @@ mod tests {
 
     fn sets(effective: u32, permitted: u32, inheritable: u32) -> [CapData; 2] {
         // The second word (caps 32..63) holds something too, to see that it is kept.
-        [CapData { effective, permitted, inheritable }, CapData { effective: 0b101, permitted: 0b111, inheritable: 0b1 }]
+        [
+            CapData { effective, permitted, inheritable },
+            CapData { effective: 0b101, permitted: 0b111, inheritable: 0b1 },
+        ]
     }
 
     #[test]
@@ -162,7 +166,8 @@ mod tests {
     fn a_client_backend_loses_net_raw_everywhere_and_nothing_else() {
         let everything = sets(ALL, ALL, ALL);
         assert_eq!(without_net_raw(everything), sets(!NET_RAW_BIT, !NET_RAW_BIT, !NET_RAW_BIT));
-        let after_postmaster = net_raw_permitted_only(sets(NET_RAW_BIT | NET_BIND_SERVICE_BIT, NET_RAW_BIT | NET_BIND_SERVICE_BIT, 0));
+        let after_postmaster =
+            net_raw_permitted_only(sets(NET_RAW_BIT | NET_BIND_SERVICE_BIT, NET_RAW_BIT | NET_BIND_SERVICE_BIT, 0));
         assert_eq!(without_net_raw(after_postmaster), sets(NET_BIND_SERVICE_BIT, NET_BIND_SERVICE_BIT, 0));
         assert_eq!(without_net_raw(sets(0, 0, 0)), sets(0, 0, 0));
     }

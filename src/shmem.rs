@@ -6,10 +6,10 @@ use crate::counters::{Counters, TcpCounters};
 use crate::stats::Closed;
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
-use std::sync::atomic::{AtomicBool, AtomicI32};
-use pgrx::shmem::PGRXSharedMemory;
 use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, pg_sys};
+use std::sync::atomic::{AtomicBool, AtomicI32};
 
 /// Closed intervals kept per device (the original keeps 60 too).
 pub const HISTORY: usize = 60;

@@ -1,11 +1,11 @@
 //! SQL entry points. They only read shared memory; the view and grants are in sql/.
 
 use crate::capture::CaptureMethod;
+use crate::counters::align;
 use crate::flows::{name_str, Flow, Totals};
 use crate::flowshm;
 use crate::gucs::Settings;
 use crate::shmem::{Slot, INJECT_ERROR, STATE, WORKER_PID};
-use crate::counters::align;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 /// Unix microseconds to PostgreSQL's timestamptz (microseconds since 2000-01-01 UTC).
 fn timestamptz(unix_us: i64) -> TimestampWithTimeZone {
     const PG_EPOCH_OFFSET_US: i64 = 946_684_800 * 1_000_000;
-    TimestampWithTimeZone::try_from(unix_us - PG_EPOCH_OFFSET_US).unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
+    TimestampWithTimeZone::try_from(unix_us - PG_EPOCH_OFFSET_US)
+        .unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
 }
 
 fn as_i64(v: u64) -> i64 {
@@ -52,7 +53,14 @@ fn check_result_columns(fcinfo: pg_sys::FunctionCallInfo, function: &str, column
                 let att = desc.get(i)?;
                 let (name, oid) = columns[i];
                 (att.is_dropped() || att.name() != name || att.atttypid != oid).then(|| {
-                    format!("its column {} is \"{}\" of type {}, this library returns \"{}\" of type {}", i + 1, att.name(), u32::from(att.atttypid), name, u32::from(oid))
+                    format!(
+                        "its column {} is \"{}\" of type {}, this library returns \"{}\" of type {}",
+                        i + 1,
+                        att.name(),
+                        u32::from(att.atttypid),
+                        name,
+                        u32::from(oid)
+                    )
                 })
             })
         }
@@ -85,19 +93,24 @@ const PG_NETSTAT_HISTORY_COLUMNS: &[Column] = &[
 
 /// Every closed interval of every captured device; the `pg_netstat` view orders it.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_history(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<'static, (
-    name!(device, String),
-    name!(ts, TimestampWithTimeZone),
-    name!(packets_in, i64),
-    name!(packets_out, i64),
-    name!(packets_in_speed, i64),
-    name!(packets_out_speed, i64),
-    name!(bytes_in, i64),
-    name!(bytes_out, i64),
-    name!(bytes_in_speed, i64),
-    name!(bytes_out_speed, i64),
-    name!(created_at, TimestampWithTimeZone),
-)> {
+fn pg_netstat_history(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
+    'static,
+    (
+        name!(device, String),
+        name!(ts, TimestampWithTimeZone),
+        name!(packets_in, i64),
+        name!(packets_out, i64),
+        name!(packets_in_speed, i64),
+        name!(packets_out_speed, i64),
+        name!(bytes_in, i64),
+        name!(bytes_out, i64),
+        name!(bytes_in_speed, i64),
+        name!(bytes_out_speed, i64),
+        name!(created_at, TimestampWithTimeZone),
+    ),
+> {
     check_result_columns(fcinfo, "pg_netstat_history", PG_NETSTAT_HISTORY_COLUMNS);
     let row = |device: &str, s: &Slot| {
         let secs = s.secs.max(1) as u64;
@@ -139,19 +152,24 @@ const PG_NETSTAT_DEVICE_STATUS_COLUMNS: &[Column] = &[
 
 /// Capture status per device: whether it is counting, and if not, why.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_device_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<'static, (
-    name!(device, String),
-    name!(capture_method, String),
-    name!(state, String),
-    name!(state_since, TimestampWithTimeZone),
-    name!(packets_in, i64),
-    name!(packets_out, i64),
-    name!(bytes_in, i64),
-    name!(bytes_out, i64),
-    name!(kernel_drops, i64),
-    name!(ring_freezes, i64),
-    name!(last_error, Option<String>),
-)> {
+fn pg_netstat_device_status(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
+    'static,
+    (
+        name!(device, String),
+        name!(capture_method, String),
+        name!(state, String),
+        name!(state_since, TimestampWithTimeZone),
+        name!(packets_in, i64),
+        name!(packets_out, i64),
+        name!(bytes_in, i64),
+        name!(bytes_out, i64),
+        name!(kernel_drops, i64),
+        name!(ring_freezes, i64),
+        name!(last_error, Option<String>),
+    ),
+> {
     check_result_columns(fcinfo, "pg_netstat_device_status", PG_NETSTAT_DEVICE_STATUS_COLUMNS);
     let rows: Vec<_> = {
         let shared = STATE.share();
@@ -206,7 +224,9 @@ const PG_NETSTAT_INTERVAL_HISTORY_COLUMNS: &[Column] = &[
 /// changes when pg_netstat.interval is reloaded), packets the kernel dropped, and
 /// packets counted late.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_interval_history(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
+fn pg_netstat_interval_history(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
     'static,
     (
         name!(device, String),
@@ -334,7 +354,9 @@ const PG_NETSTAT_FLOWS_COLUMNS: &[Column] = &[
 /// themselves. `pg_netstat_connections` joins it to pg_stat_activity. The "interval"
 /// columns are the last closed interval (the newest row `pg_netstat` can show).
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_flows(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
+fn pg_netstat_flows(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
     'static,
     (
         name!(device, String),
@@ -429,24 +451,24 @@ fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
         return Vec::new();
     };
     rows.iter()
-            .map(|r: &Totals| {
-                (
-                    opt_name(&r.name),
-                    as_i64(r.connections),
-                    as_i64(r.counters.packets_in),
-                    as_i64(r.counters.packets_out),
-                    as_i64(r.counters.bytes_in),
-                    as_i64(r.counters.bytes_out),
-                    as_i64(r.tcp.syn),
-                    as_i64(r.tcp.rst_in),
-                    as_i64(r.tcp.rst_out),
-                    as_i64(r.tcp.retrans_in),
-                    as_i64(r.tcp.retrans_out),
-                    as_i64(r.tcp.zero_window_in + r.tcp.zero_window_out),
-                    (reset != 0).then(|| timestamptz(reset)),
-                )
-            })
-            .collect()
+        .map(|r: &Totals| {
+            (
+                opt_name(&r.name),
+                as_i64(r.connections),
+                as_i64(r.counters.packets_in),
+                as_i64(r.counters.packets_out),
+                as_i64(r.counters.bytes_in),
+                as_i64(r.counters.bytes_out),
+                as_i64(r.tcp.syn),
+                as_i64(r.tcp.rst_in),
+                as_i64(r.tcp.rst_out),
+                as_i64(r.tcp.retrans_in),
+                as_i64(r.tcp.retrans_out),
+                as_i64(r.tcp.zero_window_in + r.tcp.zero_window_out),
+                (reset != 0).then(|| timestamptz(reset)),
+            )
+        })
+        .collect()
 }
 
 const PG_NETSTAT_TOTALS_COLUMNS: &[Column] = &[
@@ -510,7 +532,9 @@ const PG_NETSTAT_FLOW_TABLE_STATUS_COLUMNS: &[Column] = &[
 
 /// The flow table itself: size, use, and what it had to give up.
 #[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_flow_table_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
+fn pg_netstat_flow_table_status(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
     'static,
     (
         name!(max_flows, i32),

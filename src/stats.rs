@@ -378,7 +378,8 @@ mod tests {
         let mut rows = b.close_due(13);
         assert_eq!(rows.len(), 1);
         rows.extend(b.close_due(30));
-        let got: Vec<(i64, u32, u64)> = rows.iter().map(|r| (r.start, r.secs, r.counters.bytes_in + r.counters.bytes_out)).collect();
+        let got: Vec<(i64, u32, u64)> =
+            rows.iter().map(|r| (r.start, r.secs, r.counters.bytes_in + r.counters.bytes_out)).collect();
         assert_eq!(got, vec![(10, 2, 7), (12, 3, 8), (15, 5, 16), (20, 5, 0)]);
         contiguous(&rows);
         assert_eq!(rows.iter().map(|r| r.late).sum::<u64>(), 0);

@@ -3,7 +3,9 @@
 //! block, buckets packets by their own timestamps, and publishes closed intervals.
 
 use crate::capture::source::Source;
-use crate::capture::{self, classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Frame, MAX_DEVICES};
+use crate::capture::{
+    self, classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Frame, MAX_DEVICES,
+};
 use crate::counters::Counters;
 use crate::flows::{device_bytes, Clock, FlowKey, FlowTable};
 use crate::flowshm;
@@ -13,12 +15,12 @@ use crate::kernel_counters::KernelCounters;
 use crate::privileges;
 use crate::shmem::{DeviceState, INJECT_ERROR, STATE, WORKER_PID};
 use crate::stats::{Bucketing, Closed};
-use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const WORKER_NAME: &str = "pg_netstat collector";
@@ -271,7 +273,9 @@ impl Device {
                 self.info = Some(info);
                 self.set_state(state, String::new());
             }
-            Err(CaptureError::Permission(e)) => self.fail(DeviceState::NoPermission, format!("{e} (CAP_NET_RAW missing)")),
+            Err(CaptureError::Permission(e)) => {
+                self.fail(DeviceState::NoPermission, format!("{e} (CAP_NET_RAW missing)"))
+            }
             Err(CaptureError::NoSuchDevice(_)) => self.fail(DeviceState::Missing, "no such device".into()),
             Err(e) => self.fail(DeviceState::Error, e.to_string()),
         }
@@ -304,7 +308,8 @@ impl Device {
     /// (bounded work: a login waits for at most one block), at most one lap per call so
     /// a flood cannot starve the rest of the loop. Returns the blocks read.
     fn drain(&mut self, ports: &[u16]) -> u32 {
-        let lap = self.ring.iter().chain(self.old_ring.as_ref().map(|o| &o.ring)).map(Source::blocks_per_lap).sum::<u32>();
+        let lap =
+            self.ring.iter().chain(self.old_ring.as_ref().map(|o| &o.ring)).map(Source::blocks_per_lap).sum::<u32>();
         if !flowshm::enabled() {
             return self.drain_into(ports, None, lap);
         }
@@ -401,7 +406,9 @@ impl Device {
             if old.handover.ready() || (old.closing && !old.handover.resolved()) {
                 let held = old.handover.resolve();
                 let (o, n, w, m) = old.handover.stats;
-                debug1!("pg_netstat: ring handover: held {o} old and {n} new frames, {w} of them in the window, {m} twins");
+                debug1!(
+                    "pg_netstat: ring handover: held {o} old and {n} new frames, {w} of them in the window, {m} twins"
+                );
                 for h in &held {
                     count(&h.frame.frame(), h.frame.link, h.frame.by_ports);
                 }
@@ -768,11 +775,29 @@ impl Worker {
             }
             // Every device may briefly have a second ring while settings change.
             let set = create_wait_event_set(2 * MAX_DEVICES as i32 + 2);
-            pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, PGINVALID_SOCKET, pg_sys::MyLatch, std::ptr::null_mut());
-            pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, std::ptr::null_mut(), std::ptr::null_mut());
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_LATCH_SET,
+                PGINVALID_SOCKET,
+                pg_sys::MyLatch,
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_EXIT_ON_PM_DEATH,
+                PGINVALID_SOCKET,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
             for (i, d) in self.devices.iter().enumerate() {
                 for r in d.ring.iter().chain(d.old_ring.as_ref().map(|o| &o.ring)) {
-                    pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE, r.fd(), std::ptr::null_mut(), i as *mut c_void);
+                    pg_sys::AddWaitEventToSet(
+                        set,
+                        pg_sys::WL_SOCKET_READABLE,
+                        r.fd(),
+                        std::ptr::null_mut(),
+                        i as *mut c_void,
+                    );
                 }
             }
             self.set = set;

@@ -44,7 +44,11 @@ struct PlainSocket(OwnedFd);
 impl PlainSocket {
     fn open(ifindex: u32) -> PlainSocket {
         unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, (libc::ETH_P_ALL as u16).to_be() as i32);
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
             assert!(fd >= 0, "plain packet socket: {}", std::io::Error::last_os_error());
             let fd = OwnedFd::from_raw_fd(fd);
             let size: libc::c_int = 32 << 20;
@@ -53,7 +57,11 @@ impl PlainSocket {
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
             sll.sll_ifindex = ifindex as i32;
-            let rc = libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32);
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            );
             assert_eq!(rc, 0, "bind plain socket: {}", std::io::Error::last_os_error());
             PlainSocket(fd)
         }

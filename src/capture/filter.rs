@@ -326,18 +326,14 @@ pub fn run(prog: &[SockFilter], pkt: &[u8], meta: SkbMeta) -> Option<u32> {
             _ => 1,
         };
         match i.code {
-            c if c == BPF_LD | BPF_ABS | (c & 0x18) => {
-                match load(i.k as i32 as i64, size) {
-                    Ok(v) => acc = v,
-                    Err(()) => return Some(0),
-                }
-            }
-            c if c == BPF_LD | BPF_IND | (c & 0x18) => {
-                match load(x as i64 + i.k as i32 as i64, size) {
-                    Ok(v) => acc = v,
-                    Err(()) => return Some(0),
-                }
-            }
+            c if c == BPF_LD | BPF_ABS | (c & 0x18) => match load(i.k as i32 as i64, size) {
+                Ok(v) => acc = v,
+                Err(()) => return Some(0),
+            },
+            c if c == BPF_LD | BPF_IND | (c & 0x18) => match load(x as i64 + i.k as i32 as i64, size) {
+                Ok(v) => acc = v,
+                Err(()) => return Some(0),
+            },
             c if c == BPF_LDX | BPF_B | BPF_MSH => match load(i.k as i64, 1) {
                 Ok(v) => x = (v & 0xf) * 4,
                 Err(()) => return Some(0),

@@ -111,7 +111,10 @@ pub enum CaptureError {
     Filter(FilterError),
     /// The chosen capture method does not exist in this build or on this system.
     Unsupported(&'static str),
-    Io { what: &'static str, err: io::Error },
+    Io {
+        what: &'static str,
+        err: io::Error,
+    },
 }
 
 impl CaptureError {
@@ -174,7 +177,10 @@ pub fn parse_device_list(value: &str) -> Result<Vec<String>, String> {
     for (i, raw) in value.split(',').enumerate() {
         let name = raw.trim();
         if name.is_empty() {
-            return Err(format!("Entry {} of the list is empty; write names separated by single commas, e.g. 'eth0,lo'.", i + 1));
+            return Err(format!(
+                "Entry {} of the list is empty; write names separated by single commas, e.g. 'eth0,lo'.",
+                i + 1
+            ));
         }
         if !valid_device_name(name) {
             return Err(format!(
@@ -202,7 +208,10 @@ pub fn parse_port_list(value: &str) -> Result<Vec<u16>, String> {
     for (i, raw) in value.split(',').enumerate() {
         let text = raw.trim();
         if text.is_empty() {
-            return Err(format!("Entry {} of the list is empty; write ports separated by single commas, e.g. '6432,6433'.", i + 1));
+            return Err(format!(
+                "Entry {} of the list is empty; write ports separated by single commas, e.g. '6432,6433'.",
+                i + 1
+            ));
         }
         let port = match text.parse::<u32>() {
             Ok(p) if (1..=65535).contains(&p) => p as u16,
@@ -214,7 +223,11 @@ pub fn parse_port_list(value: &str) -> Result<Vec<u16>, String> {
         out.push(port);
     }
     if out.len() > filter::MAX_PORTS - 1 {
-        return Err(format!("{} ports are listed; at most {} can be added to the server's own port.", out.len(), filter::MAX_PORTS - 1));
+        return Err(format!(
+            "{} ports are listed; at most {} can be added to the server's own port.",
+            out.len(),
+            filter::MAX_PORTS - 1
+        ));
     }
     Ok(out)
 }
@@ -433,7 +446,9 @@ mod tests {
         use crate::capture::testframes::*;
         use filter::{build, run, FilterSpec, SkbMeta};
         let ports = [5432u16, 6432];
-        let prog = build(&FilterSpec { ports: ports.to_vec(), snaplen: 96, link: LinkLayer::Ethernet, drop_outgoing: false }).unwrap();
+        let prog =
+            build(&FilterSpec { ports: ports.to_vec(), snaplen: 96, link: LinkLayer::Ethernet, drop_outgoing: false })
+                .unwrap();
         let bases = [
             eth_ipv4_tcp(5432, 40000, 0),
             eth_ipv4_tcp(40000, 6432, 24),

@@ -115,7 +115,8 @@ impl PcapSource {
                             (if sent { PACKET_OUTGOING } else { PACKET_HOST }, proto)
                         }
                         LinkLayer::Cooked => {
-                            let proto = if d.first().is_some_and(|b| b >> 4 == 6) { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
+                            let proto =
+                                if d.first().is_some_and(|b| b >> 4 == 6) { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
                             (PACKET_HOST, proto)
                         }
                     };

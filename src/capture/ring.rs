@@ -150,9 +150,8 @@ fn os_err(what: &'static str) -> impl FnOnce(io::Error) -> CaptureError {
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` is a live, properly sized value of the type the option expects.
-    let rc = unsafe {
-        libc::setsockopt(fd, level, name, (value as *const T).cast(), size_of::<T>() as libc::socklen_t)
-    };
+    let rc =
+        unsafe { libc::setsockopt(fd, level, name, (value as *const T).cast(), size_of::<T>() as libc::socklen_t) };
     if rc == 0 {
         Ok(())
     } else {
@@ -164,7 +163,8 @@ impl Ring {
     /// Opens a ring on `device` that receives only what `spec` accepts.
     pub fn open(device: &DeviceInfo, ports: &[u16], geometry: RingGeometry) -> Result<Ring, CaptureError> {
         let link = device.link;
-        let spec = FilterSpec { ports: ports.to_vec(), snaplen: geometry.snaplen, link, drop_outgoing: device.loopback };
+        let spec =
+            FilterSpec { ports: ports.to_vec(), snaplen: geometry.snaplen, link, drop_outgoing: device.loopback };
         let program = filter::build(&spec).map_err(CaptureError::Filter)?;
 
         // Protocol 0: the socket receives nothing until bound, so no frame from another
@@ -205,10 +205,8 @@ impl Ring {
         if addr == libc::MAP_FAILED {
             return Err(CaptureError::from_io("mmap ring", io::Error::last_os_error()));
         }
-        let map = NonNull::new(addr.cast::<u8>()).ok_or(CaptureError::Io {
-            what: "mmap ring",
-            err: io::Error::from(io::ErrorKind::Other),
-        })?;
+        let map = NonNull::new(addr.cast::<u8>())
+            .ok_or(CaptureError::Io { what: "mmap ring", err: io::Error::from(io::ErrorKind::Other) })?;
         // From here on Drop unmaps, whatever fails next.
         let mut ring = Ring { socket, map, geometry, next_block: 0, link, stats: KernelStats::default() };
 
@@ -337,7 +335,13 @@ impl Ring {
         let mut len = size_of::<TpacketStatsV3>() as libc::socklen_t;
         // SAFETY: `st` is writable and `len` says how big it is.
         let rc = unsafe {
-            libc::getsockopt(self.fd(), SOL_PACKET, PACKET_STATISTICS, (&mut st as *mut TpacketStatsV3).cast(), &mut len)
+            libc::getsockopt(
+                self.fd(),
+                SOL_PACKET,
+                PACKET_STATISTICS,
+                (&mut st as *mut TpacketStatsV3).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());

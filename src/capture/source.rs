@@ -3,9 +3,9 @@
 //! per-packet closure is inlined into each backend's loop.
 
 use super::filter::LinkLayer;
-use super::{CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, DrainStats, Frame, KernelStats};
 #[cfg(target_os = "linux")]
 use super::ring::{Ring, RingGeometry};
+use super::{CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, DrainStats, Frame, KernelStats};
 use std::io;
 use std::os::fd::RawFd;
 
@@ -26,7 +26,12 @@ impl Source {
     /// Opens `device` with `method`. `Auto` takes the ring and falls back to libpcap (when
     /// built in) only for failures libpcap might not share; a missing device or privilege
     /// fails the same way either way.
-    pub fn open(method: CaptureMethod, device: &DeviceInfo, ports: &[u16], s: CaptureSettings) -> Result<Source, CaptureError> {
+    pub fn open(
+        method: CaptureMethod,
+        device: &DeviceInfo,
+        ports: &[u16],
+        s: CaptureSettings,
+    ) -> Result<Source, CaptureError> {
         match method {
             CaptureMethod::Ring => Self::open_ring(device, ports, s),
             CaptureMethod::Pcap => Self::open_pcap(device, ports, s),
@@ -140,7 +145,11 @@ impl Source {
 
     /// Reads at most `max_blocks` blocks (for libpcap, that many times
     /// `PCAP_FRAMES_PER_BLOCK` frames): bounded work per call. `more` says more is ready.
-    pub fn drain_blocks(&mut self, max_blocks: u32, on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
+    pub fn drain_blocks(
+        &mut self,
+        max_blocks: u32,
+        on_frame: impl FnMut(&Frame<'_>),
+    ) -> Result<DrainStats, CaptureError> {
         match self {
             #[cfg(target_os = "linux")]
             Source::Ring(r) => Ok(r.drain_blocks(max_blocks, on_frame)),

@@ -258,7 +258,14 @@ impl FlowTable<'_> {
 
     /// Counts one packet of the flow `key`; returns the TCP events it carried, for the
     /// device's interval figures.
-    pub fn record(&mut self, key: &FlowKey, dir: Direction, tcp: Option<&TcpFields>, wire_len: u32, clock: Clock) -> TcpCounters {
+    pub fn record(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        tcp: Option<&TcpFields>,
+        wire_len: u32,
+        clock: Clock,
+    ) -> TcpCounters {
         let new_connection = tcp.is_some_and(|t| t.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN);
         if new_connection {
             // The same 4-tuple again after a close (a client port reused): a new
@@ -279,7 +286,8 @@ impl FlowTable<'_> {
         f.last_seen_us = f.last_seen_us.max(clock.ts_us);
         let secs = clock.interval_secs.max(1) as i64;
         let ts_s = clock.ts_us.div_euclid(1_000_000);
-        let start = if ts_s >= f.cur_start && ts_s < f.cur_start + secs { f.cur_start } else { align(ts_s, secs as u32) };
+        let start =
+            if ts_s >= f.cur_start && ts_s < f.cur_start + secs { f.cur_start } else { align(ts_s, secs as u32) };
         if start > f.cur_start {
             (f.prev_start, f.prev) = (f.cur_start, f.cur);
             (f.cur_start, f.cur) = (start, Counters::default());
@@ -372,7 +380,11 @@ fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us:
         ev.syn += 1;
     }
     if rst {
-        if inbound { ev.rst_in += 1 } else { ev.rst_out += 1 }
+        if inbound {
+            ev.rst_in += 1
+        } else {
+            ev.rst_out += 1
+        }
         if f.closed_us == 0 {
             // 0 means open (and decides list membership), whatever the clock says.
             f.closed_us = ts_us.max(1);
@@ -385,23 +397,39 @@ fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us:
     if used > 0 {
         let (retrans, ooo) = f.seq[d].segment(t.seq, t.seq.wrapping_add(used));
         if retrans {
-            if inbound { ev.retrans_in += 1 } else { ev.retrans_out += 1 }
+            if inbound {
+                ev.retrans_in += 1
+            } else {
+                ev.retrans_out += 1
+            }
         }
         if ooo {
-            if inbound { ev.ooo_in += 1 } else { ev.ooo_out += 1 }
+            if inbound {
+                ev.ooo_in += 1
+            } else {
+                ev.ooo_out += 1
+            }
         }
     }
     // A side that has sent its FIN closes its receive window when the application lets
     // go of the socket: that zero is the end, not a slow reader.
     if t.window == 0 && !syn && !fin && !f.fin_seen[d] {
-        if inbound { ev.zero_window_in += 1 } else { ev.zero_window_out += 1 }
+        if inbound {
+            ev.zero_window_in += 1
+        } else {
+            ev.zero_window_out += 1
+        }
     }
     if fin && !f.fin_seen[d] {
         f.fin_seen[d] = true;
         if f.first_fin == 0 {
             f.first_fin = d as u8 + 1;
         }
-        if inbound { ev.fin_in += 1 } else { ev.fin_out += 1 }
+        if inbound {
+            ev.fin_in += 1
+        } else {
+            ev.fin_out += 1
+        }
         if f.fin_seen[0] && f.fin_seen[1] && f.closed_us == 0 {
             f.closed_us = ts_us.max(1);
         }
@@ -728,7 +756,7 @@ mod tests {
             t.record(&k, Direction::Out, Some(&tcp(1, TCP_RST, 0)), 54, at(p as i64 + 1));
         }
         t.record(&key(43100), Direction::In, None, 60, at(1)); // open, idle from 1 s
-        // At 12 s with a 5 s linger, flows closed at 1..=6 s are due: 6 of them.
+                                                               // At 12 s with a 5 s linger, flows closed at 1..=6 s are due: 6 of them.
         assert!(t.sweep(12_000_000, 5_000_000, 0, 4), "4 of 6 done, more due");
         assert!(!t.sweep(12_000_000, 5_000_000, 0, 4));
         assert_eq!(t.header.count, 5);
@@ -787,11 +815,7 @@ mod tests {
             let dbs: u64 = t.view().totals(false).iter().map(|r| r.counters.bytes_in).sum();
             assert_eq!(dbs, bytes, "step {step}");
             assert_eq!(t.header.count as usize, t.flows.iter().filter(|f| f.in_use).count(), "step {step}");
-            assert_eq!(
-                t.header.owner_count as usize,
-                t.owners.iter().filter(|o| o.in_use).count(),
-                "step {step}"
-            );
+            assert_eq!(t.header.owner_count as usize, t.owners.iter().filter(|o| o.in_use).count(), "step {step}");
         }
         assert!(t.header.evictions > 0 && t.header.folded > t.header.evictions);
     }

@@ -23,7 +23,13 @@ pub struct Totals {
 
 impl Default for Totals {
     fn default() -> Totals {
-        Totals { in_use: false, name: [0; NAME_LEN], connections: 0, counters: Counters::default(), tcp: TcpCounters::default() }
+        Totals {
+            in_use: false,
+            name: [0; NAME_LEN],
+            connections: 0,
+            counters: Counters::default(),
+            tcp: TcpCounters::default(),
+        }
     }
 }
 
@@ -83,9 +89,5 @@ pub fn row_for(rows: &mut [Totals], name: &[u8; NAME_LEN]) -> u16 {
 
 /// The rows a view shows: every named row, and row 0 when it holds anything.
 pub fn visible(rows: &[Totals]) -> Vec<Totals> {
-    rows.iter()
-        .enumerate()
-        .filter(|(i, r)| if *i == 0 { !r.is_empty() } else { r.in_use })
-        .map(|(_, r)| *r)
-        .collect()
+    rows.iter().enumerate().filter(|(i, r)| if *i == 0 { !r.is_empty() } else { r.in_use }).map(|(_, r)| *r).collect()
 }
