@@ -74,8 +74,8 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
     let (mut sent, mut bytes, mut noise_sent, mut seq) = (0u64, 0u64, 0u64, 1u32);
     let start = Instant::now();
     for i in 0..count {
-        if rate > 0 {
-            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        if let Some(gap_ns) = (i * 1_000_000_000).checked_div(rate) {
+            let due = start + Duration::from_nanos(gap_ns);
             while Instant::now() < due {
                 std::hint::spin_loop();
             }

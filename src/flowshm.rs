@@ -132,7 +132,7 @@ unsafe extern "C-unwind" fn on_startup() {
 /// Flows were asked for (max_flows > 0); true from _PG_init on, before the memory exists.
 pub fn configured() -> bool {
     // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
-    unsafe { (*(&raw const LAYOUT)).is_some() }
+    current_layout().is_some()
 }
 
 pub fn enabled() -> bool {
@@ -159,7 +159,7 @@ fn lock(mode: pg_sys::LWLockMode::Type) -> Held {
 
 fn current_layout() -> Option<Layout> {
     // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
-    unsafe { *(&raw const LAYOUT) }
+    unsafe { std::ptr::read(&raw const LAYOUT) }
 }
 
 /// Runs `f` on the table under the exclusive lock; `None` when flows are off. Callers

@@ -1,5 +1,9 @@
 //! SQL entry points. They only read shared memory; the view and grants are in sql/.
 
+// pgrx states a set-returning function's columns as a tuple of name!() types in its
+// signature: that tuple is the column list, not a type to factor out.
+#![allow(clippy::type_complexity)]
+
 use crate::capture::CaptureMethod;
 use crate::counters::align;
 use crate::flows::{name_str, Flow, Totals};

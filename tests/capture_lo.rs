@@ -90,7 +90,7 @@ impl PlainSocket {
             if n < 0 {
                 break;
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let len = n as usize;

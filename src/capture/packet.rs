@@ -273,7 +273,9 @@ mod tests {
     }
 
     /// The reference: etherparse's lax slicing, reduced to what `parse` reports.
-    fn oracle(frame: &[u8]) -> Option<(u16, u16, bool, [u8; 16], [u8; 16])> {
+    type Oracle = (u16, u16, bool, [u8; 16], [u8; 16]);
+
+    fn oracle(frame: &[u8]) -> Option<Oracle> {
         use etherparse::{IpNumber, LaxNetSlice, LaxSlicedPacket};
         let sliced = LaxSlicedPacket::from_ethernet(frame).ok()?;
         let (payload, ipv6, src, dst) = match &sliced.net {

@@ -22,7 +22,7 @@ fn tcp(sport: u16, dport: u16) -> [u8; 20] {
 }
 
 fn ipv4(proto: u8, options: usize, payload_len: usize) -> Vec<u8> {
-    assert!(options % 4 == 0 && options <= 40);
+    assert!(options.is_multiple_of(4) && options <= 40);
     let ihl = 20 + options;
     let mut h = vec![0u8; ihl];
     h[0] = 0x40 | (ihl / 4) as u8;

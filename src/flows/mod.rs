@@ -489,7 +489,7 @@ mod tests {
         let f = *t.get(&k).unwrap();
         assert_eq!((f.total.packets_in, f.total.packets_out, f.total.bytes_in, f.total.bytes_out), (3, 3, 232, 1182));
         assert_eq!((f.tcp.syn, f.tcp.fin_in, f.tcp.fin_out, f.tcp.retrans_in, f.tcp.retrans_out), (1, 1, 1, 0, 0));
-        assert_eq!(f.closed_us, 1002_000_000);
+        assert_eq!(f.closed_us, 1_002_000_000);
         assert_eq!(f.end_state(), Some("closed by client"));
         assert_eq!(f.interval(1000).packets(), 6);
     }
@@ -651,7 +651,7 @@ mod tests {
         let mut live = std::collections::BTreeSet::new();
         for step in 0..5000 {
             let p = 30000 + (rng() % 200) as u16;
-            if rng() % 3 == 0 {
+            if rng().is_multiple_of(3) {
                 if let Some(pos) = t.flow_pos(&key(p)) {
                     t.fold(pos);
                     live.remove(&p);
