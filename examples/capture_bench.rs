@@ -89,6 +89,7 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
             seq = seq.wrapping_add((f.len() - 54) as u32);
         }
         let (f, noise) = (&*f, *noise);
+        // SAFETY: `f` is a live buffer of f.len() bytes and `sll` a valid sockaddr_ll.
         let rc = unsafe {
             libc::sendto(
                 fd,
@@ -117,13 +118,17 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
 }
 
 fn wakeups() -> i64 {
+    // SAFETY: rusage is plain data (all-zero valid) and getrusage writes only into it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     ru.ru_nvcsw
 }
 
 fn rusage() -> (f64, f64, i64) {
+    // SAFETY: rusage is plain data (all-zero valid) and getrusage writes only into it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     // Peak RSS from VmHWM: ru_maxrss survives exec and would show the parent's peak.
@@ -172,6 +177,7 @@ fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u3
         let mut pfd = libc::pollfd { fd: src.fd(), events: libc::POLLIN, revents: 0 };
         // Like the worker, wake for data, not on a short timer (it wakes at interval
         // boundaries and for a 5 s health check).
+        // SAFETY: one valid pollfd, and the count says one.
         unsafe { libc::poll(&mut pfd, 1, 1000) };
         let _ = src.drain(|f| {
             packets += 1;

@@ -236,7 +236,10 @@ pub fn hold(f: &Frame<'_>, link: LinkLayer, by_ports: bool) -> Held<HeldFrame> {
             addresses[16..].copy_from_slice(&m.dst_addr);
             let tcp = m
                 .tcp
-                .and_then(|t| f.data.get(t.offset as usize..(t.offset as usize + 20).min(f.data.len())))
+                .and_then(|t| {
+                    let end = (t.offset as usize + crate::capture::field::tcp::MIN_HEADER_LEN).min(f.data.len());
+                    f.data.get(t.offset as usize..end)
+                })
                 .unwrap_or(&[]);
             let ports = [m.src_port.to_be_bytes(), m.dst_port.to_be_bytes()].concat();
             identity(f.len, &addresses, if tcp.is_empty() { &ports } else { tcp })

@@ -192,7 +192,7 @@ impl NetstatShared {
     }
 }
 
-// SAFETY (these three): each name is this extension's own, and pg_shmem_init! in
+// SAFETY (STATE, INJECT_ERROR and WORKER_PID): each name is this extension's own, and pg_shmem_init! in
 // _PG_init (preload only) places the value in shared memory before any process uses it.
 pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat") };
 

@@ -94,11 +94,13 @@ unsafe extern "C-unwind" {
 
 #[cfg(not(feature = "pg18"))]
 unsafe fn set_sigterm_to_die() {
+    // SAFETY: `die` is PostgreSQL's own async-signal-safe SIGTERM handler for backends.
     unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
 }
 
 #[cfg(feature = "pg18")]
 unsafe fn set_sigterm_to_die() {
+    // SAFETY: `die` is PostgreSQL's own async-signal-safe SIGTERM handler for backends.
     unsafe { pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die)) };
 }
 

@@ -43,6 +43,8 @@ struct PlainSocket(OwnedFd);
 
 impl PlainSocket {
     fn open(ifindex: u32) -> PlainSocket {
+        // SAFETY: plain socket calls; the fd is checked before it is owned, and the
+        // sockaddr_ll passed to bind is a valid value of its size.
         unsafe {
             let fd = libc::socket(
                 libc::AF_PACKET,
@@ -75,8 +77,10 @@ impl PlainSocket {
         let mut noise = 0;
         let mut buf = vec![0u8; 1 << 18];
         loop {
+            // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut alen = size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: `buf` and `sll` are writable for the lengths passed.
             let n = unsafe {
                 libc::recvfrom(
                     self.0.as_raw_fd(),

@@ -39,11 +39,11 @@ const SKF_AD_OFF: i32 = -0x1000;
 const SKF_AD_PROTOCOL: i32 = 0;
 const SKF_AD_PKTTYPE: i32 = 4;
 
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
-pub const ETHERTYPE_IPV6: u16 = 0x86dd;
-pub const ETHERTYPE_VLAN: u16 = 0x8100;
-pub const ETHERTYPE_QINQ: u16 = 0x88a8;
-pub const IPPROTO_TCP: u8 = 6;
+pub use super::field::ethertype::{
+    IPV4 as ETHERTYPE_IPV4, IPV6 as ETHERTYPE_IPV6, QINQ as ETHERTYPE_QINQ, VLAN as ETHERTYPE_VLAN,
+};
+pub use super::field::tcp::PROTOCOL as IPPROTO_TCP;
+use super::field::{ethernet, ipv4, ipv6, tcp};
 /// `sll_pkttype` of a frame the host sends (linux/if_packet.h).
 pub const PACKET_OUTGOING: u8 = 4;
 pub const PACKET_HOST: u8 = 0;
@@ -232,14 +232,14 @@ pub fn build(spec: &FilterSpec) -> Result<Vec<SockFilter>, FilterError> {
     // untagged here).
     let nets: &[u32] = match spec.link {
         LinkLayer::Ethernet => {
-            a.stmt(BPF_LD | BPF_H | BPF_ABS, 12);
+            a.stmt(BPF_LD | BPF_H | BPF_ABS, ethernet::ETHERTYPE as u32);
             a.jeq(ETHERTYPE_IPV6 as u32, Target::To(Label::Ipv6(0)), Target::Next);
             a.jeq(ETHERTYPE_IPV4 as u32, Target::To(Label::Ipv4(0)), Target::Next);
             a.jeq(ETHERTYPE_VLAN as u32, Target::Next, reject);
-            a.stmt(BPF_LD | BPF_H | BPF_ABS, 16);
+            a.stmt(BPF_LD | BPF_H | BPF_ABS, ethernet::TAGGED_ETHERTYPE as u32);
             a.jeq(ETHERTYPE_IPV6 as u32, Target::To(Label::Ipv6(1)), Target::Next);
             a.jeq(ETHERTYPE_IPV4 as u32, Target::To(Label::Ipv4(1)), reject);
-            &[14, 18]
+            &[ethernet::HEADER_LEN as u32, (ethernet::HEADER_LEN + ethernet::TAG_LEN) as u32]
         }
         LinkLayer::Cooked => {
             a.stmt(BPF_LD | BPF_H | BPF_ABS, (SKF_AD_OFF + SKF_AD_PROTOCOL) as u32);
@@ -262,11 +262,11 @@ pub fn build(spec: &FilterSpec) -> Result<Vec<SockFilter>, FilterError> {
         // Version 6 in the first nibble: the ethertype alone does not make a packet IPv6.
         a.stmt(BPF_LD | BPF_B | BPF_ABS, l3);
         a.in_range(0x60, 0x6f, reject);
-        a.stmt(BPF_LD | BPF_B | BPF_ABS, l3 + 6);
+        a.stmt(BPF_LD | BPF_B | BPF_ABS, l3 + ipv6::NEXT_HEADER as u32);
         a.jeq(IPPROTO_TCP as u32, Target::Next, reject);
-        a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + 40);
+        a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + (ipv6::HEADER_LEN + tcp::SRC_PORT) as u32);
         match_ports(&mut a, Target::Next);
-        a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + 42);
+        a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + (ipv6::HEADER_LEN + tcp::DST_PORT) as u32);
         match_ports(&mut a, reject);
 
         a.mark(Label::Ipv4(idx));
@@ -274,14 +274,15 @@ pub fn build(spec: &FilterSpec) -> Result<Vec<SockFilter>, FilterError> {
         // inside the IP header.
         a.stmt(BPF_LD | BPF_B | BPF_ABS, l3);
         a.in_range(0x45, 0x4f, reject);
-        a.stmt(BPF_LD | BPF_B | BPF_ABS, l3 + 9);
+        a.stmt(BPF_LD | BPF_B | BPF_ABS, l3 + ipv4::PROTOCOL as u32);
         a.jeq(IPPROTO_TCP as u32, Target::Next, reject);
-        a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + 6);
-        a.jset(0x1fff, reject, Target::Next);
-        a.stmt(BPF_LDX | BPF_B | BPF_MSH, l3);
-        a.stmt(BPF_LD | BPF_H | BPF_IND, l3);
+        a.stmt(BPF_LD | BPF_H | BPF_ABS, l3 + ipv4::FLAGS_FRAG as u32);
+        a.jset(ipv4::FRAG_OFFSET_MASK as u32, reject, Target::Next);
+        // X = 4 * IHL: the ports sit right after the IPv4 header, options included.
+        a.stmt(BPF_LDX | BPF_B | BPF_MSH, l3 + ipv4::VER_IHL as u32);
+        a.stmt(BPF_LD | BPF_H | BPF_IND, l3 + tcp::SRC_PORT as u32);
         match_ports(&mut a, Target::Next);
-        a.stmt(BPF_LD | BPF_H | BPF_IND, l3 + 2);
+        a.stmt(BPF_LD | BPF_H | BPF_IND, l3 + tcp::DST_PORT as u32);
         match_ports(&mut a, reject);
     }
 

@@ -2,6 +2,7 @@
 //! ring, header parsing and the direction rule. The worker and the benchmark both drive
 //! it; plain `cargo test` covers it.
 
+pub mod field;
 pub mod filter;
 pub mod packet;
 #[cfg(any(feature = "pcap", not(target_os = "linux")))]

@@ -1,6 +1,7 @@
 //! Header parsing: from a captured (possibly snaplen-truncated) frame to the few facts
 //! counting needs. Only headers are read; payload bytes are never looked at or kept.
 
+use super::field::{ethernet, ethertype, ipv4, ipv6, tcp};
 use super::filter::LinkLayer;
 
 /// What one captured frame says about its TCP connection.
@@ -73,72 +74,72 @@ pub fn parse(frame: &[u8], link: LinkLayer, protocol: u16) -> Result<PacketMeta,
     let be16 = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
     let (mut ethertype, mut off) = match link {
         LinkLayer::Ethernet => {
-            if frame.len() < 14 {
+            if frame.len() < ethernet::HEADER_LEN {
                 return Err(ParseError::Link);
             }
-            (be16(12), 14)
+            (be16(ethernet::ETHERTYPE), ethernet::HEADER_LEN)
         }
         LinkLayer::Cooked => (protocol, 0),
     };
     for _ in 0..2 {
-        if !matches!(ethertype, 0x8100 | 0x88a8 | 0x9100) {
+        if !matches!(ethertype, ethertype::VLAN | ethertype::QINQ | ethertype::QINQ_OLD) {
             break;
         }
-        if frame.len() < off + 4 {
+        if frame.len() < off + ethernet::TAG_LEN {
             return Err(ParseError::Truncated);
         }
-        ethertype = be16(off + 2);
-        off += 4;
+        ethertype = be16(off + ethernet::TAG_LEN - 2);
+        off += ethernet::TAG_LEN;
     }
     let mut m = PacketMeta::default();
     let (tcp_start, ip_end) = match ethertype {
-        0x0800 => {
-            if frame.len() < off + 20 {
+        ethertype::IPV4 => {
+            if frame.len() < off + ipv4::MIN_HEADER_LEN {
                 return Err(ParseError::Truncated);
             }
-            let ihl = (frame[off] & 0x0f) as usize * 4;
-            if frame[off] >> 4 != 4 || ihl < 20 {
+            let ihl = (frame[off + ipv4::VER_IHL] & 0x0f) as usize * 4;
+            if frame[off + ipv4::VER_IHL] >> 4 != 4 || ihl < ipv4::MIN_HEADER_LEN {
                 return Err(ParseError::NotIp);
             }
             if frame.len() < off + ihl {
                 return Err(ParseError::Truncated);
             }
-            if frame[off + 9] != 6 {
+            if frame[off + ipv4::PROTOCOL] != tcp::PROTOCOL {
                 return Err(ParseError::NotTcp);
             }
-            if be16(off + 6) & 0x1fff != 0 {
+            if be16(off + ipv4::FLAGS_FRAG) & ipv4::FRAG_OFFSET_MASK != 0 {
                 return Err(ParseError::LaterFragment);
             }
-            m.src_addr[..4].copy_from_slice(&frame[off + 12..off + 16]);
-            m.dst_addr[..4].copy_from_slice(&frame[off + 16..off + 20]);
-            let total = be16(off + 2) as usize;
+            m.src_addr[..4].copy_from_slice(&frame[off + ipv4::SRC..off + ipv4::SRC + 4]);
+            m.dst_addr[..4].copy_from_slice(&frame[off + ipv4::DST..off + ipv4::DST + 4]);
+            let total = be16(off + ipv4::TOTAL_LEN) as usize;
             (off + ihl, if total == 0 { 0 } else { off + total })
         }
-        0x86dd => {
-            if frame.len() < off + 40 {
+        ethertype::IPV6 => {
+            if frame.len() < off + ipv6::HEADER_LEN {
                 return Err(ParseError::Truncated);
             }
             if frame[off] >> 4 != 6 {
                 return Err(ParseError::NotIp);
             }
             m.ipv6 = true;
-            m.src_addr.copy_from_slice(&frame[off + 8..off + 24]);
-            m.dst_addr.copy_from_slice(&frame[off + 24..off + 40]);
-            let plen = be16(off + 4) as usize;
-            let ip_end = if plen == 0 { 0 } else { off + 40 + plen };
-            let (mut next, mut start) = (frame[off + 6], off + 40);
-            if next == 44 {
+            m.src_addr.copy_from_slice(&frame[off + ipv6::SRC..off + ipv6::SRC + 16]);
+            m.dst_addr.copy_from_slice(&frame[off + ipv6::DST..off + ipv6::DST + 16]);
+            let plen = be16(off + ipv6::PAYLOAD_LEN) as usize;
+            let ip_end = if plen == 0 { 0 } else { off + ipv6::HEADER_LEN + plen };
+            let (mut next, mut start) = (frame[off + ipv6::NEXT_HEADER], off + ipv6::HEADER_LEN);
+            if next == ipv6::FRAGMENT {
                 // Fragment header: the TCP header is only in the first fragment.
-                if frame.len() < start + 8 {
+                if frame.len() < start + ipv6::FRAGMENT_HEADER_LEN {
                     return Err(ParseError::Truncated);
                 }
-                if be16(start + 2) & 0xfff8 != 0 {
+                if be16(start + ipv6::FRAGMENT_OFFSET) & ipv6::FRAGMENT_OFFSET_MASK != 0 {
                     return Err(ParseError::LaterFragment);
                 }
                 next = frame[start];
-                start += 8;
+                start += ipv6::FRAGMENT_HEADER_LEN;
             }
-            if next != 6 {
+            if next != tcp::PROTOCOL {
                 return Err(ParseError::NotTcp);
             }
             (start, ip_end)
@@ -148,13 +149,14 @@ pub fn parse(frame: &[u8], link: LinkLayer, protocol: u16) -> Result<PacketMeta,
     // Ports are read where the transport header starts in the captured bytes, whatever
     // the IP length fields claim: that is what the kernel filter (and tcpdump) reads.
     let p = frame.get(tcp_start..tcp_start + 4).ok_or(ParseError::Truncated)?;
-    m.src_port = u16::from_be_bytes([p[0], p[1]]);
-    m.dst_port = u16::from_be_bytes([p[2], p[3]]);
-    m.tcp = frame.get(tcp_start..tcp_start + 16).map(|t| TcpFields {
-        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-        flags: t[13],
-        window: u16::from_be_bytes([t[14], t[15]]),
-        header_len: ((t[12] >> 4) as u32) * 4,
+    let (sp, dp) = (tcp::SRC_PORT, tcp::DST_PORT);
+    m.src_port = u16::from_be_bytes([p[sp], p[sp + 1]]);
+    m.dst_port = u16::from_be_bytes([p[dp], p[dp + 1]]);
+    m.tcp = frame.get(tcp_start..tcp_start + tcp::FIELDS_LEN).map(|t| TcpFields {
+        seq: u32::from_be_bytes([t[tcp::SEQ], t[tcp::SEQ + 1], t[tcp::SEQ + 2], t[tcp::SEQ + 3]]),
+        flags: t[tcp::FLAGS],
+        window: u16::from_be_bytes([t[tcp::WINDOW], t[tcp::WINDOW + 1]]),
+        header_len: ((t[tcp::DATA_OFFSET] >> 4) as u32) * 4,
         offset: tcp_start as u32,
         segment_len: (ip_end > tcp_start).then(|| (ip_end - tcp_start) as u32),
     });

@@ -244,15 +244,31 @@ impl Ring {
         self.link
     }
 
-    fn block_ptr(&self, index: u32) -> *mut u8 {
-        // SAFETY (for callers): index < block_count keeps the pointer inside the mapping.
-        unsafe { self.map.as_ptr().add(index as usize * self.geometry.block_size as usize) }
+    /// The start of block `index` in the mapping, or `None` past the last block.
+    fn block_ptr(&self, index: u32) -> Option<*mut u8> {
+        (index < self.geometry.block_count)
+            // SAFETY: index < block_count, so the offset stays inside the mapping of
+            // block_count * block_size bytes.
+            .then(|| unsafe { self.map.as_ptr().add(index as usize * self.geometry.block_size as usize) })
     }
 
-    fn block_status(&self, block: *mut u8) -> &AtomicU32 {
-        // SAFETY: block_status is a 4-byte-aligned u32 inside the mapped block, shared
-        // with the kernel; atomics are how both sides hand the block over.
+    /// The status word the kernel and we hand a block over with.
+    ///
+    /// # Safety
+    /// `block` must come from `block_ptr` of this ring, which keeps the mapping (and so
+    /// the returned reference) alive for as long as `self` is borrowed.
+    unsafe fn block_status(&self, block: *mut u8) -> &AtomicU32 {
+        // SAFETY: (caller) `block` starts a block of this mapping; block_status is a
+        // 4-byte-aligned u32 at a fixed offset inside it, shared with the kernel, and
+        // atomics are how both sides hand the block over.
         unsafe { &*(block.add(BLK_STATUS) as *const AtomicU32) }
+    }
+
+    /// Whether block `index` is ready for us to read.
+    fn block_ready(&self, index: u32) -> bool {
+        // SAFETY: the pointer comes from block_ptr of this ring.
+        self.block_ptr(index)
+            .is_some_and(|b| unsafe { self.block_status(b) }.load(Ordering::Acquire) & TP_STATUS_USER != 0)
     }
 
     /// Hands every block the kernel has filled to `on_frame`, then returns it to the
@@ -268,8 +284,10 @@ impl Ring {
         let mut out = DrainStats::default();
         let bs = self.geometry.block_size as usize;
         for _ in 0..max_blocks.min(self.geometry.block_count) {
-            let block = self.block_ptr(self.next_block);
-            let status = self.block_status(block);
+            // next_block < block_count always (it wraps below).
+            let Some(block) = self.block_ptr(self.next_block) else { break };
+            // SAFETY: the pointer comes from block_ptr of this ring.
+            let status = unsafe { self.block_status(block) };
             let st = status.load(Ordering::Acquire);
             if st & TP_STATUS_USER == 0 {
                 break;
@@ -324,7 +342,7 @@ impl Ring {
             out.blocks += 1;
             self.next_block = (self.next_block + 1) % self.geometry.block_count;
         }
-        out.more = self.block_status(self.block_ptr(self.next_block)).load(Ordering::Acquire) & TP_STATUS_USER != 0;
+        out.more = self.block_ready(self.next_block);
         out
     }
 
