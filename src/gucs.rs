@@ -3,7 +3,7 @@
 //! `pg_ctl reload`. `max_flows` sizes shared memory and takes a restart.
 
 use crate::capture::filter::MAX_PORTS;
-use crate::capture::{parse_device_list, parse_port_list, CaptureMethod, MAX_DEVICES, MAX_DEVICE_NAME};
+use crate::capture::{valid_device_name, CaptureMethod, MAX_DEVICES, MAX_DEVICE_NAME};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -445,9 +445,105 @@ impl Settings {
     }
 }
 
+/// Parses the `pg_netstat.devices` setting: a comma-separated list of interface names,
+/// blanks around names ignored. An empty (or all-blank) value means "choose for me".
+/// Returns a message fit for a GUC error detail.
+pub fn parse_device_list(value: &str) -> Result<Vec<String>, String> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (i, raw) in value.split(',').enumerate() {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err(format!(
+                "Entry {} of the list is empty; write names separated by single commas, e.g. 'eth0,lo'.",
+                i + 1
+            ));
+        }
+        if !valid_device_name(name) {
+            return Err(format!(
+                "\"{name}\" is not a valid network device name: 1 to {MAX_DEVICE_NAME} characters, no blanks, '/', ':' or ','."
+            ));
+        }
+        if out.iter().any(|d| d == name) {
+            return Err(format!("Device \"{name}\" is listed twice."));
+        }
+        out.push(name.to_string());
+    }
+    if out.len() > MAX_DEVICES {
+        return Err(format!("{} devices are listed; at most {MAX_DEVICES} can be captured.", out.len()));
+    }
+    Ok(out)
+}
+
+/// Parses `pg_netstat.ports`: extra TCP ports (comma-separated) counted together with
+/// the server's own port, e.g. a connection pooler's. Empty means none.
+pub fn parse_port_list(value: &str) -> Result<Vec<u16>, String> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<u16> = Vec::new();
+    for (i, raw) in value.split(',').enumerate() {
+        let text = raw.trim();
+        if text.is_empty() {
+            return Err(format!(
+                "Entry {} of the list is empty; write ports separated by single commas, e.g. '6432,6433'.",
+                i + 1
+            ));
+        }
+        let port = match text.parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => p as u16,
+            _ => return Err(format!("\"{text}\" is not a TCP port number (1 to 65535).")),
+        };
+        if out.contains(&port) {
+            return Err(format!("Port {port} is listed twice."));
+        }
+        out.push(port);
+    }
+    if out.len() > MAX_PORTS - 1 {
+        return Err(format!(
+            "{} ports are listed; at most {} can be added to the server's own port.",
+            out.len(),
+            MAX_PORTS - 1
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_lists() {
+        assert_eq!(parse_device_list(""), Ok(vec![]));
+        assert_eq!(parse_device_list("  "), Ok(vec![]));
+        assert_eq!(parse_device_list("eth0"), Ok(vec!["eth0".to_string()]));
+        assert_eq!(parse_device_list(" eth0 , lo "), Ok(vec!["eth0".to_string(), "lo".to_string()]));
+        assert!(parse_device_list("eth0,,lo").unwrap_err().contains("Entry 2"));
+        assert!(parse_device_list("eth0,").unwrap_err().contains("empty"));
+        assert!(parse_device_list("eth0,eth0").unwrap_err().contains("twice"));
+        assert!(parse_device_list("a b").unwrap_err().contains("not a valid"));
+        assert!(parse_device_list("averyveryverylongname").unwrap_err().contains("1 to 15"));
+        let many: Vec<String> = (0..=MAX_DEVICES).map(|i| format!("d{i}")).collect();
+        assert!(parse_device_list(&many.join(",")).unwrap_err().contains("at most 16"));
+        assert_eq!(parse_device_list(&many[..MAX_DEVICES].join(",")).unwrap().len(), MAX_DEVICES);
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_port_list(""), Ok(vec![]));
+        assert_eq!(parse_port_list(" 6432 , 7000"), Ok(vec![6432, 7000]));
+        assert!(parse_port_list("6432,,7000").unwrap_err().contains("Entry 2"));
+        assert!(parse_port_list("0").unwrap_err().contains("not a TCP port"));
+        assert!(parse_port_list("65536").unwrap_err().contains("not a TCP port"));
+        assert!(parse_port_list("pgbouncer").unwrap_err().contains("not a TCP port"));
+        assert!(parse_port_list("6432,6432").unwrap_err().contains("twice"));
+        let many: Vec<String> = (1..=16).map(|i| (6000 + i).to_string()).collect();
+        assert!(parse_port_list(&many.join(",")).unwrap_err().contains("at most 15"));
+        assert_eq!(parse_port_list(&many[..15].join(",")).unwrap().len(), 15);
+    }
 
     const INVALID: &[u8] = b"invalid value for parameter \"%s\": \"%s\"";
 
