@@ -9,12 +9,17 @@
 //!       packets counted, kernel drops, CPU seconds (user, system) and peak RSS.
 //!       `original` models supabase/pg_netstat: two libpcap handles (dst port / src
 //!       port), 1 MB buffer, drained once per second.
+//!   capture_bench account COUNT
+//!       The collector's per-packet work alone, in memory (no kernel, no PostgreSQL):
+//!       COUNT frames of the same TCP stream through header parsing, the direction rule,
+//!       interval bucketing and the flow table, as the worker does for each frame.
+//!       Prints nanoseconds per frame; a clean target for `perf record`.
 
 use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: capture_bench send IFACE PORT NOISE_PORT RATE COUNT | capture METHOD IFACE PORT SECONDS [BUFFER]"
+        "usage: capture_bench send IFACE PORT NOISE_PORT RATE COUNT | capture METHOD IFACE PORT SECONDS [BUFFER] | account COUNT"
     );
     std::process::exit(2)
 }
@@ -27,6 +32,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("send") => send(&args[2], arg(&args, 3), arg(&args, 4), arg(&args, 5), arg(&args, 6)),
+        Some("account") => account(arg(&args, 2)),
         Some("capture") => {
             capture(&args[2], &args[3], arg(&args, 4), arg(&args, 5), args.get(6).and_then(|b| b.parse().ok()))
         }
@@ -233,4 +239,48 @@ fn original(info: &pg_netstat::capture::DeviceInfo, port: u16, seconds: u64) {
 fn original(_: &pg_netstat::capture::DeviceInfo, _: u16, _: u64) {
     eprintln!("the original-design model needs libpcap: build with --features pcap");
     std::process::exit(1)
+}
+
+fn account(count: u64) {
+    use pg_netstat::capture::filter::LinkLayer;
+    use pg_netstat::capture::{classify, packet};
+    use pg_netstat::flows::{device_bytes, Clock, FlowKey, Storage};
+    use pg_netstat::stats::Bucketing;
+    let port = 5432u16;
+    let mut frames: Vec<Vec<u8>> = PAYLOADS.iter().map(|&p| frame([2, 0, 0, 0, 0, 1], port, p)).collect();
+    let mut storage = Storage::new(1024, 1024);
+    let mut flows = storage.table();
+    let start_s = 1_800_000_000i64;
+    let mut buckets = Bucketing::new(1, 2, start_s);
+    let device = device_bytes("veth0");
+    let (mut seq, mut counted) = (1u32, 0u64);
+    let t0 = Instant::now();
+    for i in 0..count {
+        let n = frames.len();
+        let f = &mut frames[i as usize % n];
+        f[38..42].copy_from_slice(&seq.to_be_bytes());
+        seq = seq.wrapping_add((f.len() - 54) as u32);
+        let ts_ns = (start_s as u64) * 1_000_000_000 + i * 10_000;
+        let (sec, nsec) = ((ts_ns / 1_000_000_000) as i64, (ts_ns % 1_000_000_000) as i64);
+        let data: &[u8] = f;
+        // The worker's count closure, frame by frame (see Device::drain_into).
+        let meta = packet::parse(data, LinkLayer::Ethernet, 0x0800).ok();
+        if let Some(dir) = classify(false, 0, meta.as_ref(), &[port]) {
+            buckets.record(sec, i64::MAX, dir, data.len() as u64);
+            if let Some(m) = meta.as_ref() {
+                let clock = Clock { ts_us: sec * 1_000_000 + nsec / 1000, interval_secs: 1 };
+                let ev =
+                    flows.record(&FlowKey::of(device, dir, m, &[port]), dir, m.tcp.as_ref(), data.len() as u32, clock);
+                if !ev.is_zero() {
+                    buckets.record_tcp(sec, i64::MAX, &ev);
+                }
+            }
+            counted += 1;
+        }
+        if i % 100_000 == 0 {
+            let _ = buckets.close_due(sec - 3);
+        }
+    }
+    let ns = t0.elapsed().as_nanos() as f64 / count.max(1) as f64;
+    println!("{{\"frames\": {count}, \"counted\": {counted}, \"ns_per_frame\": {ns:.1}}}");
 }
