@@ -11,6 +11,10 @@ REBUILDS = 12
 
 
 def test_rebuilds_under_load_lose_and_double_nothing(cluster, tmp_path):
+    # A ring of 4 MB: libpcap (the pcap backend) takes longer than the ring to open a
+    # capture, and a flood must not overflow the old one meanwhile.
+    cluster.sql("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = '4MB'")
+    cluster.sql("SELECT pg_reload_conf()")
     try:
         with Tcpdump("lo", cluster.port, tmp_path) as dump:
             load = subprocess.Popen(
@@ -36,4 +40,5 @@ def test_rebuilds_under_load_lose_and_double_nothing(cluster, tmp_path):
         assert cluster.log().count("new settings, ") >= REBUILDS
     finally:
         cluster.sql("ALTER SYSTEM RESET pg_netstat.pcap_timeout")
+        cluster.sql("ALTER SYSTEM RESET pg_netstat.pcap_buffer_size")
         cluster.sql("SELECT pg_reload_conf()")
