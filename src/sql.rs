@@ -29,10 +29,47 @@ fn as_i64(v: u64) -> i64 {
 /// A result column as the library builds it: name and type.
 type Column = (&'static str, pg_sys::Oid);
 
-const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
-const TSTZ: pg_sys::Oid = pg_sys::TIMESTAMPTZOID;
-const INT8: pg_sys::Oid = pg_sys::INT8OID;
-const INT4: pg_sys::Oid = pg_sys::INT4OID;
+/// The PostgreSQL type a result column of this Rust type has in the catalog.
+trait ColumnType {
+    const OID: pg_sys::Oid;
+}
+
+impl ColumnType for String {
+    const OID: pg_sys::Oid = pg_sys::TEXTOID;
+}
+
+impl ColumnType for i64 {
+    const OID: pg_sys::Oid = pg_sys::INT8OID;
+}
+
+impl ColumnType for i32 {
+    const OID: pg_sys::Oid = pg_sys::INT4OID;
+}
+
+impl ColumnType for TimestampWithTimeZone {
+    const OID: pg_sys::Oid = pg_sys::TIMESTAMPTZOID;
+}
+
+impl<T: ColumnType> ColumnType for Option<T> {
+    const OID: pg_sys::Oid = T::OID;
+}
+
+/// A set-returning function whose result columns are written once, as `name: Type`
+/// pairs: from them come both the `name!()` tuple pgrx turns into the SQL definition and
+/// the list `check_result_columns` holds the catalog to, so the two cannot drift.
+macro_rules! rows_fn {
+    (
+        $(#[$attr:meta])*
+        fn $f:ident($($arg:ident: $argty:ty),* $(,)?) -> rows($($col:ident: $t:ty),* $(,)?) $body:block
+    ) => {
+        $(#[$attr])*
+        #[pg_extern(volatile, parallel_restricted)]
+        fn $f($($arg: $argty,)* fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<'static, ($(name!($col, $t),)*)> {
+            check_result_columns(fcinfo, stringify!($f), &[$((stringify!($col), <$t as ColumnType>::OID)),*]);
+            $body
+        }
+    };
+}
 
 /// Refuses to run when the SQL definition that called us does not match what this
 /// library returns. It happens between installing a newer package and `ALTER EXTENSION
@@ -81,209 +118,144 @@ fn check_result_columns(fcinfo: pg_sys::FunctionCallInfo, function: &str, column
     }
 }
 
-const PG_NETSTAT_HISTORY_COLUMNS: &[Column] = &[
-    ("device", TEXT),
-    ("ts", TSTZ),
-    ("packets_in", INT8),
-    ("packets_out", INT8),
-    ("packets_in_speed", INT8),
-    ("packets_out_speed", INT8),
-    ("bytes_in", INT8),
-    ("bytes_out", INT8),
-    ("bytes_in_speed", INT8),
-    ("bytes_out_speed", INT8),
-    ("created_at", TSTZ),
-];
-
-/// Every closed interval of every captured device; the `pg_netstat` view orders it.
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_history(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(device, String),
-        name!(ts, TimestampWithTimeZone),
-        name!(packets_in, i64),
-        name!(packets_out, i64),
-        name!(packets_in_speed, i64),
-        name!(packets_out_speed, i64),
-        name!(bytes_in, i64),
-        name!(bytes_out, i64),
-        name!(bytes_in_speed, i64),
-        name!(bytes_out_speed, i64),
-        name!(created_at, TimestampWithTimeZone),
-    ),
-> {
-    check_result_columns(fcinfo, "pg_netstat_history", PG_NETSTAT_HISTORY_COLUMNS);
-    let row = |device: &str, s: &Slot| {
-        let secs = s.secs.max(1) as u64;
-        let c = s.counters;
-        (
-            device.to_string(),
-            timestamptz(s.start * 1_000_000),
-            as_i64(c.packets_in),
-            as_i64(c.packets_out),
-            as_i64(c.packets_in / secs),
-            as_i64(c.packets_out / secs),
-            as_i64(c.bytes_in),
-            as_i64(c.bytes_out),
-            as_i64(c.bytes_in / secs),
-            as_i64(c.bytes_out / secs),
-            timestamptz(s.created_at_us),
-        )
-    };
-    let rows: Vec<_> = {
-        let shared = STATE.share();
-        shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
-    };
-    TableIterator::new(rows)
+rows_fn! {
+    /// Every closed interval of every captured device; the `pg_netstat` view orders it.
+    fn pg_netstat_history() -> rows(
+        device: String,
+        ts: TimestampWithTimeZone,
+        packets_in: i64,
+        packets_out: i64,
+        packets_in_speed: i64,
+        packets_out_speed: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        bytes_in_speed: i64,
+        bytes_out_speed: i64,
+        created_at: TimestampWithTimeZone,
+    ) {
+        let row = |device: &str, s: &Slot| {
+            let secs = s.secs.max(1) as u64;
+            let c = s.counters;
+            (
+                device.to_string(),
+                timestamptz(s.start * 1_000_000),
+                as_i64(c.packets_in),
+                as_i64(c.packets_out),
+                as_i64(c.packets_in / secs),
+                as_i64(c.packets_out / secs),
+                as_i64(c.bytes_in),
+                as_i64(c.bytes_out),
+                as_i64(c.bytes_in / secs),
+                as_i64(c.bytes_out / secs),
+                timestamptz(s.created_at_us),
+            )
+        };
+        let rows: Vec<_> = {
+            let shared = STATE.share();
+            shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
+        };
+        TableIterator::new(rows)
+    }
 }
 
-const PG_NETSTAT_DEVICE_STATUS_COLUMNS: &[Column] = &[
-    ("device", TEXT),
-    ("capture_method", TEXT),
-    ("state", TEXT),
-    ("state_since", TSTZ),
-    ("packets_in", INT8),
-    ("packets_out", INT8),
-    ("bytes_in", INT8),
-    ("bytes_out", INT8),
-    ("kernel_drops", INT8),
-    ("ring_freezes", INT8),
-    ("last_error", TEXT),
-];
-
-/// Capture status per device: whether it is counting, and if not, why.
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_device_status(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(device, String),
-        name!(capture_method, String),
-        name!(state, String),
-        name!(state_since, TimestampWithTimeZone),
-        name!(packets_in, i64),
-        name!(packets_out, i64),
-        name!(bytes_in, i64),
-        name!(bytes_out, i64),
-        name!(kernel_drops, i64),
-        name!(ring_freezes, i64),
-        name!(last_error, Option<String>),
-    ),
-> {
-    check_result_columns(fcinfo, "pg_netstat_device_status", PG_NETSTAT_DEVICE_STATUS_COLUMNS);
-    let rows: Vec<_> = {
-        let shared = STATE.share();
-        shared
-            .devices
-            .iter()
-            .filter(|d| d.in_use)
-            .map(|d| {
-                let err = d.last_error();
-                (
-                    d.name().to_string(),
-                    CaptureMethod::from_i32(d.method as i32).as_str().to_string(),
-                    d.state.as_str().to_string(),
-                    timestamptz(d.state_since_us),
-                    as_i64(d.total.packets_in.saturating_sub(d.total_base.packets_in)),
-                    as_i64(d.total.packets_out.saturating_sub(d.total_base.packets_out)),
-                    as_i64(d.total.bytes_in.saturating_sub(d.total_base.bytes_in)),
-                    as_i64(d.total.bytes_out.saturating_sub(d.total_base.bytes_out)),
-                    as_i64(d.kernel_drops),
-                    as_i64(d.ring_freezes),
-                    (!err.is_empty()).then(|| err.to_string()),
-                )
-            })
-            .collect()
-    };
-    TableIterator::new(rows)
+rows_fn! {
+    /// Capture status per device: whether it is counting, and if not, why.
+    fn pg_netstat_device_status() -> rows(
+        device: String,
+        capture_method: String,
+        state: String,
+        state_since: TimestampWithTimeZone,
+        packets_in: i64,
+        packets_out: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        kernel_drops: i64,
+        ring_freezes: i64,
+        last_error: Option<String>,
+    ) {
+        let rows: Vec<_> = {
+            let shared = STATE.share();
+            shared
+                .devices
+                .iter()
+                .filter(|d| d.in_use)
+                .map(|d| {
+                    let err = d.last_error();
+                    (
+                        d.name().to_string(),
+                        CaptureMethod::from_i32(d.method as i32).as_str().to_string(),
+                        d.state.as_str().to_string(),
+                        timestamptz(d.state_since_us),
+                        as_i64(d.total.packets_in.saturating_sub(d.total_base.packets_in)),
+                        as_i64(d.total.packets_out.saturating_sub(d.total_base.packets_out)),
+                        as_i64(d.total.bytes_in.saturating_sub(d.total_base.bytes_in)),
+                        as_i64(d.total.bytes_out.saturating_sub(d.total_base.bytes_out)),
+                        as_i64(d.kernel_drops),
+                        as_i64(d.ring_freezes),
+                        (!err.is_empty()).then(|| err.to_string()),
+                    )
+                })
+                .collect()
+        };
+        TableIterator::new(rows)
+    }
 }
 
-const PG_NETSTAT_INTERVAL_HISTORY_COLUMNS: &[Column] = &[
-    ("device", TEXT),
-    ("ts", TSTZ),
-    ("interval_seconds", INT4),
-    ("packets_in", INT8),
-    ("packets_out", INT8),
-    ("bytes_in", INT8),
-    ("bytes_out", INT8),
-    ("kernel_drops", INT8),
-    ("late_packets", INT8),
-    ("created_at", TSTZ),
-    ("connection_attempts", INT8),
-    ("resets_in", INT8),
-    ("resets_out", INT8),
-    ("retransmits_in", INT8),
-    ("retransmits_out", INT8),
-    ("zero_windows_in", INT8),
-    ("zero_windows_out", INT8),
-    ("out_of_order_in", INT8),
-    ("out_of_order_out", INT8),
-];
-
-/// Every closed interval with what the compatible view leaves out: its own length (it
-/// changes when pg_netstat.interval is reloaded), packets the kernel dropped, and
-/// packets counted late.
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_interval_history(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(device, String),
-        name!(ts, TimestampWithTimeZone),
-        name!(interval_seconds, i32),
-        name!(packets_in, i64),
-        name!(packets_out, i64),
-        name!(bytes_in, i64),
-        name!(bytes_out, i64),
-        name!(kernel_drops, i64),
-        name!(late_packets, i64),
-        name!(created_at, TimestampWithTimeZone),
-        name!(connection_attempts, i64),
-        name!(resets_in, i64),
-        name!(resets_out, i64),
-        name!(retransmits_in, i64),
-        name!(retransmits_out, i64),
-        name!(zero_windows_in, i64),
-        name!(zero_windows_out, i64),
-        name!(out_of_order_in, i64),
-        name!(out_of_order_out, i64),
-    ),
-> {
-    check_result_columns(fcinfo, "pg_netstat_interval_history", PG_NETSTAT_INTERVAL_HISTORY_COLUMNS);
-    let row = |device: &str, s: &Slot| {
-        let t = s.tcp;
-        (
-            device.to_string(),
-            timestamptz(s.start * 1_000_000),
-            i32::try_from(s.secs).unwrap_or(i32::MAX),
-            as_i64(s.counters.packets_in),
-            as_i64(s.counters.packets_out),
-            as_i64(s.counters.bytes_in),
-            as_i64(s.counters.bytes_out),
-            as_i64(s.kernel_drops),
-            as_i64(s.late),
-            timestamptz(s.created_at_us),
-            as_i64(t.syn),
-            as_i64(t.rst_in),
-            as_i64(t.rst_out),
-            as_i64(t.retrans_in),
-            as_i64(t.retrans_out),
-            as_i64(t.zero_window_in),
-            as_i64(t.zero_window_out),
-            as_i64(t.ooo_in),
-            as_i64(t.ooo_out),
-        )
-    };
-    let rows: Vec<_> = {
-        let shared = STATE.share();
-        shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
-    };
-    TableIterator::new(rows)
+rows_fn! {
+    /// Every closed interval with what the compatible view leaves out: its own length (it
+    /// changes when pg_netstat.interval is reloaded), packets the kernel dropped, and
+    /// packets counted late.
+    fn pg_netstat_interval_history() -> rows(
+        device: String,
+        ts: TimestampWithTimeZone,
+        interval_seconds: i32,
+        packets_in: i64,
+        packets_out: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        kernel_drops: i64,
+        late_packets: i64,
+        created_at: TimestampWithTimeZone,
+        connection_attempts: i64,
+        resets_in: i64,
+        resets_out: i64,
+        retransmits_in: i64,
+        retransmits_out: i64,
+        zero_windows_in: i64,
+        zero_windows_out: i64,
+        out_of_order_in: i64,
+        out_of_order_out: i64,
+    ) {
+        let row = |device: &str, s: &Slot| {
+            let t = s.tcp;
+            (
+                device.to_string(),
+                timestamptz(s.start * 1_000_000),
+                i32::try_from(s.secs).unwrap_or(i32::MAX),
+                as_i64(s.counters.packets_in),
+                as_i64(s.counters.packets_out),
+                as_i64(s.counters.bytes_in),
+                as_i64(s.counters.bytes_out),
+                as_i64(s.kernel_drops),
+                as_i64(s.late),
+                timestamptz(s.created_at_us),
+                as_i64(t.syn),
+                as_i64(t.rst_in),
+                as_i64(t.rst_out),
+                as_i64(t.retrans_in),
+                as_i64(t.retrans_out),
+                as_i64(t.zero_window_in),
+                as_i64(t.zero_window_out),
+                as_i64(t.ooo_in),
+                as_i64(t.ooo_out),
+            )
+        };
+        let rows: Vec<_> = {
+            let shared = STATE.share();
+            shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
+        };
+        TableIterator::new(rows)
+    }
 }
 
 /// Makes the capture worker raise an ERROR at its next wake-up, so an operator (or a
@@ -319,131 +291,91 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
-const PG_NETSTAT_FLOWS_COLUMNS: &[Column] = &[
-    ("device", TEXT),
-    ("client_addr", TEXT),
-    ("client_port", INT4),
-    ("server_addr", TEXT),
-    ("server_port", INT4),
-    ("pid", INT4),
-    ("role", TEXT),
-    ("database", TEXT),
-    ("auth", TEXT),
-    ("packets_in", INT8),
-    ("packets_out", INT8),
-    ("bytes_in", INT8),
-    ("bytes_out", INT8),
-    ("interval_start", TSTZ),
-    ("interval_packets_in", INT8),
-    ("interval_packets_out", INT8),
-    ("interval_bytes_in", INT8),
-    ("interval_bytes_out", INT8),
-    ("fins_in", INT8),
-    ("fins_out", INT8),
-    ("resets_in", INT8),
-    ("resets_out", INT8),
-    ("retransmits_in", INT8),
-    ("retransmits_out", INT8),
-    ("zero_windows_in", INT8),
-    ("zero_windows_out", INT8),
-    ("out_of_order_in", INT8),
-    ("out_of_order_out", INT8),
-    ("state", TEXT),
-    ("first_seen", TSTZ),
-    ("last_seen", TSTZ),
-    ("closed_at", TSTZ),
-];
-
-/// Every TCP connection the worker is tracking, with what the backends told about
-/// themselves. `pg_netstat_connections` joins it to pg_stat_activity. The "interval"
-/// columns are the last closed interval (the newest row `pg_netstat` can show).
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_flows(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(device, String),
-        name!(client_addr, String),
-        name!(client_port, i32),
-        name!(server_addr, String),
-        name!(server_port, i32),
-        name!(pid, Option<i32>),
-        name!(role, Option<String>),
-        name!(database, Option<String>),
-        name!(auth, Option<String>),
-        name!(packets_in, i64),
-        name!(packets_out, i64),
-        name!(bytes_in, i64),
-        name!(bytes_out, i64),
-        name!(interval_start, TimestampWithTimeZone),
-        name!(interval_packets_in, i64),
-        name!(interval_packets_out, i64),
-        name!(interval_bytes_in, i64),
-        name!(interval_bytes_out, i64),
-        name!(fins_in, i64),
-        name!(fins_out, i64),
-        name!(resets_in, i64),
-        name!(resets_out, i64),
-        name!(retransmits_in, i64),
-        name!(retransmits_out, i64),
-        name!(zero_windows_in, i64),
-        name!(zero_windows_out, i64),
-        name!(out_of_order_in, i64),
-        name!(out_of_order_out, i64),
-        name!(state, String),
-        name!(first_seen, TimestampWithTimeZone),
-        name!(last_seen, TimestampWithTimeZone),
-        name!(closed_at, Option<TimestampWithTimeZone>),
-    ),
-> {
-    check_result_columns(fcinfo, "pg_netstat_flows", PG_NETSTAT_FLOWS_COLUMNS);
-    let s = Settings::current();
-    let last_closed = align(now_us() / 1_000_000 - s.packet_wait_time as i64, s.interval) - s.interval as i64;
-    let row = |f: &Flow| {
-        let (status, pid, role, db) = (f.status, f.pid, &f.role, &f.database);
-        let iv = f.interval(last_closed);
-        let t = f.tcp;
-        (
-            name_str(&f.key.device).to_string(),
-            addr_text(&f.key.client_addr, f.key.ipv6),
-            f.key.client_port as i32,
-            addr_text(&f.key.server_addr, f.key.ipv6),
-            f.key.server_port as i32,
-            (pid > 0).then_some(pid),
-            opt_name(role),
-            opt_name(db),
-            status.as_str().map(str::to_string),
-            as_i64(f.total.packets_in),
-            as_i64(f.total.packets_out),
-            as_i64(f.total.bytes_in),
-            as_i64(f.total.bytes_out),
-            timestamptz(last_closed * 1_000_000),
-            as_i64(iv.packets_in),
-            as_i64(iv.packets_out),
-            as_i64(iv.bytes_in),
-            as_i64(iv.bytes_out),
-            as_i64(t.fin_in),
-            as_i64(t.fin_out),
-            as_i64(t.rst_in),
-            as_i64(t.rst_out),
-            as_i64(t.retrans_in),
-            as_i64(t.retrans_out),
-            as_i64(t.zero_window_in),
-            as_i64(t.zero_window_out),
-            as_i64(t.ooo_in),
-            as_i64(t.ooo_out),
-            f.end_state().unwrap_or("open").to_string(),
-            timestamptz(f.first_seen_us),
-            timestamptz(f.last_seen_us),
-            (f.closed_us != 0).then(|| timestamptz(f.closed_us)),
-        )
-    };
-    // Copied a chunk at a time, rows built outside the lock: the worker never waits
-    // for the formatting of a large table. Owners are resolved in the table itself as
-    // soon as a backend registers, so a connection shows its role from then on.
-    let rows: Vec<_> = flowshm::snapshot_flows().iter().map(row).collect();
-    TableIterator::new(rows)
+rows_fn! {
+    /// Every TCP connection the worker is tracking, with what the backends told about
+    /// themselves. `pg_netstat_connections` joins it to pg_stat_activity. The "interval"
+    /// columns are the last closed interval (the newest row `pg_netstat` can show).
+    fn pg_netstat_flows() -> rows(
+        device: String,
+        client_addr: String,
+        client_port: i32,
+        server_addr: String,
+        server_port: i32,
+        pid: Option<i32>,
+        role: Option<String>,
+        database: Option<String>,
+        auth: Option<String>,
+        packets_in: i64,
+        packets_out: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        interval_start: TimestampWithTimeZone,
+        interval_packets_in: i64,
+        interval_packets_out: i64,
+        interval_bytes_in: i64,
+        interval_bytes_out: i64,
+        fins_in: i64,
+        fins_out: i64,
+        resets_in: i64,
+        resets_out: i64,
+        retransmits_in: i64,
+        retransmits_out: i64,
+        zero_windows_in: i64,
+        zero_windows_out: i64,
+        out_of_order_in: i64,
+        out_of_order_out: i64,
+        state: String,
+        first_seen: TimestampWithTimeZone,
+        last_seen: TimestampWithTimeZone,
+        closed_at: Option<TimestampWithTimeZone>,
+    ) {
+        let s = Settings::current();
+        let last_closed = align(now_us() / 1_000_000 - s.packet_wait_time as i64, s.interval) - s.interval as i64;
+        let row = |f: &Flow| {
+            let (status, pid, role, db) = (f.status, f.pid, &f.role, &f.database);
+            let iv = f.interval(last_closed);
+            let t = f.tcp;
+            (
+                name_str(&f.key.device).to_string(),
+                addr_text(&f.key.client_addr, f.key.ipv6),
+                f.key.client_port as i32,
+                addr_text(&f.key.server_addr, f.key.ipv6),
+                f.key.server_port as i32,
+                (pid > 0).then_some(pid),
+                opt_name(role),
+                opt_name(db),
+                status.as_str().map(str::to_string),
+                as_i64(f.total.packets_in),
+                as_i64(f.total.packets_out),
+                as_i64(f.total.bytes_in),
+                as_i64(f.total.bytes_out),
+                timestamptz(last_closed * 1_000_000),
+                as_i64(iv.packets_in),
+                as_i64(iv.packets_out),
+                as_i64(iv.bytes_in),
+                as_i64(iv.bytes_out),
+                as_i64(t.fin_in),
+                as_i64(t.fin_out),
+                as_i64(t.rst_in),
+                as_i64(t.rst_out),
+                as_i64(t.retrans_in),
+                as_i64(t.retrans_out),
+                as_i64(t.zero_window_in),
+                as_i64(t.zero_window_out),
+                as_i64(t.ooo_in),
+                as_i64(t.ooo_out),
+                f.end_state().unwrap_or("open").to_string(),
+                timestamptz(f.first_seen_us),
+                timestamptz(f.last_seen_us),
+                (f.closed_us != 0).then(|| timestamptz(f.closed_us)),
+            )
+        };
+        // Copied a chunk at a time, rows built outside the lock: the worker never waits
+        // for the formatting of a large table. Owners are resolved in the table itself as
+        // soon as a backend registers, so a connection shows its role from then on.
+        let rows: Vec<_> = flowshm::snapshot_flows().iter().map(row).collect();
+        TableIterator::new(rows)
+    }
 }
 
 type TotalsRow = (Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, Option<TimestampWithTimeZone>);
@@ -475,81 +407,44 @@ fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
         .collect()
 }
 
-const PG_NETSTAT_TOTALS_COLUMNS: &[Column] = &[
-    ("name", TEXT),
-    ("connections", INT8),
-    ("packets_in", INT8),
-    ("packets_out", INT8),
-    ("bytes_in", INT8),
-    ("bytes_out", INT8),
-    ("connection_attempts", INT8),
-    ("resets_in", INT8),
-    ("resets_out", INT8),
-    ("retransmits_in", INT8),
-    ("retransmits_out", INT8),
-    ("zero_windows", INT8),
-    ("stats_reset", TSTZ),
-];
-
-/// Cumulative traffic per role (`kind` = 'role') or per database ('database') since the
-/// last reset: ended connections (folded) and live ones. The row with a NULL name holds
-/// connections no backend claimed. Behind the pg_netstat_roles / _databases views.
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_totals(
-    kind: &str,
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(name, Option<String>),
-        name!(connections, i64),
-        name!(packets_in, i64),
-        name!(packets_out, i64),
-        name!(bytes_in, i64),
-        name!(bytes_out, i64),
-        name!(connection_attempts, i64),
-        name!(resets_in, i64),
-        name!(resets_out, i64),
-        name!(retransmits_in, i64),
-        name!(retransmits_out, i64),
-        name!(zero_windows, i64),
-        name!(stats_reset, Option<TimestampWithTimeZone>),
-    ),
-> {
-    check_result_columns(fcinfo, "pg_netstat_totals", PG_NETSTAT_TOTALS_COLUMNS);
-    let by_role = match kind {
-        "role" => true,
-        "database" => false,
-        other => error!("pg_netstat_totals: kind must be 'role' or 'database', not '{other}'"),
-    };
-    TableIterator::new(totals_rows(by_role))
+rows_fn! {
+    /// Cumulative traffic per role (`kind` = 'role') or per database ('database') since the
+    /// last reset: ended connections (folded) and live ones. The row with a NULL name holds
+    /// connections no backend claimed. Behind the pg_netstat_roles / _databases views.
+    fn pg_netstat_totals(kind: &str) -> rows(
+        name: Option<String>,
+        connections: i64,
+        packets_in: i64,
+        packets_out: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        connection_attempts: i64,
+        resets_in: i64,
+        resets_out: i64,
+        retransmits_in: i64,
+        retransmits_out: i64,
+        zero_windows: i64,
+        stats_reset: Option<TimestampWithTimeZone>,
+    ) {
+        let by_role = match kind {
+            "role" => true,
+            "database" => false,
+            other => error!("pg_netstat_totals: kind must be 'role' or 'database', not '{other}'"),
+        };
+        TableIterator::new(totals_rows(by_role))
+    }
 }
 
-const PG_NETSTAT_FLOW_TABLE_STATUS_COLUMNS: &[Column] = &[
-    ("max_flows", INT4),
-    ("flows", INT4),
-    ("evictions", INT8),
-    ("folded", INT8),
-    ("owner_overflow", INT8),
-    ("stats_reset", TSTZ),
-];
-
-/// The flow table itself: size, use, and what it had to give up.
-#[pg_extern(volatile, parallel_restricted)]
-fn pg_netstat_flow_table_status(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(max_flows, i32),
-        name!(flows, i32),
-        name!(evictions, i64),
-        name!(folded, i64),
-        name!(owner_overflow, i64),
-        name!(stats_reset, Option<TimestampWithTimeZone>),
-    ),
-> {
-    check_result_columns(fcinfo, "pg_netstat_flow_table_status", PG_NETSTAT_FLOW_TABLE_STATUS_COLUMNS);
+rows_fn! {
+    /// The flow table itself: size, use, and what it had to give up.
+    fn pg_netstat_flow_table_status() -> rows(
+        max_flows: i32,
+        flows: i32,
+        evictions: i64,
+        folded: i64,
+        owner_overflow: i64,
+        stats_reset: Option<TimestampWithTimeZone>,
+    ) {
     let row = flowshm::read(|v| {
         let h = v.header;
         (
@@ -562,6 +457,7 @@ fn pg_netstat_flow_table_status(
         )
     });
     TableIterator::new(row.into_iter().collect::<Vec<_>>())
+    }
 }
 
 /// Starts the cumulative figures again from zero: role and database totals, the
