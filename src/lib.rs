@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 pub mod capture;
 pub mod counters;
+pub mod device;
 pub mod flows;
 pub mod handover;
 pub mod kernel_counters;

@@ -32,31 +32,7 @@ pub struct Slot {
     pub tcp: TcpCounters,
 }
 
-/// Where capture on one device stands; shown by `pg_netstat_devices`.
-#[repr(u8)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
-pub enum DeviceState {
-    #[default]
-    Starting = 0,
-    Capturing = 1,
-    Down = 2,
-    Missing = 3,
-    NoPermission = 4,
-    Error = 5,
-}
-
-impl DeviceState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceState::Starting => "starting",
-            DeviceState::Capturing => "capturing",
-            DeviceState::Down => "down",
-            DeviceState::Missing => "missing",
-            DeviceState::NoPermission => "no_permission",
-            DeviceState::Error => "error",
-        }
-    }
-}
+pub use crate::device::DeviceState;
 
 #[repr(C)]
 #[derive(Copy, Clone)]

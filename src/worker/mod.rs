@@ -3,24 +3,22 @@
 //! block, buckets packets by their own timestamps, and publishes closed intervals.
 
 use crate::capture::source::Source;
-use crate::capture::{
-    self, classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Frame, MAX_DEVICES,
-};
-use crate::counters::Counters;
-use crate::flows::{device_bytes, Clock, FlowKey, FlowTable};
+use crate::capture::{self, CaptureSettings, MAX_DEVICES};
+use crate::device;
 use crate::flowshm;
 use crate::gucs::Settings;
-use crate::handover::{self, Fate, Handover, HeldFrame};
 use crate::kernel_counters::KernelCounters;
 use crate::privileges;
-use crate::shmem::{DeviceState, INJECT_ERROR, STATE, WORKER_PID};
+use crate::shmem::{INJECT_ERROR, STATE, WORKER_PID};
 use crate::stats::{Bucketing, Closed};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+mod env;
+use env::{PgEnv, SharedFlows};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const WORKER_NAME: &str = "pg_netstat collector";
@@ -28,8 +26,6 @@ const WORKER_NAME: &str = "pg_netstat collector";
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// How often devices are looked at for down/up, removal and re-creation.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
 const PG_WAIT_EXTENSION: u32 = 0x0700_0000;
 const PGINVALID_SOCKET: pg_sys::pgsocket = -1;
 /// Closed or idle flows folded per hold of the flows lock, and holds per upkeep: a flood
@@ -104,402 +100,16 @@ unsafe fn set_sigterm_to_die() {
     unsafe { pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die)) };
 }
 
-/// Set once the missing-privilege warning has been logged, so a worker with several
-/// devices says it once, not once per device; cleared when capture works again.
-static PERMISSION_REPORTED: AtomicBool = AtomicBool::new(false);
-
 fn wall_now() -> (i64, i64) {
     // Before 1970 only on a badly broken clock; count it as 0 rather than fail.
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     (d.as_secs() as i64, d.as_micros() as i64)
 }
 
-fn log_report(level: PgLogLevel, code: PgSqlErrorCode, message: String, hint: Option<&str>) {
-    let mut r = ErrorReport::new(code, message, "pg_netstat worker");
-    if let Some(h) = hint {
-        r = r.set_hint(h);
-    }
-    r.report(level);
-}
+type Device = device::Device<Source>;
 
-const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). Start the server with it, e.g. \
-    setpriv --inh-caps=+net_raw --ambient-caps=+net_raw pg_ctl start ..., or grant it to the binary once with \
-    setcap cap_net_raw=ep on the postgres executable. Capture is retried every minute.";
-
-/// The ring being replaced after a settings change. Until it is closed, both rings see
-/// every packet; `handover` decides which of them counts each one (see handover.rs), so
-/// a rebuild neither loses nor double-counts a packet.
-struct RetiringRing {
-    ring: Source,
-    /// Its running drop count already charged.
-    drops_seen: u64,
-    handover: Handover<HeldFrame>,
-    close_at: Instant,
-    /// Being closed: resolve the handover with what both rings have handed over.
-    closing: bool,
-}
-
-struct Device {
-    name: String,
-    info: Option<DeviceInfo>,
-    ring: Option<Source>,
-    old_ring: Option<RetiringRing>,
-    /// The last drain stopped at its bound with packets waiting.
-    more: bool,
-    buckets: Bucketing,
-    state: DeviceState,
-    error: String,
-    retry_at: Instant,
-    backoff: Duration,
-    /// Kernel drops and ring freezes, across every source this device has had.
-    kernel: KernelCounters,
-    total: Counters,
-    /// State or error changed and is not yet in shared memory. (Totals are published
-    /// with each closed interval, so the hot path never takes the lock.)
-    dirty: bool,
-}
-
-impl Device {
-    fn new(name: String, s: &Settings, now: i64) -> Device {
-        Device {
-            name,
-            info: None,
-            ring: None,
-            old_ring: None,
-            more: false,
-            buckets: Bucketing::new(s.interval, s.packet_wait_time, now),
-            state: DeviceState::Starting,
-            error: String::new(),
-            retry_at: Instant::now(),
-            backoff: RETRY_FIRST,
-            kernel: KernelCounters::default(),
-            total: Counters::default(),
-            dirty: true,
-        }
-    }
-
-    /// Records a new state; logs only when the state or the message changes, so a
-    /// device that keeps failing the same way is reported once.
-    fn set_state(&mut self, state: DeviceState, error: String) {
-        if state == self.state && error == self.error {
-            return;
-        }
-        match state {
-            DeviceState::Capturing => {
-                PERMISSION_REPORTED.store(false, Ordering::Relaxed);
-                log!("pg_netstat: capturing on device \"{}\"", self.name);
-            }
-            DeviceState::NoPermission => {
-                if !PERMISSION_REPORTED.swap(true, Ordering::Relaxed) {
-                    log_report(
-                        PgLogLevel::WARNING,
-                        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                        format!("pg_netstat: cannot capture network traffic: {error}"),
-                        Some(PERMISSION_HINT),
-                    )
-                }
-            }
-            DeviceState::Missing => log_report(
-                PgLogLevel::WARNING,
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("pg_netstat: network device \"{}\" does not exist", self.name),
-                Some("Check pg_netstat.devices (ip link lists the devices). Capture starts when the device appears."),
-            ),
-            DeviceState::Down => {
-                log!("pg_netstat: network device \"{}\" is down; capture resumes when it is up", self.name)
-            }
-            DeviceState::Error => log_report(
-                PgLogLevel::WARNING,
-                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                format!("pg_netstat: capture on device \"{}\" failed: {}", self.name, error),
-                Some("Capture is retried with a growing delay."),
-            ),
-            DeviceState::Starting => {}
-        }
-        self.state = state;
-        self.error = error;
-        self.dirty = true;
-    }
-
-    /// Learns the current source's kernel counters and charges the new drops to the
-    /// interval open at `now`.
-    fn observe_kernel(&mut self, now: i64) {
-        if let Some(r) = self.ring.as_mut() {
-            if let Ok(st) = r.read_kernel_stats() {
-                let new = self.kernel.observe(st.dropped, st.freezes);
-                self.buckets.record_drops(now, new);
-            }
-        }
-    }
-
-    /// Takes the current source away (replaced, or failed), keeping what it reported.
-    fn take_source(&mut self) -> Option<Source> {
-        self.observe_kernel(wall_now().0);
-        self.kernel.source_replaced();
-        self.ring.take()
-    }
-
-    /// Closes the ring being replaced, charging the drops it reported since.
-    fn close_old_ring(&mut self) {
-        if let Some(mut old) = self.old_ring.take() {
-            if let Ok(st) = old.ring.read_kernel_stats() {
-                let n = st.dropped.saturating_sub(old.drops_seen);
-                self.buckets.record_drops(wall_now().0, n);
-                self.kernel.charge_retired(n);
-            }
-        }
-    }
-
-    fn fail(&mut self, state: DeviceState, error: String) {
-        self.take_source();
-        self.close_old_ring();
-        self.set_state(state, error);
-        let delay = if state == DeviceState::NoPermission { RETRY_MAX } else { self.backoff };
-        self.retry_at = Instant::now() + delay;
-        self.backoff = (self.backoff * 2).min(RETRY_MAX);
-    }
-
-    fn open(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
-        let info = match capture::device_info(&self.name) {
-            Ok(Some(i)) => i,
-            Ok(None) => return self.fail(DeviceState::Missing, "no such device".into()),
-            Err(e) => return self.fail(DeviceState::Error, format!("device lookup failed: {e}")),
-        };
-        match Source::open(method, &info, ports, settings) {
-            Ok(ring) => {
-                log!("pg_netstat: device \"{}\": {}", self.name, ring.describe());
-                self.take_source();
-                self.ring = Some(ring);
-                self.backoff = RETRY_FIRST;
-                let state = if info.up { DeviceState::Capturing } else { DeviceState::Down };
-                self.info = Some(info);
-                self.set_state(state, String::new());
-            }
-            Err(CaptureError::Permission(e)) => {
-                self.fail(DeviceState::NoPermission, format!("{e} (CAP_NET_RAW missing)"))
-            }
-            Err(CaptureError::NoSuchDevice(_)) => self.fail(DeviceState::Missing, "no such device".into()),
-            Err(e) => self.fail(DeviceState::Error, e.to_string()),
-        }
-    }
-
-    /// Follows the device: down/up, gone, or re-created under the same name.
-    fn health_check(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
-        if self.ring.is_none() {
-            return;
-        }
-        match capture::device_info(&self.name) {
-            Ok(None) => self.fail(DeviceState::Missing, "device removed".into()),
-            Ok(Some(now)) => {
-                let before = self.info.as_ref().map(|i| i.ifindex);
-                if before != Some(now.ifindex) {
-                    // Same name, new device: the old socket is bound to a dead ifindex.
-                    self.take_source();
-                    self.open(ports, method, settings);
-                } else {
-                    let state = if now.up { DeviceState::Capturing } else { DeviceState::Down };
-                    self.set_state(state, String::new());
-                    self.info = Some(now);
-                }
-            }
-            Err(e) => log!("pg_netstat: cannot look at device \"{}\": {e}", self.name),
-        }
-    }
-
-    /// Reads what the kernel has handed over: one ring block per hold of the flows lock
-    /// (bounded work: a login waits for at most one block), at most one lap per call so
-    /// a flood cannot starve the rest of the loop. Returns the blocks read.
-    fn drain(&mut self, ports: &[u16]) -> u32 {
-        let lap =
-            self.ring.iter().chain(self.old_ring.as_ref().map(|o| &o.ring)).map(Source::blocks_per_lap).sum::<u32>();
-        if !flowshm::enabled() {
-            return self.drain_into(ports, None, lap);
-        }
-        let mut blocks = 0;
-        while blocks < lap.max(1) {
-            let n = flowshm::write(|t| self.drain_into(ports, Some(t), 1)).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            blocks += n;
-        }
-        blocks
-    }
-
-    /// Reads at most `max_blocks` blocks from each of the device's rings.
-    fn drain_into(&mut self, ports: &[u16], mut flows: Option<&mut FlowTable<'_>>, max_blocks: u32) -> u32 {
-        // The wall clock bounds the packets' own stamps (a stamp from the future after a
-        // clock step counts now). Read again whenever a frame is stamped later than the
-        // last reading, so no frame is ever pulled back across an interval edge.
-        let mut now = wall_now().0;
-        let device_key = device_bytes(&self.name);
-        let Device { ring, old_ring, info, buckets, total, more, kernel, .. } = self;
-        let Some(info) = info.as_ref() else {
-            return 0;
-        };
-        let interval_secs = buckets.secs();
-        let mut count = |f: &Frame<'_>, link, by_ports: bool| {
-            if f.sec as i64 > now {
-                now = wall_now().0;
-            }
-            // Off loopback the kernel's packet type is the direction, so without flows
-            // only loopback pays for parsing.
-            let meta = if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
-            if let Some(dir) = classify(by_ports, f.pkttype, meta.as_ref(), ports) {
-                buckets.record(f.sec as i64, now, dir, f.len as u64);
-                total.add(dir, f.len as u64);
-                if let (Some(t), Some(m)) = (flows.as_deref_mut(), meta.as_ref()) {
-                    let clock = Clock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
-                    let ev = t.record(&FlowKey::of(device_key, dir, m, ports), dir, m.tcp.as_ref(), f.len, clock);
-                    if !ev.is_zero() {
-                        buckets.record_tcp(f.sec as i64, now, &ev);
-                    }
-                }
-            }
-        };
-        let mut blocks = 0;
-        let mut failure = None;
-        let mut dropped = 0;
-        if let Some(old) = old_ring.as_mut() {
-            let (link, by_ports) = (old.ring.link(), old.ring.direction_by_ports(info));
-            let RetiringRing { ring: old_source, handover: h, .. } = old;
-            let drained = old_source.drain_blocks(max_blocks, |f| match h.old_fate(handover::ts_ns(f)) {
-                Fate::Count => count(f, link, by_ports),
-                Fate::Hold => h.hold_old(handover::hold(f, link, by_ports)),
-                Fate::Ignore => {}
-            });
-            match drained {
-                Ok(st) => blocks += st.blocks,
-                // The old ring is on its way out; the new one carries on.
-                Err(_) => old.closing = true,
-            }
-        }
-        *more = false;
-        let mut hand = old_ring.as_mut().map(|o| &mut o.handover);
-        if let Some(r) = ring.as_mut() {
-            let (link, by_ports) = (r.link(), r.direction_by_ports(info));
-            let drained = r.drain_blocks(max_blocks, |f| {
-                let fate = hand.as_deref_mut().map_or(Fate::Count, |h| h.new_fate(handover::ts_ns(f)));
-                match (fate, hand.as_deref_mut()) {
-                    (Fate::Count, _) => count(f, link, by_ports),
-                    (Fate::Hold, Some(h)) => h.hold_new(handover::hold(f, link, by_ports)),
-                    _ => {}
-                }
-            });
-            match drained {
-                Ok(st) => {
-                    blocks += st.blocks;
-                    *more = st.more;
-                    // The kernel flags blocks written after it had to drop: learn how
-                    // many now, so they are charged to the interval they happened in.
-                    if st.losing {
-                        if let Ok(k) = r.read_kernel_stats() {
-                            dropped = kernel.observe(k.dropped, k.freezes);
-                        }
-                    }
-                }
-                Err(e) => failure = Some(e),
-            }
-        }
-        // Once both rings have handed over everything in the window around the cut (or
-        // the old one is closing), what they held is counted: oldest first, twins once,
-        // before anything newer.
-        if let Some(old) = old_ring.as_mut() {
-            if old.handover.ready() || (old.closing && !old.handover.resolved()) {
-                let held = old.handover.resolve();
-                let (o, n, w, m) = old.handover.stats;
-                debug1!(
-                    "pg_netstat: ring handover: held {o} old and {n} new frames, {w} of them in the window, {m} twins"
-                );
-                for h in &held {
-                    count(&h.frame.frame(), h.frame.link, h.frame.by_ports);
-                }
-            }
-        }
-        buckets.record_drops(wall_now().0, dropped);
-        if let Some(e) = failure {
-            match e {
-                CaptureError::DeviceDown(_) => self.fail(DeviceState::Down, String::new()),
-                CaptureError::NoSuchDevice(_) => self.fail(DeviceState::Missing, "device removed".into()),
-                e => self.fail(DeviceState::Error, e.to_string()),
-            }
-        }
-        blocks
-    }
-
-    /// Closes the replaced ring once every packet stamped before the split has had time
-    /// to be handed over. Returns true when a socket went away.
-    fn retire_old_ring(&mut self, ports: &[u16], force: bool) -> bool {
-        match &self.old_ring {
-            Some(old) if force || Instant::now() >= old.close_at => {
-                if let Some(old) = self.old_ring.as_mut() {
-                    old.closing = true;
-                }
-                self.drain(ports);
-                self.close_old_ring();
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Applies new ring settings: the new ring is bound before the old one is closed.
-    /// When the new ring cannot be had, the old one simply goes on, its counters untouched.
-    fn rebuild(&mut self, ports: &[u16], method: CaptureMethod, settings: CaptureSettings) {
-        self.retire_old_ring(ports, true);
-        if self.ring.is_none() {
-            // Not capturing (missing, no permission...): just try again with the new settings.
-            self.retry_at = Instant::now();
-            return;
-        }
-        let Ok(Some(info)) = capture::device_info(&self.name) else {
-            return; // the health check will deal with the device
-        };
-        match Source::open(method, &info, ports, settings) {
-            Ok(new) => {
-                log!("pg_netstat: device \"{}\": new settings, {}", self.name, new.describe());
-                self.observe_kernel(wall_now().0);
-                let drops_seen = self.kernel.current_source_drops();
-                let Some(old) = self.take_source() else { return };
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-                let grace = Duration::from_millis(old.retire_ms() as u64) + Duration::from_millis(250);
-                self.old_ring = Some(RetiringRing {
-                    drops_seen,
-                    ring: old,
-                    handover: Handover::new(now.as_nanos() as u64),
-                    close_at: Instant::now() + grace,
-                    closing: false,
-                });
-                self.ring = Some(new);
-                self.info = Some(info);
-            }
-            Err(e) => {
-                // Keep counting with the old settings rather than not at all.
-                log_report(
-                    PgLogLevel::WARNING,
-                    PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                    format!("pg_netstat: cannot apply the new capture settings on device \"{}\": {e}", self.name),
-                    Some("Capture goes on with the previous settings."),
-                );
-            }
-        }
-    }
-
-    /// A readable socket with no block for us: take the pending error so the socket
-    /// stops polling ready, and learn from it.
-    fn check_socket_error(&mut self) {
-        let Some(ring) = self.ring.as_ref() else { return };
-        match ring.take_error() {
-            Ok(None) => {}
-            Ok(Some(e)) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                self.set_state(DeviceState::Down, String::new());
-            }
-            Ok(Some(e)) if matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENXIO)) => {
-                self.fail(DeviceState::Missing, "device removed".into());
-            }
-            Ok(Some(e)) | Err(e) => self.fail(DeviceState::Error, format!("socket error: {e}")),
-        }
-    }
+fn new_device(name: String, s: &Settings, now: i64) -> Device {
+    Device::new(name, Bucketing::new(s.interval, s.packet_wait_time, now), Instant::now())
 }
 
 /// Notices wall-clock steps (NTP, an operator) by comparing the wall clock with the
@@ -610,7 +220,7 @@ impl Worker {
             settings.method.as_str()
         );
         let (now, _) = wall_now();
-        w.devices = names.into_iter().map(|n| Device::new(n, &settings, now)).collect();
+        w.devices = names.into_iter().map(|n| new_device(n, &settings, now)).collect();
         // History of devices still configured survives a worker restart; the rest goes.
         // Their running totals carry on from what the previous worker published, so
         // they never go back (only pg_netstat_reset() restarts what the views show).
@@ -645,9 +255,9 @@ impl Worker {
         let now = Instant::now();
         let cs = capture_settings(&self.settings);
         for d in self.devices.iter_mut() {
-            if d.ring.is_none() && d.retry_at <= now {
-                d.open(&self.ports, self.settings.method, cs);
-                if d.ring.is_some() {
+            if d.source.is_none() && d.retry_at <= now {
+                d.open_if_due(&mut PgEnv, &self.ports, self.settings.method, cs);
+                if d.source.is_some() {
                     self.set_dirty = true;
                 }
             }
@@ -674,13 +284,13 @@ impl Worker {
                 error!("pg_netstat: error injected by pg_netstat_inject_worker_error()");
             }
             for i in 0..self.devices.len() {
-                if self.devices[i].retire_old_ring(&self.ports, false) {
+                if self.devices[i].retire_due(&mut PgEnv, &mut SharedFlows, &self.ports, false) {
                     self.set_dirty = true;
                 }
-                let blocks = self.devices[i].drain(&self.ports);
+                let blocks = self.devices[i].drain(&mut PgEnv, &mut SharedFlows, &self.ports);
                 if blocks == 0 && readable.contains(&i) {
-                    self.devices[i].check_socket_error();
-                    if self.devices[i].ring.is_none() {
+                    self.devices[i].check_socket_error(&mut PgEnv);
+                    if self.devices[i].source.is_none() {
                         self.set_dirty = true;
                     }
                 }
@@ -689,9 +299,9 @@ impl Worker {
                 self.next_health_check = Instant::now() + HEALTH_CHECK_EVERY;
                 let cs = capture_settings(&self.settings);
                 for d in self.devices.iter_mut() {
-                    let had = d.ring.as_ref().map(Source::fd);
-                    d.health_check(&self.ports, self.settings.method, cs);
-                    if d.ring.as_ref().map(Source::fd) != had {
+                    let had = d.source.as_ref().map(Source::fd);
+                    d.health_check(&mut PgEnv, &self.ports, self.settings.method, cs);
+                    if d.source.as_ref().map(Source::fd) != had {
                         self.set_dirty = true;
                     }
                 }
@@ -755,10 +365,10 @@ impl Worker {
                 return 0;
             }
             ms = ms.min(d.buckets.next_deadline() * 1000 - now_us / 1000);
-            if let Some(old) = &d.old_ring {
+            if let Some(old) = &d.retiring {
                 ms = ms.min(old.close_at.saturating_duration_since(Instant::now()).as_millis() as i64);
             }
-            if d.ring.is_none() {
+            if d.source.is_none() {
                 ms = ms.min(d.retry_at.saturating_duration_since(Instant::now()).as_millis() as i64);
             }
         }
@@ -792,7 +402,7 @@ impl Worker {
                 std::ptr::null_mut(),
             );
             for (i, d) in self.devices.iter().enumerate() {
-                for r in d.ring.iter().chain(d.old_ring.as_ref().map(|o| &o.ring)) {
+                for r in d.source.iter().chain(d.retiring.as_ref().map(|o| &o.source)) {
                     pg_sys::AddWaitEventToSet(
                         set,
                         pg_sys::WL_SOCKET_READABLE,
@@ -821,7 +431,7 @@ impl Worker {
 
         // Everything counted so far belongs to the old settings.
         for d in self.devices.iter_mut() {
-            d.drain(&self.ports);
+            d.drain(&mut PgEnv, &mut SharedFlows, &self.ports);
         }
 
         // Interval length and wait: the interval in progress ends under its old length.
@@ -845,7 +455,7 @@ impl Worker {
         self.devices = kept;
         for n in &names {
             if !self.devices.iter().any(|d| &d.name == n) {
-                self.devices.push(Device::new(n.clone(), &new, now));
+                self.devices.push(new_device(n.clone(), &new, now));
             }
         }
         self.devices.sort_by_key(|d| names.iter().position(|n| n == &d.name));
@@ -859,7 +469,7 @@ impl Worker {
         if capture_settings(&old) != cs || ports != self.ports || old.method != new.method {
             self.ports = ports;
             for d in self.devices.iter_mut() {
-                d.rebuild(&self.ports, new.method, cs);
+                d.rebuild(&mut PgEnv, &mut SharedFlows, &self.ports, new.method, cs);
             }
         }
         self.set_dirty = true;
@@ -911,7 +521,7 @@ impl Worker {
                 e.state_since_us = now_us;
             }
             e.state = d.state;
-            e.method = d.ring.as_ref().map(|r| r.method()).unwrap_or(self.settings.method) as u8;
+            e.method = d.source.as_ref().map(|r| r.method()).unwrap_or(self.settings.method) as u8;
             e.set_error(&d.error);
             e.total = d.total;
             e.kernel_drops = d.kernel.drops();
