@@ -445,70 +445,71 @@ impl Settings {
     }
 }
 
-/// Parses the `pg_netstat.devices` setting: a comma-separated list of interface names,
-/// blanks around names ignored. An empty (or all-blank) value means "choose for me".
-/// Returns a message fit for a GUC error detail.
-pub fn parse_device_list(value: &str) -> Result<Vec<String>, String> {
+/// A comma-separated list setting: entries trimmed, none empty, none twice, at most
+/// `max`. An empty (or all-blank) value is an empty list. Messages are fit for a GUC
+/// error detail; `example` shows a well-formed list.
+fn parse_list<T: PartialEq>(
+    value: &str,
+    example: &str,
+    max: usize,
+    parse: impl Fn(&str) -> Result<T, String>,
+    twice: impl Fn(&str) -> String,
+    too_many: impl Fn(usize) -> String,
+) -> Result<Vec<T>, String> {
     if value.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let mut out: Vec<String> = Vec::new();
+    let mut out: Vec<T> = Vec::new();
     for (i, raw) in value.split(',').enumerate() {
-        let name = raw.trim();
-        if name.is_empty() {
-            return Err(format!(
-                "Entry {} of the list is empty; write names separated by single commas, e.g. 'eth0,lo'.",
-                i + 1
-            ));
+        let text = raw.trim();
+        if text.is_empty() {
+            return Err(format!("Entry {} of the list is empty; write {example}.", i + 1));
         }
-        if !valid_device_name(name) {
-            return Err(format!(
-                "\"{name}\" is not a valid network device name: 1 to {MAX_DEVICE_NAME} characters, no blanks, '/', ':' or ','."
-            ));
+        let item = parse(text)?;
+        if out.contains(&item) {
+            return Err(twice(text));
         }
-        if out.iter().any(|d| d == name) {
-            return Err(format!("Device \"{name}\" is listed twice."));
-        }
-        out.push(name.to_string());
+        out.push(item);
     }
-    if out.len() > MAX_DEVICES {
-        return Err(format!("{} devices are listed; at most {MAX_DEVICES} can be captured.", out.len()));
+    if out.len() > max {
+        return Err(too_many(out.len()));
     }
     Ok(out)
 }
 
-/// Parses `pg_netstat.ports`: extra TCP ports (comma-separated) counted together with
-/// the server's own port, e.g. a connection pooler's. Empty means none.
+/// Parses the `pg_netstat.devices` setting: interface names; empty means "choose for me".
+pub fn parse_device_list(value: &str) -> Result<Vec<String>, String> {
+    parse_list(
+        value,
+        "names separated by single commas, e.g. 'eth0,lo'",
+        MAX_DEVICES,
+        |name| {
+            match valid_device_name(name) {
+            true => Ok(name.to_string()),
+            false => Err(format!(
+                "\"{name}\" is not a valid network device name: 1 to {MAX_DEVICE_NAME} characters, no blanks, '/', ':' or ','."
+            )),
+        }
+        },
+        |name| format!("Device \"{name}\" is listed twice."),
+        |n| format!("{n} devices are listed; at most {MAX_DEVICES} can be captured."),
+    )
+}
+
+/// Parses `pg_netstat.ports`: extra TCP ports counted together with the server's own
+/// port, e.g. a connection pooler's. Empty means none.
 pub fn parse_port_list(value: &str) -> Result<Vec<u16>, String> {
-    if value.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut out: Vec<u16> = Vec::new();
-    for (i, raw) in value.split(',').enumerate() {
-        let text = raw.trim();
-        if text.is_empty() {
-            return Err(format!(
-                "Entry {} of the list is empty; write ports separated by single commas, e.g. '6432,6433'.",
-                i + 1
-            ));
-        }
-        let port = match text.parse::<u32>() {
-            Ok(p) if (1..=65535).contains(&p) => p as u16,
-            _ => return Err(format!("\"{text}\" is not a TCP port number (1 to 65535).")),
-        };
-        if out.contains(&port) {
-            return Err(format!("Port {port} is listed twice."));
-        }
-        out.push(port);
-    }
-    if out.len() > MAX_PORTS - 1 {
-        return Err(format!(
-            "{} ports are listed; at most {} can be added to the server's own port.",
-            out.len(),
-            MAX_PORTS - 1
-        ));
-    }
-    Ok(out)
+    parse_list(
+        value,
+        "ports separated by single commas, e.g. '6432,6433'",
+        MAX_PORTS - 1,
+        |text| match text.parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ => Err(format!("\"{text}\" is not a TCP port number (1 to 65535).")),
+        },
+        |port| format!("Port {port} is listed twice."),
+        |n| format!("{n} ports are listed; at most {} can be added to the server's own port.", MAX_PORTS - 1),
+    )
 }
 
 #[cfg(test)]

@@ -295,6 +295,7 @@ rows_fn! {
     /// Every TCP connection the worker is tracking, with what the backends told about
     /// themselves. `pg_netstat_connections` joins it to pg_stat_activity. The "interval"
     /// columns are the last closed interval (the newest row `pg_netstat` can show).
+    // Long only because it has 32 columns, one per line.
     fn pg_netstat_flows() -> rows(
         device: String,
         client_addr: String,

@@ -201,6 +201,8 @@ impl Asm {
 }
 
 /// Builds the program for `spec`. Ports are deduplicated; order does not matter.
+// One function on purpose (about 90 lines): it is one straight BPF program, read top to
+// bottom next to what `tcpdump -d` prints for the same filter.
 pub fn build(spec: &FilterSpec) -> Result<Vec<SockFilter>, FilterError> {
     let mut ports = spec.ports.clone();
     ports.sort_unstable();
