@@ -16,7 +16,7 @@ pub mod stats;
 
 mod flowshm;
 mod gucs;
-mod owners;
+mod owner_hooks;
 mod shmem;
 mod sql;
 mod worker;
@@ -41,7 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
     flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
-    owners::install_log_hook();
+    owner_hooks::install_log_hook();
     worker::register();
     least_privilege();
 }
@@ -76,7 +76,7 @@ unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be
     } else {
         flows::OwnerStatus::AuthFailed
     };
-    owners::register(port, outcome);
+    owner_hooks::register(port, outcome);
     // SAFETY: calling the hook that was installed before ours, with the same arguments.
     unsafe {
         if let Some(prev) = PREV_CLIENT_AUTH_HOOK {

@@ -1,7 +1,9 @@
-//! The backend side of per-connection accounting: each TCP backend records who it is
-//! (role, database, PID) under its client address and port as it authenticates, or as
-//! it is refused, and marks the record ended when it exits. The worker copies that into
-//! the matching flow, so a flow keeps its role and database after the backend is gone.
+//! The backend side of per-connection accounting (the registry itself is flows/owners.rs):
+//! each TCP backend records who it is (role, database, PID) under its client address and
+//! port as it authenticates, or as it is refused, and marks the record ended when it
+//! exits. The record goes to the flows already captured for it at once, and to flows
+//! captured later when they appear, so a flow keeps its role and database after the
+//! backend is gone.
 
 use crate::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
 use crate::flowshm;
