@@ -74,7 +74,31 @@ class Cluster:
         run([str(CLUSTER), "stop", str(self.dir)], check=False)
 
     def reload(self):
+        """pg_ctl reload; returns once the postmaster has re-read its files."""
+        mark = len(self.log())
         run([str(CLUSTER), "reload", str(self.dir)])
+        self.wait_reloaded(mark)
+
+    def wait_reloaded(self, mark):
+        """Waits for the postmaster's reload after log offset `mark`. It logs the line
+        before it re-reads the files, and serves no new connection until it has finished:
+        every connection made after this returns sees the new files."""
+        wait_for("the postmaster to reload", lambda: "received SIGHUP, reloading configuration files" in self.log()[mark:])
+
+    def change_settings(self, *statements):
+        """Runs ALTER SYSTEM statements (SET or RESET) and reloads; when that changed a
+        reloadable pg_netstat setting, waits until the capture worker has applied it."""
+        settings = ("SELECT name, setting FROM pg_settings WHERE name LIKE 'pg_netstat.%' "
+                    "AND context = 'sighup' ORDER BY name")
+        before = self.rows(settings)
+        mark = len(self.log())
+        for statement in statements:
+            self.sql(statement)
+        self.sql("SELECT pg_reload_conf()")
+        self.wait_reloaded(mark)
+        if self.rows(settings) != before:
+            wait_for("the capture worker to apply the settings",
+                     lambda: "pg_netstat: settings reloaded" in self.log()[mark:])
 
     def worker_pid(self):
         """PID of the capture worker: the postmaster's child titled "pg_netstat collector".
@@ -215,6 +239,19 @@ class Tcpdump:
     def tally(self):
         return pcap_tally(self.path, self.ports)
 
+    def wait_closed(self, still_open=()):
+        """Waits until every connection in the capture so far has ended in it (a RST, or a
+        FIN each way and the last ACK), but those of the client ports in `still_open`."""
+        wait_for(f"every connection on {self.device} to end in tcpdump's capture",
+                 lambda: set(pcap_open_connections(self.path, self.ports)) <= set(still_open))
+
+    def wait_packets(self, packets_in, packets_out=0):
+        """Waits until tcpdump has captured this many packets in and out (or more)."""
+        def caught_up():
+            t = self.tally()
+            return t if t["packets_in"] >= packets_in and t["packets_out"] >= packets_out else None
+        wait_for(f"tcpdump on {self.device} to capture {packets_in} packets in and {packets_out} out", caught_up)
+
     def max_length(self):
         return max((length for _, _, length in pcap_packets(self.path, self.ports)), default=0)
 
@@ -333,6 +370,43 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pcap_open_connections(path, ports):
+    """Client ports of the TCP connections on `ports` in a pcap that have not ended there:
+    ended is a RST either way, or a FIN each way followed by the last ACK (from the side
+    that did not send the second FIN). A new SYN on the same ports starts afresh."""
+    conns = {}
+    for _, _, f in pcap_frames(path):
+        at = _tcp_at(f)
+        if at is None or len(f) < at[0] + 14:
+            continue
+        sport, dport = struct.unpack(">HH", f[at[0]:at[0] + 4])
+        if dport in ports:
+            key, inbound = (sport, dport), True
+        elif sport in ports:
+            key, inbound = (dport, sport), False
+        else:
+            continue
+        flags = f[at[0] + 13]
+        if flags & 0x12 == 0x02:  # SYN without ACK: a connection begins
+            conns[key] = dict(fins=set(), ended=False)
+        c = conns.setdefault(key, dict(fins=set(), ended=False))
+        if flags & 0x04:
+            c["ended"] = True
+        elif len(c["fins"]) == 2 and flags & 0x10 and inbound != c["second_fin_inbound"]:
+            c["ended"] = True
+        if flags & 0x01 and inbound not in c["fins"]:
+            c["fins"].add(inbound)
+            c["second_fin_inbound"] = inbound
+    return sorted(client for (client, _), c in conns.items() if not c["ended"])
+
+
+def start_in_a_fresh_interval(interval):
+    """The test's input, not a wait for an event: sleeps one interval and a little more, so
+    the traffic that follows starts in an interval no earlier packet reached, and the
+    intervals that overlap the test's capture hold nothing but the test's traffic."""
+    time.sleep(interval + 0.1)
 
 
 def pcap_by_client(path, server_port):
