@@ -241,9 +241,12 @@ class Tcpdump:
 
     def wait_closed(self, still_open=()):
         """Waits until every connection in the capture so far has ended in it (a RST, or a
-        FIN each way and the last ACK), but those of the client ports in `still_open`."""
-        wait_for(f"every connection on {self.device} to end in tcpdump's capture",
-                 lambda: set(pcap_open_connections(self.path, self.ports)) <= set(still_open))
+        FIN each way and the last ACK), but those of the client ports in `still_open`:
+        they must have all they sent acknowledged in it."""
+        def settled():
+            conns = pcap_connections(self.path, self.ports)
+            return all(c["ended"] or (p in still_open and c["acked"]) for p, c in conns.items())
+        wait_for(f"every connection on {self.device} to end in tcpdump's capture", settled)
 
     def wait_packets(self, packets_in, packets_out=0):
         """Waits until tcpdump has captured this many packets in and out (or more)."""
@@ -372,26 +375,28 @@ def free_port():
         return s.getsockname()[1]
 
 
-def pcap_open_connections(path, ports):
-    """Client ports of the TCP connections on `ports` in a pcap that have not ended there:
-    ended is a RST either way, or a FIN each way followed by the last ACK (from the side
-    that did not send the second FIN). A new SYN on the same ports starts afresh."""
+def pcap_connections(path, ports):
+    """Per client port, how the TCP connection on `ports` stands in a pcap: `ended` (a RST
+    either way, or a FIN each way and then the last ACK, from the side that did not send
+    the second FIN) and `acked` (all that each side sent, SYN and FIN included, is
+    acknowledged by the other). A new SYN on the same ports starts afresh."""
     conns = {}
     for _, _, f in pcap_frames(path):
         at = _tcp_at(f)
         if at is None or len(f) < at[0] + 14:
             continue
-        sport, dport = struct.unpack(">HH", f[at[0]:at[0] + 4])
+        l4, ip_end = at
+        sport, dport, seq, ack = struct.unpack(">HHII", f[l4:l4 + 12])
         if dport in ports:
             key, inbound = (sport, dport), True
         elif sport in ports:
             key, inbound = (dport, sport), False
         else:
             continue
-        flags = f[at[0] + 13]
-        if flags & 0x12 == 0x02:  # SYN without ACK: a connection begins
-            conns[key] = dict(fins=set(), ended=False)
-        c = conns.setdefault(key, dict(fins=set(), ended=False))
+        doff, flags = (f[l4 + 12] >> 4) * 4, f[l4 + 13]
+        if flags & 0x12 == 0x02 or key not in conns:  # a SYN without ACK begins a connection
+            conns[key] = dict(fins=set(), ended=False, sent={}, acked={})
+        c = conns[key]
         if flags & 0x04:
             c["ended"] = True
         elif len(c["fins"]) == 2 and flags & 0x10 and inbound != c["second_fin_inbound"]:
@@ -399,7 +404,16 @@ def pcap_open_connections(path, ports):
         if flags & 0x01 and inbound not in c["fins"]:
             c["fins"].add(inbound)
             c["second_fin_inbound"] = inbound
-    return sorted(client for (client, _), c in conns.items() if not c["ended"])
+        used = ip_end - l4 - doff + (1 if flags & 0x02 else 0) + (1 if flags & 0x01 else 0)
+        if used > 0:
+            c["sent"][inbound] = (seq + used) & 0xffffffff
+        if flags & 0x10:
+            c["acked"][not inbound] = ack
+    # "a is at or after b" in sequence space
+    at_or_after = lambda a, b: (a - b) & 0xffffffff < 0x80000000  # noqa: E731
+    return {client: dict(ended=c["ended"], acked=all(d in c["acked"] and at_or_after(c["acked"][d], end)
+                                                      for d, end in c["sent"].items()))
+            for (client, _), c in conns.items()}
 
 
 def start_in_a_fresh_interval(interval):
