@@ -74,7 +74,31 @@ class Cluster:
         run([str(CLUSTER), "stop", str(self.dir)], check=False)
 
     def reload(self):
+        """pg_ctl reload; returns once the postmaster has re-read its files."""
+        mark = len(self.log())
         run([str(CLUSTER), "reload", str(self.dir)])
+        self.wait_reloaded(mark)
+
+    def wait_reloaded(self, mark):
+        """Waits for the postmaster's reload after log offset `mark`. It logs the line
+        before it re-reads the files, and serves no new connection until it has finished:
+        every connection made after this returns sees the new files."""
+        wait_for("the postmaster to reload", lambda: "received SIGHUP, reloading configuration files" in self.log()[mark:])
+
+    def change_settings(self, *statements):
+        """Runs ALTER SYSTEM statements (SET or RESET) and reloads; when that changed a
+        reloadable pg_netstat setting, waits until the capture worker has applied it."""
+        settings = ("SELECT name, setting FROM pg_settings WHERE name LIKE 'pg_netstat.%' "
+                    "AND context = 'sighup' ORDER BY name")
+        before = self.rows(settings)
+        mark = len(self.log())
+        for statement in statements:
+            self.sql(statement)
+        self.sql("SELECT pg_reload_conf()")
+        self.wait_reloaded(mark)
+        if self.rows(settings) != before:
+            wait_for("the capture worker to apply the settings",
+                     lambda: "pg_netstat: settings reloaded" in self.log()[mark:])
 
     def worker_pid(self):
         """PID of the capture worker: the postmaster's child titled "pg_netstat collector".
@@ -215,6 +239,22 @@ class Tcpdump:
     def tally(self):
         return pcap_tally(self.path, self.ports)
 
+    def wait_closed(self, still_open=()):
+        """Waits until every connection in the capture so far has ended in it (a RST, or a
+        FIN each way and the last ACK), but those of the client ports in `still_open`:
+        they must have all they sent acknowledged in it."""
+        def settled():
+            conns = pcap_connections(self.path, self.ports)
+            return all(c["ended"] or (p in still_open and c["acked"]) for p, c in conns.items())
+        wait_for(f"every connection on {self.device} to end in tcpdump's capture", settled)
+
+    def wait_packets(self, packets_in, packets_out=0):
+        """Waits until tcpdump has captured this many packets in and out (or more)."""
+        def caught_up():
+            t = self.tally()
+            return t if t["packets_in"] >= packets_in and t["packets_out"] >= packets_out else None
+        wait_for(f"tcpdump on {self.device} to capture {packets_in} packets in and {packets_out} out", caught_up)
+
     def max_length(self):
         return max((length for _, _, length in pcap_packets(self.path, self.ports)), default=0)
 
@@ -333,6 +373,54 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pcap_connections(path, ports):
+    """Per client port, how the TCP connection on `ports` stands in a pcap: `ended` (a RST
+    either way, or a FIN each way and then the last ACK, from the side that did not send
+    the second FIN) and `acked` (all that each side sent, SYN and FIN included, is
+    acknowledged by the other). A new SYN on the same ports starts afresh."""
+    conns = {}
+    for _, _, f in pcap_frames(path):
+        at = _tcp_at(f)
+        if at is None or len(f) < at[0] + 14:
+            continue
+        l4, ip_end = at
+        sport, dport, seq, ack = struct.unpack(">HHII", f[l4:l4 + 12])
+        if dport in ports:
+            key, inbound = (sport, dport), True
+        elif sport in ports:
+            key, inbound = (dport, sport), False
+        else:
+            continue
+        doff, flags = (f[l4 + 12] >> 4) * 4, f[l4 + 13]
+        if flags & 0x12 == 0x02 or key not in conns:  # a SYN without ACK begins a connection
+            conns[key] = dict(fins=set(), ended=False, sent={}, acked={})
+        c = conns[key]
+        if flags & 0x04:
+            c["ended"] = True
+        elif len(c["fins"]) == 2 and flags & 0x10 and inbound != c["second_fin_inbound"]:
+            c["ended"] = True
+        if flags & 0x01 and inbound not in c["fins"]:
+            c["fins"].add(inbound)
+            c["second_fin_inbound"] = inbound
+        used = ip_end - l4 - doff + (1 if flags & 0x02 else 0) + (1 if flags & 0x01 else 0)
+        if used > 0:
+            c["sent"][inbound] = (seq + used) & 0xffffffff
+        if flags & 0x10:
+            c["acked"][not inbound] = ack
+    # "a is at or after b" in sequence space
+    at_or_after = lambda a, b: (a - b) & 0xffffffff < 0x80000000  # noqa: E731
+    return {client: dict(ended=c["ended"], acked=all(d in c["acked"] and at_or_after(c["acked"][d], end)
+                                                      for d, end in c["sent"].items()))
+            for (client, _), c in conns.items()}
+
+
+def start_in_a_fresh_interval(interval):
+    """The test's input, not a wait for an event: sleeps one interval and a little more, so
+    the traffic that follows starts in an interval no earlier packet reached, and the
+    intervals that overlap the test's capture hold nothing but the test's traffic."""
+    time.sleep(interval + 0.1)
 
 
 def pcap_by_client(path, server_port):

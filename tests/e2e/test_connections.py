@@ -85,7 +85,7 @@ def test_connections_roles_and_databases_equal_tcpdump(cluster, netns, people, t
             wait_for("the live connection to sleep", lambda: cluster.sql(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgn_live' AND wait_event = 'PgSleep'") == "1")
             b2 = int(cluster.sql("SELECT client_port FROM pg_stat_activity WHERE application_name = 'pgn_live'"))
-            time.sleep(0.5)  # the last ACKs of the closed connections
+            td.wait_closed(still_open=[b2])
         finally:
             pass
     ref = pcap_by_client(td.path, cluster.port)
@@ -116,7 +116,6 @@ def test_refused_terminated_and_reset_connections(cluster, netns, people, tmp_pa
     original = hba.read_text()
     hba.write_text("host all pgn_alice 169.254.0.0/16 reject\n" + original)
     cluster.reload()
-    time.sleep(0.5)
     try:
         with Tcpdump(netns.host_if, cluster.port, tmp_path) as td:
             # tcpdump sees every packet of the intervals compared below: it starts before
@@ -142,7 +141,7 @@ def test_refused_terminated_and_reset_connections(cluster, netns, people, tmp_pa
                 "print(s.getsockname()[1])\n"
                 "s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
                 "s.close()\n")]).stdout)
-            time.sleep(0.5)
+            td.wait_closed()
             t1 = time.time()
             time.sleep(INTERVAL - t1 % INTERVAL + 0.1)
     finally:
@@ -283,7 +282,7 @@ def test_full_flow_table_evicts_and_loses_no_byte(tmp_path):
                 c.sql(f"SELECT repeat('e', {1000 * (i + 1)})", host="127.0.0.1")
             for h in holders:
                 h.wait(timeout=20)
-            time.sleep(0.5)
+            td.wait_closed()
         state = c.rows("SELECT max_flows, flows, evictions FROM pg_netstat_flow_table")[0]
         assert int(state[0]) == 4 and int(state[1]) <= 4 and int(state[2]) >= 10, state
         # Evicted flows were folded into the role totals first: not one packet lost.

@@ -5,7 +5,6 @@ signalled, and the worker shows itself where a DBA looks first (pg_stat_activity
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -96,7 +95,7 @@ def test_every_interval_row_equals_tcpdump_under_load(one_second_cluster, tmp_pa
         subprocess.run([str(PGBIN / "pgbench"), "-n", "-S", "-c", "4", "-j", "2", "-R", "3000", "-T", "8",
                         "-h", "127.0.0.1", "-p", str(c.port), "-U", "postgres", "postgres"],
                        check=True, capture_output=True)
-        time.sleep(0.5)
+        dump.wait_closed()
     packets = [(int(round(ts * 1e6)), d) for ts, d, _ in pcap_packets(dump.path, c.port)]
     first, last = packets[0][0] // 1_000_000, packets[-1][0] // 1_000_000
     # Default packet_wait_time (5 s): the last row is published 5 s after its end.

@@ -2,10 +2,8 @@
 created again (new ifindex), are reported as such and counted again afterwards, exactly
 and nothing twice."""
 
-import time
-
 from conftest import INTERVAL
-from harness import Tcpdump, interval_sums, run, wait_for
+from harness import Tcpdump, interval_sums, run, start_in_a_fresh_interval, wait_for
 
 
 def state(cluster, device):
@@ -13,12 +11,12 @@ def state(cluster, device):
 
 
 def counted_exactly_after(cluster, netns, tmp_path):
-    time.sleep(INTERVAL + 0.1)
+    start_in_a_fresh_interval(INTERVAL)
     with Tcpdump(netns.host_if, cluster.port, tmp_path) as dump:
         for _ in range(5):
             assert cluster.sql("SELECT count(*) FROM generate_series(1, 1000)", host=netns.host_ip,
                                netns=netns.name) == "1000"
-        time.sleep(0.5)
+        dump.wait_closed()
     want = dump.tally()
     got, _, _ = interval_sums(cluster, netns.host_if, want["first_sec"], want["last_sec"])
     assert want["packets_in"] >= 5 * 5

@@ -56,6 +56,8 @@ def test_prometheus_reports_the_views(cluster, tmp_path):
 
     def settled():
         a = (view(cluster, devices_sql), view(cluster, roles_sql))
+        # The span the figures must stand still over (longer than an interval plus the
+        # packet wait, so a publication would show), not a guess at when they settle.
         time.sleep(INTERVAL + 1.5)
         return a if a == (view(cluster, devices_sql), view(cluster, roles_sql)) else None
     wait_for("the figures to settle", settled, timeout=60, every=0)

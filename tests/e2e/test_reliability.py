@@ -13,7 +13,7 @@ import pytest
 
 from conftest import CAPTURE_METHOD, INTERVAL
 from harness import (CAP_NET_BIND_SERVICE, CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits,
-                     cpu_ticks, free_port, interval_sums, pcap_packets, wait_for)
+                     cpu_ticks, free_port, interval_sums, pcap_packets, start_in_a_fresh_interval, wait_for)
 
 
 class Traffic:
@@ -58,14 +58,15 @@ def traffic_compared_with_tcpdump(cluster, netns, tmp_path, seconds, min_packets
     intervals over each dump's span must sum to its tally exactly, with no kernel drops,
     from more than `min_packets_in` packets in. Yields a dict that then holds the
     interval lengths published on each device."""
-    time.sleep(INTERVAL + 0.1)
+    start_in_a_fresh_interval(INTERVAL)
     lengths = {}
     with Tcpdump("lo", cluster.port, tmp_path) as lo_dump, \
             Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
         traffic = Traffic(cluster, netns, seconds=seconds)
         yield lengths
         traffic.wait()
-        time.sleep(0.5)
+        lo_dump.wait_closed()
+        veth_dump.wait_closed()
     for dump, device in ((lo_dump, "lo"), (veth_dump, netns.host_if)):
         want = dump.tally()
         got, drops, lengths[device] = interval_sums(cluster, device, want["first_sec"], want["last_sec"])
@@ -79,17 +80,16 @@ def traffic_compared_with_tcpdump(cluster, netns, tmp_path, seconds, min_packets
 
 
 def alter(cluster, setting, value):
-    cluster.sql(f"ALTER SYSTEM SET {setting} = {value}")
-    cluster.sql("SELECT pg_reload_conf()")
+    cluster.change_settings(f"ALTER SYSTEM SET {setting} = {value}")
 
 
 def reset_all(cluster):
-    cluster.sql("ALTER SYSTEM RESET ALL")
-    cluster.sql("SELECT pg_reload_conf()")
+    cluster.change_settings("ALTER SYSTEM RESET ALL")
 
 
 def test_reloading_every_setting_during_traffic_keeps_exact_counts(cluster, netns, tmp_path):
     worker = cluster.worker_pid()
+    mark = len(cluster.log())
     try:
         with traffic_compared_with_tcpdump(cluster, netns, tmp_path, 14, 1000) as lengths:
             for setting, value in (("pg_netstat.interval", "3"),
@@ -100,7 +100,7 @@ def test_reloading_every_setting_during_traffic_keeps_exact_counts(cluster, netn
                                    ("pg_netstat.interval", "5"),
                                    ("pg_netstat.capture_loopback", "on"),  # unchanged value
                                    ("pg_netstat.interval", "2")):
-                time.sleep(1.4)
+                time.sleep(1.4)  # input: the reloads are spaced out over the traffic
                 alter(cluster, setting, value)
         for device, seen in lengths.items():
             assert "3" in seen.split(","), f"{device}: no 3-second intervals published: {seen}"
@@ -115,23 +115,23 @@ def test_reloading_every_setting_during_traffic_keeps_exact_counts(cluster, netn
     for p_out, p_out_speed, b_in, b_in_speed, secs in rows:
         assert int(p_out_speed) == int(p_out) // int(secs)
         assert int(b_in_speed) == int(b_in) // int(secs)
-    log = cluster.log()
+    log = cluster.log()[mark:]
     assert "cannot apply the new capture settings" not in log
     assert log.count("pg_netstat: settings reloaded") >= 7
 
 
 def test_turning_loopback_off_leaves_the_other_device_untouched(cluster, netns, tmp_path):
-    time.sleep(INTERVAL + 0.1)
+    start_in_a_fresh_interval(INTERVAL)
     opened = cluster.log().count(f'capturing on device "{netns.host_if}"')
     try:
         with Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
             traffic = Traffic(cluster, netns, seconds=6)
-            time.sleep(2)
+            time.sleep(2)  # input: traffic on both devices before the change
             alter(cluster, "pg_netstat.capture_loopback", "off")
             wait_for("lo to leave the device list", lambda: cluster.rows(
                 "SELECT device FROM pg_netstat_devices") == [[netns.host_if]])
             traffic.wait()
-            time.sleep(0.5)
+            veth_dump.wait_closed()
         want = veth_dump.tally()
         got, _, _ = interval_sums(cluster, netns.host_if, want["first_sec"], want["last_sec"])
         assert got == {k: want[k] for k in got}
@@ -144,16 +144,17 @@ def test_turning_loopback_off_leaves_the_other_device_untouched(cluster, netns, 
 
 def test_worker_comes_back_after_sigterm_and_after_an_error(cluster):
     rows_before = int(cluster.sql("SELECT count(*) FROM pg_netstat"))
+    mark = len(cluster.log())
     first = cluster.worker_pid()
     assert first, "no capture worker process"
     os.kill(first, signal.SIGTERM)
     second = wait_for("a new worker after SIGTERM", lambda: (p := cluster.worker_pid()) and p != first and p)
-    assert 'terminating background worker "pg_netstat" due to administrator command' in cluster.log()
+    assert 'terminating background worker "pg_netstat" due to administrator command' in cluster.log()[mark:]
 
     assert cluster.sql("SELECT pg_netstat_inject_worker_error()") == str(second)
     third = wait_for("a new worker after the injected error",
                      lambda: (p := cluster.worker_pid()) and p != second and p)
-    assert "pg_netstat: error injected by pg_netstat_inject_worker_error()" in cluster.log()
+    assert "pg_netstat: error injected by pg_netstat_inject_worker_error()" in cluster.log()[mark:]
     assert third not in (first, second)
 
     # The server never restarted, history survived, and capture resumed.
@@ -280,7 +281,7 @@ def test_without_cap_net_raw_the_server_runs_and_says_why():
         assert len(errors) == 1 and "CAP_NET_RAW" in errors[0][0], errors
         worker = c.worker_pid()
         ticks = cpu_ticks(worker)
-        time.sleep(3)
+        time.sleep(3)  # the span over which the worker's CPU is measured, not a wait
         assert cpu_ticks(worker) - ticks <= 5, "the worker is busy while it cannot capture"
         lines = [line for line in c.log().splitlines() if "cannot capture network traffic" in line]
         assert len(lines) == 1, lines
