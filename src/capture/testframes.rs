@@ -1,4 +1,4 @@
-//! Hand-built frames for unit tests and the benchmark's synthetic load. Checksums are
+//! Hand-built frames for unit tests (the benchmark builds its own). Checksums are
 //! left zero: nothing here validates them, and neither does the kernel's BPF.
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
