@@ -3,7 +3,7 @@
 //! block, buckets packets by their own timestamps, and publishes closed intervals.
 
 use crate::capture::source::Source;
-use crate::capture::{self, CaptureSettings, MAX_DEVICES};
+use crate::capture::MAX_DEVICES;
 use crate::device;
 use crate::flowshm;
 use crate::gucs::Settings;
@@ -17,7 +17,9 @@ use pgrx::prelude::*;
 use std::ffi::c_void;
 
 mod env;
+mod setup;
 use env::{PgEnv, SharedFlows};
+use setup::{all_ports, capture_settings, resolve_devices, ClockWatch};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -112,34 +114,6 @@ fn new_device(name: String, s: &Settings, now: i64) -> Device {
     Device::new(name, Bucketing::new(s.interval, s.packet_wait_time, now), Instant::now())
 }
 
-/// Notices wall-clock steps (NTP, an operator) by comparing the wall clock with the
-/// monotonic one. Only for the log: the bucketing already copes (see stats.rs).
-struct ClockWatch {
-    base: Instant,
-    offset_ms: i64,
-}
-
-impl ClockWatch {
-    fn offset_now(&self) -> i64 {
-        let (_, wall_us) = wall_now();
-        wall_us / 1000 - self.base.elapsed().as_millis() as i64
-    }
-
-    fn new() -> ClockWatch {
-        let mut w = ClockWatch { base: Instant::now(), offset_ms: 0 };
-        w.offset_ms = w.offset_now();
-        w
-    }
-
-    /// The size of a step since the last call, if the wall clock jumped by over a second.
-    fn step(&mut self) -> Option<i64> {
-        let now = self.offset_now();
-        let step = now - self.offset_ms;
-        self.offset_ms = now;
-        (step.abs() > 1000).then_some(step)
-    }
-}
-
 struct Worker {
     server_port: u16,
     clock: ClockWatch,
@@ -150,48 +124,6 @@ struct Worker {
     set_dirty: bool,
     next_health_check: Instant,
     next_flow_upkeep: Instant,
-}
-
-fn resolve_devices(s: &Settings) -> Vec<String> {
-    let mut names = if s.devices.is_empty() {
-        match capture::default_device() {
-            Ok(Some(d)) => vec![d],
-            Ok(None) => {
-                if !s.capture_loopback {
-                    warning!("pg_netstat: no network device is up besides loopback; set pg_netstat.devices or pg_netstat.capture_loopback");
-                }
-                vec![]
-            }
-            Err(e) => {
-                warning!("pg_netstat: cannot list network devices: {e}");
-                vec![]
-            }
-        }
-    } else {
-        s.devices.clone()
-    };
-    if s.capture_loopback {
-        let lo = capture::list_devices()
-            .ok()
-            .and_then(|l| l.into_iter().find(|d| d.loopback).map(|d| d.name))
-            .unwrap_or_else(|| "lo".to_string());
-        if !names.contains(&lo) {
-            names.push(lo);
-        }
-    }
-    names.truncate(MAX_DEVICES);
-    names
-}
-
-fn capture_settings(s: &Settings) -> CaptureSettings {
-    CaptureSettings { buffer_size: s.buffer_size, snaplen: s.snaplen, timeout_ms: s.timeout_ms }
-}
-
-/// The server's own port first, then the extra ones (deduplicated).
-fn all_ports(server_port: u16, s: &Settings) -> Vec<u16> {
-    let mut ports = vec![server_port];
-    ports.extend(s.ports.iter().copied().filter(|p| *p != server_port));
-    ports
 }
 
 impl Worker {
