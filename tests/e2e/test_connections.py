@@ -143,18 +143,21 @@ def test_refused_terminated_and_reset_connections(cluster, netns, people, tmp_pa
                 "s.close()\n")]).stdout)
             td.wait_closed()
             t1 = time.time()
-            time.sleep(INTERVAL - t1 % INTERVAL + 0.1)
+            # Read the connections now: a closed one stays in the table for one interval
+            # plus packet_wait_time after it closed (3 s here), then lives on only in the
+            # role and database totals.
+            refused_port = next(p for p in pcap_by_client(td.path, cluster.port) if p not in (vport, rport))
+
+            def seen():
+                f = flows_by_port(cluster, netns)
+                return f if all(p in f for p in (refused_port, vport, rport)) and f[rport]["resets_in"] == 1 and \
+                    f[vport]["fins_out"] == 1 else None
+            flows = wait_for("the three connections in pg_netstat_connections", seen, timeout=10)
+            time.sleep(INTERVAL - time.time() % INTERVAL + 0.1)  # input: end on an interval boundary
     finally:
         hba.write_text(original)
         cluster.reload()
     ref = pcap_by_client(td.path, cluster.port)
-    refused_port = next(p for p in ref if p not in (vport, rport))
-
-    def seen():
-        f = flows_by_port(cluster, netns)
-        return f if all(p in f for p in (refused_port, vport, rport)) and f[rport]["resets_in"] == 1 and \
-            f[vport]["fins_out"] == 1 else None
-    flows = wait_for("the three connections in pg_netstat_connections", seen, timeout=10)
     r = flows[refused_port]
     assert (r["auth"], r["usename"], r["datname"], r["pid"] > 0) == ("rejected", "pgn_alice", "pgn_sales", True)
     assert r["fins_out"] == 1, r  # the server closed it after its error message
