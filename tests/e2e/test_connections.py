@@ -107,8 +107,10 @@ def test_connections_roles_and_databases_equal_tcpdump(cluster, netns, people, t
                                          ("pg_netstat_databases", "database", "pgn_sales", alice, 2),
                                          ("pg_netstat_databases", "database", "pgn_reports", bob, 2)):
         wait_for(f"{view} {name}", lambda: totals(cluster, view, key, name) == dict(want, connections=conns), timeout=10)
-    live.kill()
-    live.wait()
+    # End the live connection itself, not only the `ip netns exec` wrapper: a psql left
+    # sleeping would close its connection in the middle of the next test's capture.
+    cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgn_live'")
+    live.wait(timeout=20)
 
 
 def test_refused_terminated_and_reset_connections(cluster, netns, people, tmp_path):
