@@ -12,8 +12,12 @@ from conftest import CAPTURE_METHOD
 from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_packets, wait_for
 
 # Packets stamped this close to an interval edge may fall on either side of it: two
-# captures of the same packet are stamped microseconds apart.
-EDGE_US = 100
+# captures of the same packet are stamped apart, by microseconds usually, but the kernel
+# stamps each socket's copy in turn and on this VM a vCPU can be descheduled in between:
+# once in a full-suite run (two servers capturing lo, libpcap backend) one packet crossed
+# an edge with no tcpdump packet within 100 us of it. 2 ms still catches a packet clamped
+# into the wrong interval by the worker (that error was whole milliseconds to a second).
+EDGE_US = 2000
 
 
 def device_totals(cluster, device):
