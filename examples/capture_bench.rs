@@ -5,7 +5,8 @@
 //!       (0 = as fast as possible), sizes cycling 64..1500 bytes, every fifth frame to
 //!       NOISE_PORT instead (the filter must drop those in the kernel). Prints JSON.
 //!   capture_bench capture METHOD IFACE PORT SECONDS [BUFFER_BYTES]
-//!       METHOD = ring | pcap | original. Counts for SECONDS, then prints JSON with the
+//!       METHOD = ring | ring-parse | ring-account | pcap | original (ring-parse adds the
+//!       header parse per frame, ring-account the worker's whole per-frame work). Counts for SECONDS, then prints JSON with the
 //!       packets counted, kernel drops, CPU seconds (user, system) and peak RSS.
 //!       `original` models supabase/pg_netstat: two libpcap handles (dst port / src
 //!       port), 1 MB buffer, drained once per second.
@@ -166,11 +167,18 @@ fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u3
     if method == "original" {
         return original(&info, port, seconds);
     }
-    let m = match method {
-        "ring" => CaptureMethod::Ring,
-        "pcap" => CaptureMethod::Pcap,
+    // ring-parse and ring-account read the same ring as `ring`, adding the worker's work
+    // frame by frame: the header parse alone, or all of it (see Accountant).
+    let (m, work) = match method {
+        "ring" => (CaptureMethod::Ring, Work::Count),
+        "ring-parse" => (CaptureMethod::Ring, Work::Parse),
+        "ring-account" => (CaptureMethod::Ring, Work::Account),
+        "pcap" => (CaptureMethod::Pcap, Work::Count),
         _ => usage(),
     };
+
+    let mut acc = Accountant::new(port, 0);
+    let loopback = info.loopback;
     let mut src = Source::open(m, &info, &[port], settings).unwrap_or_else(|e| {
         eprintln!("open: {e}");
         std::process::exit(1)
@@ -185,14 +193,19 @@ fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u3
         // boundaries and for a 5 s health check).
         // SAFETY: one valid pollfd, and the count says one.
         unsafe { libc::poll(&mut pfd, 1, 1000) };
+        let mut last_sec = 0;
         let _ = src.drain(|f| {
             packets += 1;
             bytes += f.len as u64;
+            work.run(&mut acc, f, loopback);
+            last_sec = f.sec as i64;
         });
+        acc.tick(last_sec);
     }
     let _ = src.drain(|f| {
         packets += 1;
         bytes += f.len as u64;
+        work.run(&mut acc, f, loopback);
     });
     let drops = src.read_kernel_stats().map(|s| s.dropped).unwrap_or(0);
     report(method, packets, bytes, drops, at_ready);
@@ -241,19 +254,79 @@ fn original(_: &pg_netstat::capture::DeviceInfo, _: u16, _: u64) {
     std::process::exit(1)
 }
 
+#[derive(Clone, Copy)]
+enum Work {
+    Count,
+    Parse,
+    Account,
+}
+
+impl Work {
+    fn run(self, acc: &mut Accountant, f: &pg_netstat::capture::Frame<'_>, loopback: bool) {
+        match self {
+            Work::Count => {}
+            Work::Parse => {
+                let meta = pg_netstat::capture::packet::parse(
+                    f.data,
+                    pg_netstat::capture::filter::LinkLayer::Ethernet,
+                    f.protocol,
+                );
+                acc.counted += meta.map_or(0, |m| m.src_port as u64 & 1);
+            }
+            Work::Account => acc.count(f.data, f.len, f.sec as i64, f.nsec as i64, loopback, f.pkttype),
+        }
+    }
+}
+
+/// The worker's per-frame work (see Device::drain_into): header parsing, the direction
+/// rule, interval bucketing and the flow table, in process memory instead of shared.
+struct Accountant {
+    storage: pg_netstat::flows::Storage,
+    buckets: pg_netstat::stats::Bucketing,
+    device: [u8; 16],
+    port: u16,
+    counted: u64,
+}
+
+impl Accountant {
+    fn new(port: u16, start_s: i64) -> Self {
+        use pg_netstat::flows::{device_bytes, Storage};
+        let buckets = pg_netstat::stats::Bucketing::new(1, 2, start_s);
+        Accountant { storage: Storage::new(1024, 1024), buckets, device: device_bytes("veth0"), port, counted: 0 }
+    }
+
+    fn count(&mut self, data: &[u8], len: u32, sec: i64, nsec: i64, loopback: bool, pkttype: u8) {
+        use pg_netstat::capture::filter::LinkLayer;
+        use pg_netstat::capture::{classify, packet};
+        use pg_netstat::flows::{Clock, FlowKey};
+        let ports = [self.port];
+        let meta = packet::parse(data, LinkLayer::Ethernet, 0x0800).ok();
+        if let Some(dir) = classify(loopback, pkttype, meta.as_ref(), &ports) {
+            self.buckets.record(sec, i64::MAX, dir, len as u64);
+            if let Some(m) = meta.as_ref() {
+                let clock = Clock { ts_us: sec * 1_000_000 + nsec / 1000, interval_secs: 1 };
+                let key = FlowKey::of(self.device, dir, m, &ports);
+                let ev = self.storage.table().record(&key, dir, m.tcp.as_ref(), len, clock);
+                if !ev.is_empty() {
+                    self.buckets.record_tcp(sec, i64::MAX, ev);
+                }
+            }
+            self.counted += 1;
+        }
+    }
+
+    /// Closes intervals the way the worker's loop does, so open ones never pile up.
+    fn tick(&mut self, now_s: i64) {
+        let _ = self.buckets.close_due(now_s - 3);
+    }
+}
+
 fn account(count: u64) {
-    use pg_netstat::capture::filter::LinkLayer;
-    use pg_netstat::capture::{classify, packet};
-    use pg_netstat::flows::{device_bytes, Clock, FlowKey, Storage};
-    use pg_netstat::stats::Bucketing;
     let port = 5432u16;
     let mut frames: Vec<Vec<u8>> = PAYLOADS.iter().map(|&p| frame([2, 0, 0, 0, 0, 1], port, p)).collect();
-    let mut storage = Storage::new(1024, 1024);
-    let mut flows = storage.table();
     let start_s = 1_800_000_000i64;
-    let mut buckets = Bucketing::new(1, 2, start_s);
-    let device = device_bytes("veth0");
-    let (mut seq, mut counted) = (1u32, 0u64);
+    let mut acc = Accountant::new(port, start_s);
+    let mut seq = 1u32;
     let t0 = Instant::now();
     for i in 0..count {
         let n = frames.len();
@@ -262,25 +335,11 @@ fn account(count: u64) {
         seq = seq.wrapping_add((f.len() - 54) as u32);
         let ts_ns = (start_s as u64) * 1_000_000_000 + i * 10_000;
         let (sec, nsec) = ((ts_ns / 1_000_000_000) as i64, (ts_ns % 1_000_000_000) as i64);
-        let data: &[u8] = f;
-        // The worker's count closure, frame by frame (see Device::drain_into).
-        let meta = packet::parse(data, LinkLayer::Ethernet, 0x0800).ok();
-        if let Some(dir) = classify(false, 0, meta.as_ref(), &[port]) {
-            buckets.record(sec, i64::MAX, dir, data.len() as u64);
-            if let Some(m) = meta.as_ref() {
-                let clock = Clock { ts_us: sec * 1_000_000 + nsec / 1000, interval_secs: 1 };
-                let ev =
-                    flows.record(&FlowKey::of(device, dir, m, &[port]), dir, m.tcp.as_ref(), data.len() as u32, clock);
-                if !ev.is_zero() {
-                    buckets.record_tcp(sec, i64::MAX, &ev);
-                }
-            }
-            counted += 1;
-        }
+        acc.count(f, f.len() as u32, sec, nsec, false, 0);
         if i % 100_000 == 0 {
-            let _ = buckets.close_due(sec - 3);
+            acc.tick(sec);
         }
     }
     let ns = t0.elapsed().as_nanos() as f64 / count.max(1) as f64;
-    println!("{{\"frames\": {count}, \"counted\": {counted}, \"ns_per_frame\": {ns:.1}}}");
+    println!("{{\"frames\": {count}, \"counted\": {}, \"ns_per_frame\": {ns:.1}}}", acc.counted);
 }

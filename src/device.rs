@@ -370,8 +370,8 @@ impl<S: CaptureSource> Device<S> {
                 if let (Some(t), Some(m)) = (flows.as_deref_mut(), meta.as_ref()) {
                     let clock = FlowClock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
                     let ev = t.record(&FlowKey::of(device_key, dir, m, ports), dir, m.tcp.as_ref(), f.len, clock);
-                    if !ev.is_zero() {
-                        buckets.record_tcp(f.sec as i64, now, &ev);
+                    if !ev.is_empty() {
+                        buckets.record_tcp(f.sec as i64, now, ev);
                     }
                 }
             }

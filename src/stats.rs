@@ -4,7 +4,7 @@
 //! block when the interval ended are counted where they belong. Time is passed in.
 
 use crate::capture::Direction;
-use crate::counters::{align, Counters, TcpCounters};
+use crate::counters::{align, Counters, TcpCounters, TcpEvents};
 use std::collections::VecDeque;
 
 /// A finished interval: `[start, start + secs)` in Unix seconds.
@@ -94,8 +94,8 @@ impl Intervals {
     }
 
     /// Adds the TCP events of a packet stamped `ts` (placed as `record` places it).
-    pub fn record_tcp(&mut self, ts: i64, now: i64, ev: &TcpCounters) {
-        self.slot_for(ts.min(now)).tcp.add(ev);
+    pub fn record_tcp(&mut self, ts: i64, now: i64, ev: TcpEvents) {
+        self.slot_for(ts.min(now)).tcp.add_events(ev);
     }
 
     /// Charges `n` kernel drops to the interval `now` falls in.
@@ -208,7 +208,7 @@ impl Bucketing {
         }
     }
 
-    pub fn record_tcp(&mut self, ts: i64, now: i64, ev: &TcpCounters) {
+    pub fn record_tcp(&mut self, ts: i64, now: i64, ev: TcpEvents) {
         match self.retiring.as_mut() {
             Some(old) if ts.min(now) < self.current.first => old.record_tcp(ts, now, ev),
             _ => self.current.record_tcp(ts, now, ev),

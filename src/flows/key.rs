@@ -1,7 +1,7 @@
 //! What identifies a flow and a backend's connection, and the names they carry.
 
 use crate::capture::packet::PacketMeta;
-use crate::capture::Direction;
+use crate::capture::{is_ours, Direction};
 
 /// PostgreSQL's NAMEDATALEN: role and database names fit, NUL included.
 pub const NAME_LEN: usize = 64;
@@ -48,7 +48,7 @@ impl FlowKey {
     /// The flow a packet belongs to. The server side is the one on one of our ports;
     /// when both or neither are, the direction decides ("in" comes from the client).
     pub fn of(device: [u8; 16], dir: Direction, m: &PacketMeta, ports: &[u16]) -> FlowKey {
-        let (src_ours, dst_ours) = (ports.contains(&m.src_port), ports.contains(&m.dst_port));
+        let (src_ours, dst_ours) = (is_ours(ports, m.src_port), is_ours(ports, m.dst_port));
         let from_client = if src_ours != dst_ours { dst_ours } else { dir == Direction::In };
         let (client_addr, client_port, server_addr, server_port) = if from_client {
             (m.src_addr, m.src_port, m.dst_addr, m.dst_port)

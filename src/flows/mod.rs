@@ -34,7 +34,7 @@ pub use totals::{Totals, TOTALS_ROWS};
 
 use crate::capture::packet::{TcpFields, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::capture::{Direction, MAX_DEVICES};
-use crate::counters::{align, Counters, TcpCounters};
+use crate::counters::{align, Counters, TcpEvents};
 use list::List;
 
 /// Fixed-size bookkeeping at the head of the table. All-zero bytes are an empty table.
@@ -265,7 +265,7 @@ impl FlowTable<'_> {
         tcp: Option<&TcpFields>,
         wire_len: u32,
         clock: Clock,
-    ) -> TcpCounters {
+    ) -> TcpEvents {
         let new_connection = tcp.is_some_and(|t| t.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN);
         if new_connection {
             // The same 4-tuple again after a close (a client port reused): a new
@@ -299,16 +299,16 @@ impl FlowTable<'_> {
         }
         let ev = match tcp {
             Some(t) => tcp_events(f, dir, t, wire_len, clock.ts_us),
-            None => TcpCounters::default(),
+            None => TcpEvents::empty(),
         };
         // The role and database rows follow packet by packet.
-        let first_syn = ev.syn > 0 && f.tcp.syn == f.base_tcp.syn;
-        f.tcp.add(&ev);
+        let first_syn = ev.contains(TcpEvents::SYN) && f.tcp.syn == f.base_tcp.syn;
+        f.tcp.add_events(ev);
         let (rr, dr, closed) = (f.role_row as usize, f.db_row as usize, f.closed_us != 0);
         for row in [&mut self.roles[rr], &mut self.databases[dr]] {
             row.counters.add(dir, wire_len as u64);
-            if !ev.is_zero() {
-                row.tcp.add(&ev);
+            if !ev.is_empty() {
+                row.tcp.add_events(ev);
                 row.connections += first_syn as u64;
             }
         }
@@ -369,22 +369,19 @@ impl FlowTable<'_> {
 
 /// The TCP events of one segment of flow `f` (flags, sequence space, window), with the
 /// flow's own state brought up to date.
-fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us: i64) -> TcpCounters {
-    let mut ev = TcpCounters::default();
+fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us: i64) -> TcpEvents {
+    let mut ev = TcpEvents::empty();
     let d = match dir {
         Direction::In => 0,
         Direction::Out => 1,
     };
     let (inbound, syn, fin, rst) = (d == 0, t.flags & TCP_SYN != 0, t.flags & TCP_FIN != 0, t.flags & TCP_RST != 0);
+    let by_dir = |in_flag, out_flag| TcpEvents::by_dir(inbound, in_flag, out_flag);
     if syn && t.flags & TCP_ACK == 0 && inbound {
-        ev.syn += 1;
+        ev |= TcpEvents::SYN;
     }
     if rst {
-        if inbound {
-            ev.rst_in += 1
-        } else {
-            ev.rst_out += 1
-        }
+        ev |= by_dir(TcpEvents::RST_IN, TcpEvents::RST_OUT);
         if f.closed_us == 0 {
             // 0 means open (and decides list membership), whatever the clock says.
             f.closed_us = ts_us.max(1);
@@ -397,39 +394,23 @@ fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us:
     if used > 0 {
         let (retrans, ooo) = f.seq[d].segment(t.seq, t.seq.wrapping_add(used));
         if retrans {
-            if inbound {
-                ev.retrans_in += 1
-            } else {
-                ev.retrans_out += 1
-            }
+            ev |= by_dir(TcpEvents::RETRANS_IN, TcpEvents::RETRANS_OUT);
         }
         if ooo {
-            if inbound {
-                ev.ooo_in += 1
-            } else {
-                ev.ooo_out += 1
-            }
+            ev |= by_dir(TcpEvents::OOO_IN, TcpEvents::OOO_OUT);
         }
     }
     // A side that has sent its FIN closes its receive window when the application lets
     // go of the socket: that zero is the end, not a slow reader.
     if t.window == 0 && !syn && !fin && !f.fin_seen[d] {
-        if inbound {
-            ev.zero_window_in += 1
-        } else {
-            ev.zero_window_out += 1
-        }
+        ev |= by_dir(TcpEvents::ZERO_WINDOW_IN, TcpEvents::ZERO_WINDOW_OUT);
     }
     if fin && !f.fin_seen[d] {
         f.fin_seen[d] = true;
         if f.first_fin == 0 {
             f.first_fin = d as u8 + 1;
         }
-        if inbound {
-            ev.fin_in += 1
-        } else {
-            ev.fin_out += 1
-        }
+        ev |= by_dir(TcpEvents::FIN_IN, TcpEvents::FIN_OUT);
         if f.fin_seen[0] && f.fin_seen[1] && f.closed_us == 0 {
             f.closed_us = ts_us.max(1);
         }
@@ -440,6 +421,21 @@ fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counters::TcpCounters;
+
+    impl FlowTable<'_> {
+        /// `record`, with the segment's events as counters (easier to assert on).
+        fn rec(
+            &mut self,
+            key: &FlowKey,
+            dir: Direction,
+            tcp: Option<&TcpFields>,
+            len: u32,
+            clock: Clock,
+        ) -> TcpCounters {
+            self.record(key, dir, tcp, len, clock).into()
+        }
+    }
 
     const SERVER: [u8; 16] = [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
@@ -479,13 +475,13 @@ mod tests {
         let mut t = s.table();
         let k = key(40000);
         let ack = TCP_ACK;
-        let ev = t.record(&k, Direction::In, Some(&tcp(100, TCP_SYN, 0)), 74, at(1000));
+        let ev = t.rec(&k, Direction::In, Some(&tcp(100, TCP_SYN, 0)), 74, at(1000));
         assert_eq!(ev.syn, 1);
-        t.record(&k, Direction::Out, Some(&tcp(900, TCP_SYN | ack, 0)), 74, at(1000));
-        t.record(&k, Direction::In, Some(&tcp(101, ack, 50)), 104, at(1001));
-        t.record(&k, Direction::Out, Some(&tcp(901, ack, 1000)), 1054, at(1001));
-        t.record(&k, Direction::In, Some(&tcp(151, TCP_FIN | ack, 0)), 54, at(1002));
-        t.record(&k, Direction::Out, Some(&tcp(1901, TCP_FIN | ack, 0)), 54, at(1002));
+        t.rec(&k, Direction::Out, Some(&tcp(900, TCP_SYN | ack, 0)), 74, at(1000));
+        t.rec(&k, Direction::In, Some(&tcp(101, ack, 50)), 104, at(1001));
+        t.rec(&k, Direction::Out, Some(&tcp(901, ack, 1000)), 1054, at(1001));
+        t.rec(&k, Direction::In, Some(&tcp(151, TCP_FIN | ack, 0)), 54, at(1002));
+        t.rec(&k, Direction::Out, Some(&tcp(1901, TCP_FIN | ack, 0)), 54, at(1002));
         let f = *t.get(&k).unwrap();
         assert_eq!((f.total.packets_in, f.total.packets_out, f.total.bytes_in, f.total.bytes_out), (3, 3, 232, 1182));
         assert_eq!((f.tcp.syn, f.tcp.fin_in, f.tcp.fin_out, f.tcp.retrans_in, f.tcp.retrans_out), (1, 1, 1, 0, 0));
@@ -499,20 +495,20 @@ mod tests {
         let mut s = Storage::new(8, 8);
         let mut t = s.table();
         let k = key(40001);
-        t.record(&k, Direction::Out, Some(&tcp(1000, TCP_ACK, 100)), 154, at(1));
-        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1000, TCP_ACK, 100)), 154, at(1)).retrans_out, 1);
-        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1050, TCP_ACK, 100)), 154, at(1)).retrans_out, 1);
-        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1150, TCP_ACK, 100)), 154, at(1)).retrans_out, 0);
+        t.rec(&k, Direction::Out, Some(&tcp(1000, TCP_ACK, 100)), 154, at(1));
+        assert_eq!(t.rec(&k, Direction::Out, Some(&tcp(1000, TCP_ACK, 100)), 154, at(1)).retrans_out, 1);
+        assert_eq!(t.rec(&k, Direction::Out, Some(&tcp(1050, TCP_ACK, 100)), 154, at(1)).retrans_out, 1);
+        assert_eq!(t.rec(&k, Direction::Out, Some(&tcp(1150, TCP_ACK, 100)), 154, at(1)).retrans_out, 0);
         // A keep-alive probe: one below the next sequence number, no data.
-        assert_eq!(t.record(&k, Direction::Out, Some(&tcp(1249, TCP_ACK, 0)), 54, at(1)).retrans_out, 0);
+        assert_eq!(t.rec(&k, Direction::Out, Some(&tcp(1249, TCP_ACK, 0)), 54, at(1)).retrans_out, 0);
         // Pure ACKs the other way never count.
-        assert_eq!(t.record(&k, Direction::In, Some(&tcp(7, TCP_ACK, 0)), 54, at(1)).retrans_in, 0);
-        assert_eq!(t.record(&k, Direction::In, Some(&tcp(7, TCP_ACK, 0)), 54, at(1)).retrans_in, 0);
+        assert_eq!(t.rec(&k, Direction::In, Some(&tcp(7, TCP_ACK, 0)), 54, at(1)).retrans_in, 0);
+        assert_eq!(t.rec(&k, Direction::In, Some(&tcp(7, TCP_ACK, 0)), 54, at(1)).retrans_in, 0);
         // Across the 2^32 wrap.
         let k2 = key(40002);
-        t.record(&k2, Direction::In, Some(&tcp(u32::MAX - 10, TCP_ACK, 100)), 154, at(1));
-        assert_eq!(t.record(&k2, Direction::In, Some(&tcp(89, TCP_ACK, 100)), 154, at(1)).retrans_in, 0);
-        assert_eq!(t.record(&k2, Direction::In, Some(&tcp(u32::MAX - 10, TCP_ACK, 100)), 154, at(1)).retrans_in, 1);
+        t.rec(&k2, Direction::In, Some(&tcp(u32::MAX - 10, TCP_ACK, 100)), 154, at(1));
+        assert_eq!(t.rec(&k2, Direction::In, Some(&tcp(89, TCP_ACK, 100)), 154, at(1)).retrans_in, 0);
+        assert_eq!(t.rec(&k2, Direction::In, Some(&tcp(u32::MAX - 10, TCP_ACK, 100)), 154, at(1)).retrans_in, 1);
     }
 
     #[test]
@@ -520,7 +516,7 @@ mod tests {
         let mut s = Storage::new(8, 8);
         let mut t = s.table();
         let k = key(40004);
-        let seg = |t: &mut FlowTable<'_>, seq| t.record(&k, Direction::In, Some(&tcp(seq, TCP_ACK, 100)), 154, at(1));
+        let seg = |t: &mut FlowTable<'_>, seq| t.rec(&k, Direction::In, Some(&tcp(seq, TCP_ACK, 100)), 154, at(1));
         seg(&mut t, 1000);
         // 1100 is late: 1200 and 1300 arrive first, leaving a gap.
         assert_eq!(seg(&mut t, 1200), TcpCounters::default());
@@ -549,18 +545,18 @@ mod tests {
         let k = key(40003);
         let mut z = tcp(5, TCP_ACK, 0);
         z.window = 0;
-        assert_eq!(t.record(&k, Direction::In, Some(&z), 54, at(1)).zero_window_in, 1);
+        assert_eq!(t.rec(&k, Direction::In, Some(&z), 54, at(1)).zero_window_in, 1);
         // A zero window after the sender's own FIN is the socket closing, not a full
         // receive buffer.
         let k2 = key(40005);
         let mut fin = tcp(9, TCP_FIN | TCP_ACK, 0);
-        t.record(&k2, Direction::Out, Some(&fin), 54, at(1));
+        t.rec(&k2, Direction::Out, Some(&fin), 54, at(1));
         fin.flags = TCP_ACK;
         fin.window = 0;
-        assert_eq!(t.record(&k2, Direction::Out, Some(&fin), 54, at(1)).zero_window_out, 0);
+        assert_eq!(t.rec(&k2, Direction::Out, Some(&fin), 54, at(1)).zero_window_out, 0);
         // A RST commonly carries window 0: that is not a full receive buffer.
         z.flags = TCP_RST;
-        let ev = t.record(&k, Direction::In, Some(&z), 54, at(2));
+        let ev = t.rec(&k, Direction::In, Some(&z), 54, at(2));
         assert_eq!((ev.rst_in, ev.zero_window_in), (1, 0));
         assert_eq!(t.get(&k).unwrap().end_state(), Some("reset by client"));
         assert_eq!(t.get(&k).unwrap().closed_us, 2_000_000);
@@ -580,14 +576,14 @@ mod tests {
         let mut s = Storage::new(8, 8);
         let mut t = s.table();
         let (a, b) = (key(40010), key(40011));
-        t.record(&a, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
-        t.record(&b, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&a, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&b, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
         t.set_devices(&[String::new()]);
         t.register_owner(owner(40010, 111, "alice", "sales"), SERVER);
         assert_eq!(name_str(&t.get(&a).unwrap().role), "alice");
         assert_eq!(t.get(&b).unwrap().status, OwnerStatus::Unknown);
-        t.record(&a, Direction::Out, Some(&tcp(1, TCP_ACK, 500)), 554, at(2));
-        t.record(&a, Direction::In, Some(&tcp(2, TCP_RST, 0)), 54, at(3));
+        t.rec(&a, Direction::Out, Some(&tcp(1, TCP_ACK, 500)), 554, at(2));
+        t.rec(&a, Direction::In, Some(&tcp(2, TCP_RST, 0)), 54, at(3));
         t.end_owner(&owner(40010, 111, "", "").key, 111, 3_000_000);
         // Live: the role's totals already include the flow.
         let roles = t.view().totals(true);
@@ -614,9 +610,9 @@ mod tests {
         let mut s = Storage::new(8, 8);
         let mut t = s.table();
         let a = key(40020);
-        t.record(&a, Direction::In, Some(&tcp(1, TCP_ACK, 10)), 64, at(1));
+        t.rec(&a, Direction::In, Some(&tcp(1, TCP_ACK, 10)), 64, at(1));
         t.reset(2_000_000);
-        t.record(&a, Direction::In, Some(&tcp(11, TCP_ACK, 10)), 64, at(3));
+        t.rec(&a, Direction::In, Some(&tcp(11, TCP_ACK, 10)), 64, at(3));
         assert_eq!(t.get(&a).unwrap().total.packets_in, 2);
         let unknown = t.view().totals(true)[0];
         assert_eq!((unknown.counters.packets_in, unknown.connections), (1, 0));
@@ -627,12 +623,12 @@ mod tests {
         let mut s = Storage::new(4, 4);
         let mut t = s.table();
         for p in 0..4 {
-            t.record(&key(41000 + p), Direction::In, Some(&tcp(1, TCP_ACK, 10)), 100, at(10 + p as i64));
+            t.rec(&key(41000 + p), Direction::In, Some(&tcp(1, TCP_ACK, 10)), 100, at(10 + p as i64));
         }
-        t.record(&key(41002), Direction::In, Some(&tcp(11, TCP_RST, 0)), 54, at(20));
-        t.record(&key(42000), Direction::In, None, 100, at(21));
+        t.rec(&key(41002), Direction::In, Some(&tcp(11, TCP_RST, 0)), 54, at(20));
+        t.rec(&key(42000), Direction::In, None, 100, at(21));
         assert!(t.get(&key(41002)).is_none(), "the closed flow goes first");
-        t.record(&key(42001), Direction::In, None, 100, at(22));
+        t.rec(&key(42001), Direction::In, None, 100, at(22));
         assert!(t.get(&key(41000)).is_none(), "then the least recently seen");
         assert_eq!((t.header.count, t.header.evictions), (4, 2));
         for p in [41001, 41003, 42000, 42001] {
@@ -657,7 +653,7 @@ mod tests {
                     live.remove(&p);
                 }
             } else {
-                t.record(&key(p), Direction::In, None, 60, at(step));
+                t.rec(&key(p), Direction::In, None, 60, at(step));
                 live.insert(p);
                 if live.len() > 64 {
                     // The table evicted one: forget whichever it was.
@@ -677,7 +673,7 @@ mod tests {
         let mut s = Storage::new(8, 8);
         let mut t = s.table();
         t.register_owner(owner(40030, 7, "carol", "shop"), SERVER);
-        t.record(&key(40030), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&key(40030), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
         let f = t.get(&key(40030)).unwrap();
         assert_eq!((name_str(&f.role), f.pid), ("carol", 7));
         let carol = t.view().totals(true).into_iter().find(|r| name_str(&r.name) == "carol").unwrap();
@@ -690,8 +686,8 @@ mod tests {
         let mut t = s.table();
         t.set_devices(&["eth0".to_string(), "lo".to_string()]);
         let on = |dev: &str| FlowKey { device: device_bytes(dev), ..key(40031) };
-        t.record(&on("eth0"), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
-        t.record(&on("lo"), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&on("eth0"), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&on("lo"), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
         assert_eq!(t.view().totals(true)[0].counters.bytes_in, 148, "unknown until the backend registers");
         t.register_owner(owner(40031, 8, "dave", "shop"), SERVER);
         for dev in ["eth0", "lo"] {
@@ -708,13 +704,13 @@ mod tests {
         let mut t = s.table();
         t.set_devices(&[String::new()]);
         let k = key(40032);
-        t.record(&k, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&k, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
         t.register_owner(owner(40032, 9, "erin", "shop"), SERVER);
-        t.record(&k, Direction::In, Some(&tcp(2, TCP_FIN | TCP_ACK, 0)), 54, at(2));
-        t.record(&k, Direction::Out, Some(&tcp(9, TCP_FIN | TCP_ACK, 0)), 54, at(2));
+        t.rec(&k, Direction::In, Some(&tcp(2, TCP_FIN | TCP_ACK, 0)), 54, at(2));
+        t.rec(&k, Direction::Out, Some(&tcp(9, TCP_FIN | TCP_ACK, 0)), 54, at(2));
         t.end_owner(&owner(40032, 9, "", "").key, 9, 2_500_000);
         // The same port, a new connection, before its backend registers.
-        t.record(&k, Direction::In, Some(&tcp(500, TCP_SYN, 0)), 74, at(3));
+        t.rec(&k, Direction::In, Some(&tcp(500, TCP_SYN, 0)), 74, at(3));
         assert_eq!(t.get(&k).unwrap().status, OwnerStatus::Unknown, "erin's record is older than this SYN");
         let mut frank = owner(40032, 10, "frank", "shop");
         frank.started_us = 3_200_000;
@@ -752,11 +748,11 @@ mod tests {
         let mut t = s.table();
         for p in 0..10 {
             let k = key(43000 + p);
-            t.record(&k, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(p as i64 + 1));
-            t.record(&k, Direction::Out, Some(&tcp(1, TCP_RST, 0)), 54, at(p as i64 + 1));
+            t.rec(&k, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(p as i64 + 1));
+            t.rec(&k, Direction::Out, Some(&tcp(1, TCP_RST, 0)), 54, at(p as i64 + 1));
         }
-        t.record(&key(43100), Direction::In, None, 60, at(1)); // open, idle from 1 s
-                                                               // At 12 s with a 5 s linger, flows closed at 1..=6 s are due: 6 of them.
+        t.rec(&key(43100), Direction::In, None, 60, at(1)); // open, idle from 1 s
+                                                            // At 12 s with a 5 s linger, flows closed at 1..=6 s are due: 6 of them.
         assert!(t.sweep(12_000_000, 5_000_000, 0, 4), "4 of 6 done, more due");
         assert!(!t.sweep(12_000_000, 5_000_000, 0, 4));
         assert_eq!(t.header.count, 5);
@@ -784,12 +780,12 @@ mod tests {
             let ts = at(step / 100);
             match rng() % 10 {
                 0 => {
-                    t.record(&k, Direction::In, Some(&tcp(rng(), TCP_SYN, 0)), 74, ts);
+                    t.rec(&k, Direction::In, Some(&tcp(rng(), TCP_SYN, 0)), 74, ts);
                     bytes += 74;
                     syns += 1;
                 }
                 1 => {
-                    t.record(&k, Direction::In, Some(&tcp(rng(), TCP_RST, 0)), 54, ts);
+                    t.rec(&k, Direction::In, Some(&tcp(rng(), TCP_RST, 0)), 54, ts);
                     bytes += 54;
                 }
                 2 => {
@@ -802,7 +798,7 @@ mod tests {
                     t.sweep(ts.ts_us, 2_000_000, 30_000_000, 3);
                 }
                 _ => {
-                    t.record(&k, Direction::In, Some(&tcp(rng(), TCP_ACK, 10)), 64, ts);
+                    t.rec(&k, Direction::In, Some(&tcp(rng(), TCP_ACK, 10)), 64, ts);
                     bytes += 64;
                 }
             }
