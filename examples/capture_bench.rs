@@ -44,6 +44,14 @@ fn main() {
 /// Payload sizes giving frames of 64 to 1500 bytes (14 + 20 + 20 + payload).
 const PAYLOADS: [usize; 6] = [10, 100, 300, 700, 1100, 1446];
 
+/// The sending process's client port: a new connection for every `send`. Reusing one
+/// 4-tuple with the sequence numbers starting over would make each later run a stream of
+/// retransmissions to anything tracking TCP (the collector did extra work for them, and
+/// more with every run).
+fn client_port() -> u16 {
+    (20_000 + std::process::id() % 40_000) as u16
+}
+
 fn frame(src_mac: [u8; 6], dport: u16, payload: usize) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x99]; // another host's MAC: no reply from the receiver
     f.extend_from_slice(&src_mac);
@@ -52,7 +60,7 @@ fn frame(src_mac: [u8; 6], dport: u16, payload: usize) -> Vec<u8> {
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&total.to_be_bytes());
     f.extend_from_slice(&[0, 0, 0, 0, 64, 6, 0, 0, 169, 254, 77, 2, 169, 254, 77, 1]);
-    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&client_port().to_be_bytes());
     f.extend_from_slice(&dport.to_be_bytes());
     f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 4, 0, 0, 0, 0, 0]);
     f.resize(f.len() + payload, b'x');
