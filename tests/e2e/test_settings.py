@@ -121,10 +121,10 @@ def test_every_setting_refuses_every_bad_value_everywhere(cluster, netns, tmp_pa
         if r.returncode == 0:
             wrong.append((name, value, "accepted"))
         wrong += [(name, value, f) for f in fragments if f not in r.stderr]
-    # An unknown name under the reserved prefix is refused too. PostgreSQL 15 says it is
-    # unknown; 16 and later say why it can never be defined.
+    # An unknown name under the reserved prefix is refused too. PostgreSQL 15 and 16 say it
+    # is unknown; 17 and later say why it can never be defined.
     r = cluster.psql_result("ALTER SYSTEM SET pg_netstat.no_such_setting = 1")
-    if PG_MAJOR == 15:
+    if PG_MAJOR <= 16:
         refusal = ['unrecognized configuration parameter "pg_netstat.no_such_setting"']
     else:
         refusal = ['invalid configuration parameter name "pg_netstat.no_such_setting"',
