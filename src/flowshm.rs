@@ -62,13 +62,8 @@ pub fn init(capacity: usize) {
         // records of ended backends as there are flows that may still need them.
         let backends = (pg_sys::MaxConnections + pg_sys::max_wal_senders).max(0) as usize;
         LAYOUT = Some(layout(capacity, capacity + backends));
-        #[cfg(any(feature = "pg13", feature = "pg14"))]
-        request();
-        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-        {
-            PREV_REQUEST = pg_sys::shmem_request_hook;
-            pg_sys::shmem_request_hook = Some(on_request);
-        }
+        PREV_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(on_request);
         PREV_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(on_startup);
     }
@@ -85,11 +80,9 @@ unsafe fn request() {
     }
 }
 
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
 static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
 
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
 #[pg_guard]
 unsafe extern "C-unwind" fn on_request() {
     // SAFETY: the hook chain PostgreSQL calls once in the postmaster.

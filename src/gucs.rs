@@ -218,16 +218,9 @@ pub fn init() {
     reserve_prefix();
 }
 
-#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
 fn reserve_prefix() {
     // SAFETY: plain call with a static C string, during _PG_init.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_netstat".as_ptr()) }
-}
-
-#[cfg(any(feature = "pg13", feature = "pg14"))]
-fn reserve_prefix() {
-    // SAFETY: as above; the pre-15 spelling only warns about unknown names.
-    unsafe { pg_sys::EmitWarningsOnPlaceholders(c"pg_netstat".as_ptr()) }
 }
 
 /// GUC check hooks: a malformed list is rejected before it takes effect, so a bad

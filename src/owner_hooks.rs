@@ -9,13 +9,39 @@ use crate::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
 use crate::flowshm;
 use pgrx::pg_sys;
 use pgrx::pg_sys::libpq::be::Port;
-use std::ffi::CStr;
+use std::ffi::{c_char, c_int, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set once this backend has a record, and once its exit callback is registered.
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 static EXIT_HOOKED: AtomicBool = AtomicBool::new(false);
 static mut MY_KEY: OwnerKey = OwnerKey { client_addr: [0; 16], client_port: 0, server_port: 0, ipv6: false };
+
+/// The start of PostgreSQL's `Port` (libpq/libpq-be.h), up to the fields read here, as
+/// each major lays it out. pgrx's own `Port` is wrong for 17 (it keeps
+/// `canAcceptConnections`, which 17 removed), so the role came out as the database and the
+/// database as nothing; this is read instead, and the fields before these never moved.
+#[repr(C)]
+struct PortHead {
+    sock: pg_sys::pgsocket,
+    noblock: bool,
+    proto: pg_sys::ProtocolVersion,
+    laddr: pg_sys::SockAddr,
+    raddr: pg_sys::SockAddr,
+    remote_host: *mut c_char,
+    remote_hostname: *mut c_char,
+    remote_hostname_resolv: c_int,
+    remote_hostname_errcode: c_int,
+    remote_port: *mut c_char,
+    /// `CAC_state` (an enum) in 15 and 16; moved out of `Port` in 17.
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    can_accept_connections: c_int,
+    /// New in 18: the local address as text.
+    #[cfg(feature = "pg18")]
+    local_host: [c_char; 64],
+    database_name: *mut c_char,
+    user_name: *mut c_char,
+}
 
 /// Address family, address (IPv4 in the first 4 bytes; IPv4-mapped IPv6 as IPv4, which
 /// is how the packets carry it) and port of a socket address; `None` for Unix sockets.
@@ -73,8 +99,9 @@ fn record(port: *const Port, status: OwnerStatus) {
         return;
     }
     REGISTERED.store(true, Ordering::Release);
-    // SAFETY: MyProcPort / the hook's port is valid for the whole backend.
-    let port = unsafe { &*port };
+    // SAFETY: MyProcPort / the hook's port is valid for the whole backend, and PortHead
+    // is the layout of its first fields in the major this library was built for.
+    let port = unsafe { &*(port as *const PortHead) };
     let (Some((client_addr, client_port, ipv6)), Some((server_addr, server_port, _))) =
         (inet(&port.raddr), inet(&port.laddr))
     else {

@@ -463,7 +463,7 @@ impl Worker {
     }
 }
 
-#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+#[cfg(any(feature = "pg15", feature = "pg16"))]
 unsafe fn create_wait_event_set(n: i32) -> *mut pg_sys::WaitEventSet {
     // SAFETY: TopMemoryContext lives as long as the process.
     unsafe { pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, n) }

@@ -18,7 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 # The server under test: PG_NETSTAT_PG_CONFIG names its pg_config (default: the system's
 # PostgreSQL 15); its programs are taken from that installation's bindir.
 PG_CONFIG = os.environ.get("PG_NETSTAT_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
-PGBIN = Path(subprocess.run([PG_CONFIG, "--bindir"], check=True, capture_output=True, text=True).stdout.strip())
+
+
+def pg_config(option):
+    return subprocess.run([PG_CONFIG, option], check=True, capture_output=True, text=True).stdout.strip()
+
+
+PGBIN = Path(pg_config("--bindir"))
+# Its major version: "PostgreSQL 17.11" → 17.
+PG_MAJOR = int(re.match(r"PostgreSQL (\d+)", pg_config("--version")).group(1))
 CLUSTER = ROOT / "scripts" / "cluster"
 
 
@@ -45,7 +53,7 @@ class SqlError(Exception):
 
 
 class Cluster:
-    """A PostgreSQL 15 cluster in its own directory, run as `postgres` with CAP_NET_RAW."""
+    """A cluster of the PostgreSQL under test in its own directory, run as `postgres` with CAP_NET_RAW."""
 
     def __init__(self, port, conf=(), listen="127.0.0.1,::1", hba_extra="", preload=True):
         self.dir = Path(tempfile.mkdtemp(prefix="pgn_e2e_"))

@@ -1,8 +1,15 @@
-"""Packages and upgrades, for real: the .deb from scripts/package goes in with dpkg -i
-and works in a fresh cluster; a database on the first released SQL surface (0.1.0),
-updated with ALTER EXTENSION, ends up identical to a fresh install; and a catalog
+"""Packages and upgrades, for real: the .deb from scripts/package for the PostgreSQL under
+test goes in and works in a fresh cluster; a database on the first released SQL surface
+(0.1.0), updated with ALTER EXTENSION, ends up identical to a fresh install; and a catalog
 definition that does not match the loaded library (the window between installing a new
-package and running ALTER EXTENSION UPDATE) is refused with an error, not misread."""
+package and running ALTER EXTENSION UPDATE) is refused with an error, not misread.
+
+On 15 the package is installed with dpkg -i into Debian's PostgreSQL 15. On 16-18 it
+cannot be: it depends on postgresql-16/17/18 (the PostgreSQL project's apt packages, where
+users of Debian 12 get those majors) and Debian 12 has none, so the server under test is
+the PyPI build scripts/setup installs. There the package's files, taken out of the .deb
+with dpkg-deb, are put where that server looks for them: the same library and SQL, used
+for real, only not through dpkg."""
 
 import os
 import re
@@ -12,36 +19,61 @@ from pathlib import Path
 import pytest
 
 from conftest import INTERVAL
-from harness import Cluster, SqlError, free_port, run, wait_for
+from harness import PG_MAJOR, Cluster, SqlError, free_port, pg_config, run, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = "postgresql-15-pg-netstat"
-LIBDIR = Path("/usr/lib/postgresql/15/lib")
-EXTDIR = Path("/usr/share/postgresql/15/extension")
+PACKAGE = f"postgresql-{PG_MAJOR}-pg-netstat"
+# Where the package puts its files (Debian's and PGDG's layout for PostgreSQL N) ...
+PKG_LIBDIR = Path(f"/usr/lib/postgresql/{PG_MAJOR}/lib")
+PKG_EXTDIR = Path(f"/usr/share/postgresql/{PG_MAJOR}/extension")
+# ... and where the server under test looks for them (the same on 15).
+LIBDIR = Path(pg_config("--pkglibdir"))
+EXTDIR = Path(pg_config("--sharedir")) / "extension"
+BY_DPKG = (LIBDIR, EXTDIR) == (PKG_LIBDIR, PKG_EXTDIR)
 VERSION = re.search(r'^version = "(.+)"$', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
 FIRST_RELEASE = "0.1.0"
 
 
+def put_in_place(src, dst):
+    """Replaces dst by rename, never rewriting it in place: running servers have the
+    library mapped."""
+    tmp = dst.with_name(dst.name + ".restoring")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory):
-    """Builds the package, installs it with dpkg, and afterwards removes it and puts back
-    the files scripts/build had installed (the other tests run on those). Files are put
-    back by rename, never rewritten in place: running servers have the library mapped."""
+    """Builds the package for the PostgreSQL under test and installs it: with dpkg where
+    it can (15), else its files from the .deb (see above). Afterwards removes it and puts
+    back the files scripts/build had installed (the other tests run on those)."""
     saved = tmp_path_factory.mktemp("installed")
     before = [LIBDIR / "pg_netstat.so", *EXTDIR.glob("pg_netstat*")]
     for f in before:
         shutil.copy2(f, saved / f.name)
-    out = run([str(ROOT / "scripts" / "package")], cwd=ROOT).stdout.strip().splitlines()
+    out = run([str(ROOT / "scripts" / "package"), "--pg", str(PG_MAJOR)], cwd=ROOT).stdout.strip().splitlines()
     path = ROOT / out[-1]
+    added = []
     try:
-        run(["dpkg", "-i", str(path)])
+        if BY_DPKG:
+            run(["dpkg", "-i", str(path)])
+        else:
+            root = tmp_path_factory.mktemp("unpacked")
+            run(["dpkg-deb", "-x", str(path), str(root)])
+            for src_dir, dst_dir in ((PKG_LIBDIR, LIBDIR), (PKG_EXTDIR, EXTDIR)):
+                for src in (root / src_dir.relative_to("/")).iterdir():
+                    dst = dst_dir / src.name
+                    if not dst.exists():
+                        added.append(dst)
+                    put_in_place(src, dst)
         yield path
     finally:
-        run(["dpkg", "-r", PACKAGE], check=False)
+        if BY_DPKG:
+            run(["dpkg", "-r", PACKAGE], check=False)
+        for f in added:
+            f.unlink(missing_ok=True)
         for f in before:
-            tmp = f.with_name(f.name + ".restoring")
-            shutil.copy2(saved / f.name, tmp)
-            os.replace(tmp, f)
+            put_in_place(saved / f.name, f)
 
 
 @pytest.fixture
@@ -68,16 +100,33 @@ def test_the_debian_package_installs_and_counts(deb, fresh_cluster):
     assert fields["Package"] == PACKAGE
     assert fields["Version"] == f"{VERSION}-1"
     depends = [d.strip().split(" ")[0] for d in fields["Depends"].split(",")]
-    assert "postgresql-15" in depends and "libc6" in depends, fields["Depends"]
+    assert f"postgresql-{PG_MAJOR}" in depends and "libc6" in depends, fields["Depends"]
+    assert not any(d.startswith("postgresql-") and d != f"postgresql-{PG_MAJOR}" for d in depends), fields["Depends"]
     assert not any("pcap" in d for d in depends), "the default build must not need libpcap"
 
-    status = run(["dpkg-query", "-W", "-f", "${Status} ${Version}", PACKAGE]).stdout
-    assert status == f"install ok installed {VERSION}-1"
-    owned = set(run(["dpkg", "-L", PACKAGE]).stdout.split())
-    for f in (LIBDIR / "pg_netstat.so", EXTDIR / "pg_netstat.control", EXTDIR / f"pg_netstat--{VERSION}.sql",
-              EXTDIR / f"pg_netstat--{FIRST_RELEASE}.sql", EXTDIR / f"pg_netstat--{FIRST_RELEASE}--{VERSION}.sql"):
-        assert str(f) in owned, f"{f} is not in the package"
-        assert f.exists()
+    # What the package holds, and where PostgreSQL N looks for it: nothing else of ours.
+    contents = {line.split()[-1].lstrip(".") for line in run(["dpkg-deb", "-c", str(deb)]).stdout.splitlines()}
+    wanted = [PKG_LIBDIR / "pg_netstat.so", PKG_EXTDIR / "pg_netstat.control", PKG_EXTDIR / f"pg_netstat--{VERSION}.sql",
+              PKG_EXTDIR / f"pg_netstat--{FIRST_RELEASE}.sql",
+              PKG_EXTDIR / f"pg_netstat--{FIRST_RELEASE}--{VERSION}.sql"]
+    for f in wanted:
+        assert str(f) in contents, f"{f} is not in the package"
+    ours = {f for f in contents if "pg_netstat" in f and not f.startswith(f"/usr/share/doc/{PACKAGE}/")}
+    assert ours == {str(f) for f in wanted}, ours
+    # The systemd drop-in it ships names this major's cluster unit.
+    drop_in = run(["sh", "-c", f"dpkg-deb --fsys-tarfile {deb} | tar -xOf - "
+                               f"./usr/share/doc/{PACKAGE}/examples/cap_net_raw.conf"]).stdout
+    assert f"postgresql@{PG_MAJOR}-main.service.d" in drop_in, drop_in
+
+    if BY_DPKG:
+        status = run(["dpkg-query", "-W", "-f", "${Status} ${Version}", PACKAGE]).stdout
+        assert status == f"install ok installed {VERSION}-1"
+        owned = set(run(["dpkg", "-L", PACKAGE]).stdout.split())
+        for f in wanted:
+            assert str(f) in owned, f"{f} is not installed by dpkg"
+    for f in wanted:
+        installed = (LIBDIR if f.parent == PKG_LIBDIR else EXTDIR) / f.name
+        assert installed.exists(), installed
     assert "pcap" not in run(["ldd", str(LIBDIR / "pg_netstat.so")]).stdout
 
     c = fresh_cluster
