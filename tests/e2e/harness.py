@@ -377,10 +377,21 @@ def cpu_ticks(pid):
 
 
 def free_port():
+    """A TCP port free on 127.0.0.1 and ::1, below the ephemeral range (32768-60999): a
+    client's TIME_WAIT on an ephemeral port can block a server's later bind to it, and the
+    kernel's own pick (bind to port 0) is an ephemeral port."""
+    import random
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        try:
+            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                with socket.socket(family) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free TCP port in 20000-31999")
 
 
 def pcap_connections(path, ports):
