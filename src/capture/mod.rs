@@ -6,6 +6,7 @@
 pub mod device;
 pub mod field;
 pub mod filter;
+pub mod linktype;
 pub mod packet;
 #[cfg(any(feature = "pcap", not(linux_native)))]
 pub mod pcap;
@@ -125,6 +126,11 @@ pub enum CaptureError {
     Filter(FilterError),
     /// The chosen capture method does not exist in this build or on this system.
     Unsupported(&'static str),
+    /// libpcap gives frames of a link type pg_netstat does not read (number, name).
+    UnsupportedLink {
+        linktype: i32,
+        name: String,
+    },
     Io {
         what: &'static str,
         err: io::Error,
@@ -149,6 +155,12 @@ impl fmt::Display for CaptureError {
             CaptureError::DeviceDown(what) => write!(f, "network device is down ({what} failed)"),
             CaptureError::Filter(e) => write!(f, "cannot build the packet filter: {e}"),
             CaptureError::Unsupported(why) => write!(f, "{why}"),
+            CaptureError::UnsupportedLink { linktype, name } => write!(
+                f,
+                "libpcap gives link type {linktype} ({name}) on this device, which pg_netstat cannot read \
+                 (it reads {}); the device is not captured",
+                linktype::SUPPORTED
+            ),
             CaptureError::Io { what, err } => write!(f, "{what} failed: {err}"),
         }
     }
