@@ -269,6 +269,34 @@ mod tests {
         assert!(list_devices().unwrap().iter().any(|d| d.name == "lo"));
     }
 
+    /// The portable device list (getifaddrs) against what Linux says in sysfs: index,
+    /// up, loopback and the Ethernet address of every device (skipping one that another
+    /// test removes meanwhile).
+    #[cfg(all(not(linux_native), target_os = "linux"))]
+    #[test]
+    fn getifaddrs_agrees_with_sysfs() {
+        let read = |dev: &str, what: &str| std::fs::read_to_string(format!("/sys/class/net/{dev}/{what}")).ok();
+        let mut with_mac = 0;
+        for d in list_devices().unwrap() {
+            let (Some(ty), Some(addr), Some(index), Some(flags)) =
+                (read(&d.name, "type"), read(&d.name, "address"), read(&d.name, "ifindex"), read(&d.name, "flags"))
+            else {
+                continue;
+            };
+            let flags = i32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+            let mac = (ty.trim() == "1").then(|| {
+                let b: Vec<u8> = addr.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+                <[u8; 6]>::try_from(b).unwrap()
+            });
+            with_mac += usize::from(mac.is_some());
+            assert_eq!(d.ifindex.to_string(), index.trim(), "{d:?}");
+            assert_eq!((d.up, d.loopback), (flags & 1 != 0, flags & 8 != 0), "{d:?}");
+            assert_eq!(d.mac, mac, "{d:?}");
+        }
+        assert!(with_mac > 0, "no Ethernet device to compare with");
+        assert_eq!(device_info("lo").unwrap().map(|d| (d.loopback, d.mac)), Some((true, None)));
+    }
+
     /// What getifaddrs gave for a veth on Linux and for em0 on FreeBSD (bytes as laid
     /// out in memory, little-endian host).
     #[test]
