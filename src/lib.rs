@@ -51,7 +51,8 @@ pub extern "C-unwind" fn _PG_init() {
 /// (children start without it in effect, programs they run never get it); client
 /// backends drop it for good as they authenticate; the worker raises it when it starts.
 /// No other capability is touched: this runs before the postmaster opens its listen
-/// sockets, which may need CAP_NET_BIND_SERVICE.
+/// sockets, which may need CAP_NET_BIND_SERVICE. Linux-native builds only: the portable
+/// build changes no privilege and says so in the log.
 fn least_privilege() {
     #[cfg(linux_native)]
     if let Err(e) = privileges::postmaster_keep_net_raw_permitted_only() {
