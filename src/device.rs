@@ -264,7 +264,7 @@ impl<S: CaptureSource> Device<S> {
                 self.set_state(env, state, String::new());
             }
             Err(CaptureError::Permission(e)) => {
-                self.fail(env, DeviceState::NoPermission, format!("{e} (CAP_NET_RAW missing)"))
+                self.fail(env, DeviceState::NoPermission, format!("{e} ({})", crate::capture::PRIVILEGE_MISSING))
             }
             Err(CaptureError::NoSuchDevice(_)) => self.fail(env, DeviceState::Missing, "no such device".into()),
             Err(e) => self.fail(env, DeviceState::Error, e.to_string()),

@@ -296,6 +296,11 @@ unsafe extern "C-unwind" fn check_capture_method(
         );
         return false;
     }
+    if value == CaptureMethod::Ring as i32 && !CaptureMethod::RING_BUILT_IN {
+        set_check_detail("This build of pg_netstat has no AF_PACKET ring (it is the portable build).");
+        set_check_hint("Use auto or pcap, or on Linux install a build without the portable feature.");
+        return false;
+    }
     true
 }
 

@@ -11,6 +11,7 @@ pub mod device;
 pub mod flows;
 pub mod handover;
 pub mod kernel_counters;
+#[cfg(linux_native)]
 pub mod privileges;
 pub mod stats;
 
@@ -50,11 +51,18 @@ pub extern "C-unwind" fn _PG_init() {
 /// (children start without it in effect, programs they run never get it); client
 /// backends drop it for good as they authenticate; the worker raises it when it starts.
 /// No other capability is touched: this runs before the postmaster opens its listen
-/// sockets, which may need CAP_NET_BIND_SERVICE.
+/// sockets, which may need CAP_NET_BIND_SERVICE. Linux-native builds only: the portable
+/// build changes no privilege and says so in the log.
 fn least_privilege() {
+    #[cfg(linux_native)]
     if let Err(e) = privileges::postmaster_keep_net_raw_permitted_only() {
         warning!("pg_netstat: could not restrict CAP_NET_RAW in the postmaster: {e}");
     }
+    #[cfg(not(linux_native))]
+    log!(
+        "pg_netstat: this build (libpcap only, no Linux capability handling) does not restrict capture \
+         privileges: every server process keeps whatever privilege the server was started with"
+    );
     // SAFETY: hook chaining during _PG_init in the postmaster, before any backend exists.
     unsafe {
         PREV_CLIENT_AUTH_HOOK = pg_sys::libpq::ClientAuthentication_hook;
@@ -67,6 +75,7 @@ static mut PREV_CLIENT_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type 
 #[pg_guard]
 unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be::Port, status: i32) {
     // Before anything the client can make this backend do, authenticated or not.
+    #[cfg(linux_native)]
     if let Err(e) = privileges::drop_net_raw() {
         warning!("pg_netstat: could not drop CAP_NET_RAW in this backend: {e}");
     }

@@ -1,10 +1,13 @@
 //! Capture tier: a real TPACKET_V3 ring on `lo`, real TCP traffic, and an independent
 //! count of the same traffic from a plain AF_PACKET socket (no ring, no BPF, its own
 //! parser). Needs CAP_NET_RAW (CI runs as root); without it the test fails loudly
-//! unless PG_NETSTAT_SKIP_CAPTURE_TESTS=1 says to skip.
+//! unless PG_NETSTAT_SKIP_CAPTURE_TESTS=1 says to skip. The witness is a Linux packet
+//! socket; the ring tests run in the Linux-native build, the libpcap one in any build
+//! with libpcap (the `portable` build too).
 
 #![cfg(target_os = "linux")]
 
+#[cfg(linux_native)]
 use pg_netstat::capture::ring::{Ring, RingGeometry};
 use pg_netstat::capture::source::Source;
 use pg_netstat::capture::{classify, device_info, packet, CaptureMethod, CaptureSettings, Direction};
@@ -177,6 +180,7 @@ fn drain_source(src: &mut Source, port: u16, device: &pg_netstat::capture::Devic
     (t, foreign)
 }
 
+#[cfg(linux_native)]
 #[test]
 fn ring_on_lo_counts_exactly_what_a_plain_socket_sees() {
     if skip_or_fail() {
@@ -247,6 +251,7 @@ fn on_lo_counts_exactly_what_a_plain_socket_sees(method: CaptureMethod) {
     }
 }
 
+#[cfg(linux_native)]
 #[test]
 fn snaplen_truncates_the_copy_but_not_the_count() {
     if skip_or_fail() {
@@ -269,6 +274,7 @@ fn snaplen_truncates_the_copy_but_not_the_count() {
     assert!(max_len > 5000, "the 9 KB messages should show their full length, saw {max_len}");
 }
 
+#[cfg(linux_native)]
 #[test]
 fn opening_a_missing_device_is_a_clean_error() {
     if skip_or_fail() {

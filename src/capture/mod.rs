@@ -6,10 +6,11 @@
 pub mod device;
 pub mod field;
 pub mod filter;
+pub mod linktype;
 pub mod packet;
-#[cfg(any(feature = "pcap", not(target_os = "linux")))]
+#[cfg(any(feature = "pcap", not(linux_native)))]
 pub mod pcap;
-#[cfg(target_os = "linux")]
+#[cfg(linux_native)]
 pub mod ring;
 pub mod source;
 #[cfg(test)]
@@ -33,7 +34,9 @@ pub enum CaptureMethod {
 }
 
 impl CaptureMethod {
-    pub const PCAP_BUILT_IN: bool = cfg!(any(feature = "pcap", not(target_os = "linux")));
+    pub const PCAP_BUILT_IN: bool = cfg!(any(feature = "pcap", not(linux_native)));
+    /// The ring is in Linux-native builds only (not in the `portable` one).
+    pub const RING_BUILT_IN: bool = cfg!(linux_native);
 
     pub fn from_i32(v: i32) -> CaptureMethod {
         match v {
@@ -100,6 +103,15 @@ pub struct CaptureSettings {
     pub timeout_ms: u32,
 }
 
+/// What a capture that failed for want of privilege lacks. Only the Linux-native build
+/// manages the privilege (CAP_NET_RAW, see privileges.rs); the portable build names what
+/// libpcap needs on each kind of system and leaves it to the administrator.
+pub const PRIVILEGE_MISSING: &str = if cfg!(linux_native) {
+    "CAP_NET_RAW missing"
+} else {
+    "no capture privilege: libpcap needs CAP_NET_RAW on Linux, read access to /dev/bpf* on BSD and macOS"
+};
+
 /// Longest interface name Linux allows (IFNAMSIZ - 1).
 pub const MAX_DEVICE_NAME: usize = 15;
 
@@ -107,13 +119,18 @@ pub const MAX_DEVICE_NAME: usize = 15;
 pub enum CaptureError {
     /// The device does not exist (any more); holds the operation that found out.
     NoSuchDevice(&'static str),
-    /// The process lacks CAP_NET_RAW.
+    /// The process lacks CAP_NET_RAW (or, off Linux, access to libpcap's devices).
     Permission(io::Error),
     /// The device is down; holds the operation that found out.
     DeviceDown(&'static str),
     Filter(FilterError),
     /// The chosen capture method does not exist in this build or on this system.
     Unsupported(&'static str),
+    /// libpcap gives frames of a link type pg_netstat does not read (number, name).
+    UnsupportedLink {
+        linktype: i32,
+        name: String,
+    },
     Io {
         what: &'static str,
         err: io::Error,
@@ -134,10 +151,16 @@ impl fmt::Display for CaptureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CaptureError::NoSuchDevice(what) => write!(f, "no such network device ({what} failed)"),
-            CaptureError::Permission(e) => write!(f, "cannot open a packet socket: {e} (CAP_NET_RAW is required)"),
+            CaptureError::Permission(e) => write!(f, "cannot open a packet socket: {e} ({PRIVILEGE_MISSING})"),
             CaptureError::DeviceDown(what) => write!(f, "network device is down ({what} failed)"),
             CaptureError::Filter(e) => write!(f, "cannot build the packet filter: {e}"),
             CaptureError::Unsupported(why) => write!(f, "{why}"),
+            CaptureError::UnsupportedLink { linktype, name } => write!(
+                f,
+                "libpcap gives link type {linktype} ({name}) on this device, which pg_netstat cannot read \
+                 (it reads {}); the device is not captured",
+                linktype::SUPPORTED
+            ),
             CaptureError::Io { what, err } => write!(f, "{what} failed: {err}"),
         }
     }

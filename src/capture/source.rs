@@ -3,20 +3,20 @@
 //! per-packet closure is inlined into each backend's loop.
 
 use super::filter::LinkLayer;
-#[cfg(target_os = "linux")]
+#[cfg(linux_native)]
 use super::ring::{Ring, RingGeometry};
 use super::{CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, DrainStats, Frame, KernelStats};
 use std::io;
 use std::os::fd::RawFd;
 
 pub enum Source {
-    #[cfg(target_os = "linux")]
+    #[cfg(linux_native)]
     Ring(Ring),
-    #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+    #[cfg(any(feature = "pcap", not(linux_native)))]
     Pcap(super::pcap::PcapSource),
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(linux_native)]
 fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32
@@ -35,6 +35,9 @@ impl Source {
         match method {
             CaptureMethod::Ring => Self::open_ring(device, ports, s),
             CaptureMethod::Pcap => Self::open_pcap(device, ports, s),
+            // Without the ring (the portable build), libpcap is the only way: its own
+            // error, not the ring's absence, is what the user needs to see.
+            CaptureMethod::Auto if !CaptureMethod::RING_BUILT_IN => Self::open_pcap(device, ports, s),
             CaptureMethod::Auto => match Self::open_ring(device, ports, s) {
                 Ok(r) => Ok(r),
                 Err(e @ (CaptureError::Permission(_) | CaptureError::NoSuchDevice(_))) => Err(e),
@@ -44,41 +47,43 @@ impl Source {
         }
     }
 
-    #[cfg(target_os = "linux")]
+    #[cfg(linux_native)]
     fn open_ring(device: &DeviceInfo, ports: &[u16], s: CaptureSettings) -> Result<Source, CaptureError> {
         let g = RingGeometry::from_pcap_settings(s.buffer_size, s.snaplen, s.timeout_ms, page_size());
         Ring::open(device, ports, g).map(Source::Ring)
     }
 
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(linux_native))]
     fn open_ring(_: &DeviceInfo, _: &[u16], _: CaptureSettings) -> Result<Source, CaptureError> {
-        Err(CaptureError::Unsupported("the AF_PACKET ring exists only on Linux"))
+        Err(CaptureError::Unsupported(
+            "this build has no AF_PACKET ring (it is in Linux builds without the portable feature)",
+        ))
     }
 
-    #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+    #[cfg(any(feature = "pcap", not(linux_native)))]
     fn open_pcap(device: &DeviceInfo, ports: &[u16], s: CaptureSettings) -> Result<Source, CaptureError> {
         super::pcap::PcapSource::open(device, ports, s).map(Source::Pcap)
     }
 
-    #[cfg(not(any(feature = "pcap", not(target_os = "linux"))))]
+    #[cfg(not(any(feature = "pcap", not(linux_native))))]
     fn open_pcap(_: &DeviceInfo, _: &[u16], _: CaptureSettings) -> Result<Source, CaptureError> {
         Err(CaptureError::Unsupported("this build has no libpcap backend (build with --features pcap)"))
     }
 
     pub fn method(&self) -> CaptureMethod {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(_) => CaptureMethod::Ring,
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(_) => CaptureMethod::Pcap,
         }
     }
 
     pub fn fd(&self) -> RawFd {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => r.fd(),
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => p.fd(),
         }
     }
@@ -86,9 +91,9 @@ impl Source {
     /// How frames from this source start (where the network header is).
     pub fn link(&self) -> LinkLayer {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => r.link(),
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => p.link(),
         }
     }
@@ -98,9 +103,9 @@ impl Source {
     /// hardware address of its own to compare with.
     pub fn direction_by_ports(&self, device: &DeviceInfo) -> bool {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(_) => device.loopback,
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => device.loopback || p.direction_by_ports(),
         }
     }
@@ -108,7 +113,7 @@ impl Source {
     /// The capture's geometry in words, for the server log: what memory it holds.
     pub fn describe(&self) -> String {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => {
                 let g = r.geometry();
                 format!(
@@ -120,7 +125,7 @@ impl Source {
                     g.retire_ms
                 )
             }
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => {
                 let s = p.settings();
                 format!("libpcap, buffer {} bytes, snaplen {}, timeout {} ms", s.buffer_size, s.snaplen, s.timeout_ms)
@@ -131,9 +136,9 @@ impl Source {
     /// The longest the kernel may hold a packet before handing it over.
     pub fn retire_ms(&self) -> u32 {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => r.geometry().retire_ms,
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => p.settings().timeout_ms,
         }
     }
@@ -151,9 +156,9 @@ impl Source {
         on_frame: impl FnMut(&Frame<'_>),
     ) -> Result<DrainStats, CaptureError> {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => Ok(r.drain_blocks(max_blocks, on_frame)),
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => p.drain(max_blocks.saturating_mul(super::pcap::PCAP_FRAMES_PER_BLOCK), on_frame),
         }
     }
@@ -161,18 +166,18 @@ impl Source {
     /// How many blocks make one lap: the most one `drain` reads.
     pub fn blocks_per_lap(&self) -> u32 {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => r.geometry().block_count,
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(_) => super::pcap::PCAP_BLOCKS_PER_LAP,
         }
     }
 
     pub fn read_kernel_stats(&mut self) -> io::Result<KernelStats> {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => r.read_kernel_stats(),
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(p) => p.read_kernel_stats(),
         }
     }
@@ -181,9 +186,9 @@ impl Source {
     /// from its read call instead, so it has nothing here.
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         match self {
-            #[cfg(target_os = "linux")]
+            #[cfg(linux_native)]
             Source::Ring(r) => r.take_error(),
-            #[cfg(any(feature = "pcap", not(target_os = "linux")))]
+            #[cfg(any(feature = "pcap", not(linux_native)))]
             Source::Pcap(_) => Ok(None),
         }
     }

@@ -26,9 +26,15 @@ fn log_report(level: PgLogLevel, code: PgSqlErrorCode, message: String, hint: Op
     r.report(level);
 }
 
+#[cfg(linux_native)]
 const PERMISSION_HINT: &str = "Packet capture needs CAP_NET_RAW (nothing else). Start the server with it, e.g. \
     setpriv --inh-caps=+net_raw --ambient-caps=+net_raw pg_ctl start ..., or grant it to the binary once with \
     setcap cap_net_raw=ep on the postgres executable. Capture is retried every minute.";
+#[cfg(not(linux_native))]
+const PERMISSION_HINT: &str = "This build captures through libpcap and does not manage privileges. On Linux \
+    start the server with CAP_NET_RAW, e.g. setpriv --inh-caps=+net_raw --ambient-caps=+net_raw pg_ctl start ..., \
+    or grant it to the binary once with setcap cap_net_raw=ep on the postgres executable; on BSD and macOS give \
+    the server's user read access to /dev/bpf*. Capture is retried every minute.";
 
 /// The server side of a device's surroundings: real lookups and sources, the system
 /// clocks, and the server log.

@@ -8,6 +8,7 @@ use crate::device;
 use crate::flowshm;
 use crate::gucs::Settings;
 use crate::kernel_counters::KernelCounters;
+#[cfg(linux_native)]
 use crate::privileges;
 use crate::shmem::{INJECT_ERROR, STATE, WORKER_PID};
 use crate::stats::{Bucketing, Closed};
@@ -60,6 +61,7 @@ pub extern "C-unwind" fn pg_netstat_worker_main(_arg: pg_sys::Datum) {
     // SAFETY: installing a signal handler PostgreSQL provides for exactly this.
     unsafe { set_sigterm_to_die() };
     // The postmaster left CAP_NET_RAW permitted only; this is the one process that uses it.
+    #[cfg(linux_native)]
     match privileges::raise_net_raw() {
         Ok(true) => {}
         Ok(false) => {} // reported per device as no_permission when sockets fail

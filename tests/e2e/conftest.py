@@ -8,9 +8,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import PGBIN, Cluster, Netns, free_port, run, wait_for  # noqa: E402
 
 INTERVAL = 2
+# Which build is installed: "native" (the default) or "portable" (cargo feature portable:
+# libpcap only, no ring, no capability handling, as on a system other than Linux).
+BUILD = os.environ.get("PG_NETSTAT_BUILD", "native")
+assert BUILD in ("native", "portable"), f"PG_NETSTAT_BUILD={BUILD!r}: native or portable"
 # Which backend the session's cluster uses; scripts/test runs the suite once per backend.
 CAPTURE_METHOD = os.environ.get("PG_NETSTAT_CAPTURE_METHOD", "auto")
-EXPECTED_METHOD = "ring" if CAPTURE_METHOD == "auto" else CAPTURE_METHOD
+EXPECTED_METHOD = ("pcap" if BUILD == "portable" else "ring") if CAPTURE_METHOD == "auto" else CAPTURE_METHOD
+# For tests of what only the Linux-native build has.
+native_only = pytest.mark.skipif(BUILD == "portable", reason="the portable build has no Linux capability handling")
 
 # Lines that mean something went badly wrong in the server; any of them fails the run.
 # (A worker exit with code 1 is not among them: the restart tests cause those on purpose

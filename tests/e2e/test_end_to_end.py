@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import EXPECTED_METHOD, INTERVAL
+from conftest import BUILD, EXPECTED_METHOD, INTERVAL
 from harness import PGBIN, Cluster, SqlError, Tcpdump, cpu_ticks, free_port, run, start_in_a_fresh_interval, wait_for
 
 ORIGINAL_COLUMNS = [
@@ -187,3 +187,14 @@ def test_capture_method_pcap_needs_the_pcap_build(cluster):
     with pytest.raises(SqlError) as e:
         cluster.sql("ALTER SYSTEM SET pg_netstat.capture_method = dpdk")
     assert "Available values: auto, ring, pcap" in e.value.stderr
+
+
+def test_capture_method_ring_needs_the_native_build(cluster):
+    r = cluster.psql_result("ALTER SYSTEM SET pg_netstat.capture_method = ring")
+    if BUILD == "portable":
+        assert r.returncode != 0
+        assert "This build of pg_netstat has no AF_PACKET ring (it is the portable build)." in r.stderr
+        assert "HINT:  Use auto or pcap" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        cluster.sql("ALTER SYSTEM RESET pg_netstat.capture_method")

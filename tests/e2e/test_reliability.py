@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import CAPTURE_METHOD, INTERVAL
+from conftest import BUILD, CAPTURE_METHOD, INTERVAL, native_only
 from harness import (CAP_NET_BIND_SERVICE, CAP_NET_RAW, PGBIN, Cluster, SqlError, Tcpdump, cap_bits,
                      cpu_ticks, free_port, interval_sums, pcap_packets, start_in_a_fresh_interval, wait_for)
 
@@ -178,6 +178,7 @@ def test_only_superusers_can_inject_errors(cluster):
         cluster.sql("DROP ROLE pgn_mon2")
 
 
+@native_only
 def test_only_the_capture_worker_holds_cap_net_raw(cluster):
     client = cap_bits(cluster.sql("SELECT pg_read_file('/proc/self/status')"))
     assert all(v & CAP_NET_RAW == 0 for v in client.values()), f"client backend: {client}"
@@ -205,6 +206,16 @@ def test_only_the_capture_worker_holds_cap_net_raw(cluster):
     assert all(v == 0 for v in cap_bits(text).values()), text
 
 
+@pytest.mark.skipif(BUILD != "portable", reason="the native build restricts CAP_NET_RAW (tested above)")
+def test_the_portable_build_says_it_does_not_restrict_privileges(cluster):
+    """What a build without capability handling does, said plainly: the log says so at
+    start, and a client backend keeps the CAP_NET_RAW the server was started with."""
+    assert "pg_netstat: this build (libpcap only, no Linux capability handling) does not restrict " \
+           "capture privileges" in cluster.log()
+    client = cap_bits(cluster.sql("SELECT pg_read_file('/proc/self/status')"))
+    assert client["CapEff"] & CAP_NET_RAW, f"client backend: {client}"
+
+
 def free_privileged_port():
     """A TCP port below 1024 that nothing listens on at 127.0.0.1 (this test runs as root,
     so the bind succeeds whenever the port is free)."""
@@ -223,6 +234,7 @@ def cap_bounding(status_text):
     return int(next(line for line in status_text.splitlines() if line.startswith("CapBnd:")).split()[1], 16)
 
 
+@native_only
 def test_least_privilege_keeps_the_capabilities_the_administrator_granted():
     """A server started with CAP_NET_BIND_SERVICE besides CAP_NET_RAW listens on a port
     below 1024: pg_netstat takes CAP_NET_RAW from everyone but the capture worker and
