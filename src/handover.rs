@@ -19,7 +19,9 @@
 //!   within `TWIN_NS` — is the same packet and is dropped; every other held packet is
 //!   counted, oldest first.
 //!
-//! With M = 1 ms far above the stamp difference, every packet lands in exactly one of:
+//! With M = 20 ms far above the stamp difference (`TWIN_NS`, 5 ms: a descheduled vCPU
+//! can stamp one ring's copy milliseconds after the other's), every packet lands in
+//! exactly one of:
 //! counted by the old ring, counted by the new ring, or held by both and matched. A packet
 //! only one ring sees (a port added or removed) is held by that ring alone and counted once.
 //! Identical packets (a duplicate ACK over IPv6 has no IP id) are told apart by the
@@ -35,10 +37,18 @@ use crate::capture::filter::LinkLayer;
 use crate::capture::{packet, Frame};
 use std::collections::HashMap;
 
-/// Width of the window around the cut, in nanoseconds.
-pub const MARGIN_NS: u64 = 1_000_000;
-/// How far apart two rings' stamps of one packet may be.
-pub const TWIN_NS: u64 = 100_000;
+/// Width of the window around the cut, in nanoseconds. Twice `TWIN_NS` and more: a
+/// packet whose copies are stamped up to `TWIN_NS` apart is held by both rings or
+/// counted by exactly one.
+pub const MARGIN_NS: u64 = 20_000_000;
+/// How far apart two rings' stamps of one packet may be. Usually 0.15–5.2 µs; but the
+/// kernel stamps each ring's copy as it hands it over, so a vCPU descheduled between the
+/// two stamps them milliseconds apart (seen on this project's 2-vCPU VM under load: one
+/// packet in 191,606 lost at a rebuild with a 100 µs bound). Identity still tells
+/// packets apart: two different packets with the same addresses and the same whole TCP
+/// header (sequence, acknowledgement, window, checksum) within 5 ms are rare, and even
+/// then each copy is matched with its nearest twin.
+pub const TWIN_NS: u64 = 5_000_000;
 /// Most packets held before the handover is resolved regardless.
 pub const MAX_HELD: usize = 65_536;
 /// Bytes of each held frame kept: enough for any link, IP and TCP header.
@@ -314,10 +324,12 @@ mod tests {
     fn either_ring_may_run_ahead_of_the_other() {
         // The worker reads one ring's blocks, then the other's: whole stretches of one
         // ring's stream arrive before the other's.
+        // Both rings must pass S + M within the stream for the handover to resolve.
         let mut rng = crate::capture::testframes::xorshift(9);
-        let packets: Vec<(u64, u64, u64)> = (0..20_000u64)
+        let n = 3 * MARGIN_NS / 700;
+        let packets: Vec<(u64, u64, u64)> = (0..n)
             .map(|i| {
-                let o = S - 7_000_000 + i * 700;
+                let o = S - MARGIN_NS - 1_000_000 + i * 700;
                 (o, (o as i64 + (rng() % 10_400) as i64 - 5_200) as u64, i)
             })
             .collect();
@@ -348,8 +360,41 @@ mod tests {
                 }
             }
             counted.sort();
-            assert_eq!(counted, (0..20_000).collect::<Vec<_>>(), "old ring ahead: {old_ahead}");
+            assert!(h.resolved(), "the stream passes the window");
+            assert_eq!(counted, (0..n).collect::<Vec<_>>(), "old ring ahead: {old_ahead}");
         }
+    }
+
+    #[test]
+    fn a_stalled_cpu_between_the_two_rings_neither_loses_nor_doubles() {
+        // The kernel hands a packet to one ring's socket, then the other's, stamping each
+        // as it goes: a vCPU descheduled in between (this project's 2-vCPU VM under load)
+        // stamps the second copy milliseconds later. One packet in 150 gets such a stall,
+        // up to 4 ms, either ring first; the rest differ by the usual few microseconds.
+        let mut rng = crate::capture::testframes::xorshift(17);
+        let packets: Vec<(u64, i64, u64)> = (0..60_000u64)
+            .map(|i| {
+                let d = if i % 150 == 7 {
+                    let stall = 300_000 + (rng() % 3_700_000) as i64;
+                    if rng().is_multiple_of(2) {
+                        stall
+                    } else {
+                        -stall
+                    }
+                } else {
+                    (rng() % 10_400) as i64 - 5_200
+                };
+                (S - 30_000_000 + i * 1_000, d, i * 10)
+            })
+            .collect();
+        let counted = run(&packets, |_| true, |_| true);
+        let mut times = std::collections::BTreeMap::new();
+        for id in &counted {
+            *times.entry(*id).or_insert(0) += 1;
+        }
+        let lost: Vec<u64> = packets.iter().map(|p| p.2).filter(|id| !times.contains_key(id)).collect();
+        let doubled: Vec<u64> = times.iter().filter(|(_, &n)| n > 1).map(|(&id, _)| id).collect();
+        assert!(lost.is_empty() && doubled.is_empty(), "lost {lost:?}, counted twice {doubled:?}");
     }
 
     #[test]
