@@ -3,15 +3,13 @@
 //! interval history's lock. With `max_flows = 0` nothing is allocated and flows are off.
 
 use crate::flows::{index, Flow, FlowTable, FlowView, Header, Owner, Totals, TOTALS_ROWS};
+use crate::region::{self, RegionId};
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use std::mem::{align_of, size_of};
 use std::ptr::null_mut;
 
 const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat flows";
 const TRANCHE: &std::ffi::CStr = c"pg_netstat_flows";
-/// AddinShmemInitLock's place in MainLWLockArray (lwlocklist.h: the same on 15 to 18).
-const ADDIN_SHMEM_INIT_LOCK: usize = 21;
 /// Flows copied per hold of the shared lock by `snapshot_flows`.
 const SNAPSHOT_CHUNK: usize = 1024;
 
@@ -46,10 +44,9 @@ fn layout(capacity: usize, owners_capacity: usize) -> Layout {
     Layout { capacity, owners_capacity, index, flows, owner_index, owners, roles, databases, total: at }
 }
 
-// Set once in the postmaster (startup hook) and inherited by every child.
+// Set once in the postmaster (_PG_init) and inherited by every child.
 static mut LAYOUT: Option<Layout> = None;
-static mut REGION: *mut u8 = null_mut();
-static mut LOCK: *mut pg_sys::LWLock = null_mut();
+static mut REGION_ID: Option<RegionId> = None;
 
 pub fn init(capacity: usize) {
     if capacity == 0 {
@@ -61,65 +58,28 @@ pub fn init(capacity: usize) {
         // Every backend that can exist at once has a place for its record, and as many
         // records of ended backends as there are flows that may still need them.
         let backends = (pg_sys::MaxConnections + pg_sys::max_wal_senders).max(0) as usize;
-        LAYOUT = Some(layout(capacity, capacity + backends));
-        PREV_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(on_request);
-        PREV_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(on_startup);
+        let l = layout(capacity, capacity + backends);
+        LAYOUT = Some(l);
+        REGION_ID = Some(region::reserve(region::Spec {
+            name: SHMEM_NAME,
+            size: l.total,
+            tranche: Some(TRANCHE),
+            on_create: set_capacity,
+        }));
     }
 }
 
-unsafe fn request() {
-    // SAFETY: called where PostgreSQL accepts shared memory requests.
-    unsafe {
-        #[allow(static_mut_refs)]
-        if let Some(l) = LAYOUT {
-            pg_sys::RequestAddinShmemSpace(l.total);
-            pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-        }
+/// All-zero bytes are a valid empty table but for its capacity.
+fn set_capacity(base: *mut u8) {
+    if let Some(l) = current_layout() {
+        // SAFETY: `base` is the new region, at least `l.total` bytes, starting with the Header.
+        unsafe { (*(base as *mut Header)).capacity = l.capacity as u32 };
     }
 }
 
-static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_request() {
-    // SAFETY: the hook chain PostgreSQL calls once in the postmaster.
-    unsafe {
-        if let Some(prev) = PREV_REQUEST {
-            prev();
-        }
-        request();
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_startup() {
-    // SAFETY: runs in the postmaster while shared memory is set up, under
-    // AddinShmemInitLock as every extension does; the region is ours by name.
-    unsafe {
-        if let Some(prev) = PREV_STARTUP {
-            prev();
-        }
-        #[allow(static_mut_refs)]
-        let Some(l) = LAYOUT
-        else {
-            return;
-        };
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let p = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), l.total, &mut found) as *mut u8;
-        if !found {
-            // All-zero bytes are a valid empty table: every type in it says so.
-            std::ptr::write_bytes(p, 0, l.total);
-            (*(p as *mut Header)).capacity = l.capacity as u32;
-        }
-        REGION = p;
-        LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
-        pg_sys::LWLockRelease(init_lock);
-    }
+fn region_base() -> *mut u8 {
+    // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
+    unsafe { std::ptr::read(&raw const REGION_ID) }.map_or(null_mut(), region::base)
 }
 
 /// Flows were asked for (max_flows > 0); true from _PG_init on, before the memory exists.
@@ -129,25 +89,29 @@ pub fn configured() -> bool {
 }
 
 pub fn enabled() -> bool {
-    // SAFETY: written once in the postmaster before any child exists.
-    unsafe { !REGION.is_null() }
+    !region_base().is_null()
 }
 
 struct Held;
 
 impl Drop for Held {
     fn drop(&mut self) {
-        // SAFETY: only created right after acquiring LOCK. Unwinding (a Rust panic, or a
+        // SAFETY: only created right after acquiring the lock. Unwinding (a Rust panic, or a
         // PostgreSQL ERROR that pgrx turns into one) drops it too, so the lock is
         // released on every path before PostgreSQL's own abort cleanup runs.
-        unsafe { pg_sys::LWLockRelease(LOCK) }
+        unsafe { pg_sys::LWLockRelease(region_lock()) }
     }
 }
 
 fn lock(mode: pg_sys::LWLockMode::Type) -> Held {
-    // SAFETY: LOCK was set up with the region (enabled() is checked by every caller).
-    unsafe { pg_sys::LWLockAcquire(LOCK, mode) };
+    // SAFETY: the lock was set up with the region (enabled() is checked by every caller).
+    unsafe { pg_sys::LWLockAcquire(region_lock(), mode) };
     Held
+}
+
+fn region_lock() -> *mut pg_sys::LWLock {
+    // SAFETY: as in region_base.
+    unsafe { std::ptr::read(&raw const REGION_ID) }.map_or(null_mut(), region::lock)
 }
 
 fn current_layout() -> Option<Layout> {
@@ -164,20 +128,21 @@ pub fn write<R>(f: impl FnOnce(&mut FlowTable<'_>) -> R) -> Option<R> {
     }
     let l = current_layout()?;
     let _held = lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-    // SAFETY: REGION holds the layout computed at start; the exclusive lock keeps every
+    let region = region_base();
+    // SAFETY: the region holds the layout computed at start; the exclusive lock keeps every
     // other process out while these slices exist. They stay inside the region.
     let mut t = unsafe {
         FlowTable {
-            header: &mut *(REGION as *mut Header),
-            index: std::slice::from_raw_parts_mut(REGION.add(l.index) as *mut u32, index::len_for(l.capacity)),
-            flows: std::slice::from_raw_parts_mut(REGION.add(l.flows) as *mut Flow, l.capacity),
+            header: &mut *(region as *mut Header),
+            index: std::slice::from_raw_parts_mut(region.add(l.index) as *mut u32, index::len_for(l.capacity)),
+            flows: std::slice::from_raw_parts_mut(region.add(l.flows) as *mut Flow, l.capacity),
             owner_index: std::slice::from_raw_parts_mut(
-                REGION.add(l.owner_index) as *mut u32,
+                region.add(l.owner_index) as *mut u32,
                 index::len_for(l.owners_capacity),
             ),
-            owners: std::slice::from_raw_parts_mut(REGION.add(l.owners) as *mut Owner, l.owners_capacity),
-            roles: std::slice::from_raw_parts_mut(REGION.add(l.roles) as *mut Totals, TOTALS_ROWS),
-            databases: std::slice::from_raw_parts_mut(REGION.add(l.databases) as *mut Totals, TOTALS_ROWS),
+            owners: std::slice::from_raw_parts_mut(region.add(l.owners) as *mut Owner, l.owners_capacity),
+            roles: std::slice::from_raw_parts_mut(region.add(l.roles) as *mut Totals, TOTALS_ROWS),
+            databases: std::slice::from_raw_parts_mut(region.add(l.databases) as *mut Totals, TOTALS_ROWS),
         }
     };
     Some(f(&mut t))
@@ -197,14 +162,15 @@ fn read_flows<R>(range: std::ops::Range<usize>, f: impl FnOnce(&FlowView<'_>) ->
     let l = current_layout()?;
     let (start, end) = (range.start.min(l.capacity), range.end.min(l.capacity));
     let _held = lock(pg_sys::LWLockMode::LW_SHARED);
+    let region = region_base();
     // SAFETY: as in `write`; under the shared lock nobody writes while these shared
     // references exist.
     let v = unsafe {
         FlowView {
-            header: &*(REGION as *const Header),
-            flows: std::slice::from_raw_parts((REGION.add(l.flows) as *const Flow).add(start), end.max(start) - start),
-            roles: std::slice::from_raw_parts(REGION.add(l.roles) as *const Totals, TOTALS_ROWS),
-            databases: std::slice::from_raw_parts(REGION.add(l.databases) as *const Totals, TOTALS_ROWS),
+            header: &*(region as *const Header),
+            flows: std::slice::from_raw_parts((region.add(l.flows) as *const Flow).add(start), end.max(start) - start),
+            roles: std::slice::from_raw_parts(region.add(l.roles) as *const Totals, TOTALS_ROWS),
+            databases: std::slice::from_raw_parts(region.add(l.databases) as *const Totals, TOTALS_ROWS),
         }
     };
     Some(f(&v))

@@ -1,6 +1,6 @@
 //! Every `pg_netstat.*` setting: registration, bounds, validation and a typed snapshot.
-//! All but `max_flows` are reloadable (PGC_SIGHUP): the worker re-reads them on
-//! `pg_ctl reload`. `max_flows` sizes shared memory and takes a restart.
+//! All but `max_flows` and `history` are reloadable (PGC_SIGHUP): the worker re-reads them
+//! on `pg_ctl reload`. Those two size shared memory and take a restart.
 
 use crate::capture::filter::MAX_PORTS;
 use crate::capture::{valid_device_name, CaptureMethod, MAX_DEVICES, MAX_DEVICE_NAME};
@@ -18,6 +18,8 @@ pub static CAPTURE_LOOPBACK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static PORTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static MAX_FLOWS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static FLOW_IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static HISTORY: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static SAVE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
 /// The raw value of pg_netstat.capture_method (an index into CAPTURE_METHODS).
 static mut CAPTURE_METHOD: std::ffi::c_int = 0;
 
@@ -36,6 +38,8 @@ static CAPTURE_METHODS: EnumEntries = EnumEntries([
 /// a maximal IPv4 header (14 + 4 + 60 + 4 = 82), with room to spare; the original's
 /// lower bound too.
 pub const MIN_SNAPLEN: i32 = 96;
+/// Most intervals `pg_netstat.history` may keep per device: a day of 1-second intervals.
+pub const MAX_HISTORY: i32 = 86_400;
 
 /// The unit of a numeric setting, as PostgreSQL reads and shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,11 +85,11 @@ struct IntSetting {
     restart: bool,
 }
 
-static INT_SETTINGS: [IntSetting; 7] = [
+static INT_SETTINGS: [IntSetting; 9] = [
     IntSetting {
         name: c"pg_netstat.interval",
         short: c"Length of one statistics interval.",
-        long: c"Packets are counted in wall-clock-aligned intervals of this length; each device keeps the last 60.",
+        long: c"Packets are counted in wall-clock-aligned intervals of this length; each device keeps the last pg_netstat.history.",
         value: &INTERVAL,
         min: 1,
         max: 900_000,
@@ -149,6 +153,26 @@ static INT_SETTINGS: [IntSetting; 7] = [
         value: &FLOW_IDLE_TIMEOUT,
         min: 0,
         max: i32::MAX / 1000,
+        unit: Unit::Seconds,
+        restart: false,
+    },
+    IntSetting {
+        name: c"pg_netstat.history",
+        short: c"Closed intervals kept per device.",
+        long: c"Sized in shared memory at server start: 160 bytes per interval for each of 16 device places. 86400 holds a day of 1-second or two months of 1-minute intervals.",
+        value: &HISTORY,
+        min: 1,
+        max: MAX_HISTORY,
+        unit: Unit::None,
+        restart: true,
+    },
+    IntSetting {
+        name: c"pg_netstat.save_interval",
+        short: c"How often everything counted is saved to pg_stat/pg_netstat.stat.",
+        long: c"It is always saved at a clean shutdown; this bounds what a crash loses. 0 saves only at shutdown.",
+        value: &SAVE_INTERVAL,
+        min: 0,
+        max: 86_400,
         unit: Unit::Seconds,
         restart: false,
     },
@@ -417,6 +441,8 @@ pub struct Settings {
     pub ports: Vec<u16>,
     pub method: CaptureMethod,
     pub flow_idle_timeout: u32,
+    /// Seconds between saves of the state file; 0 = only at shutdown.
+    pub save_interval: u32,
 }
 
 impl Settings {
@@ -439,6 +465,7 @@ impl Settings {
             // SAFETY: a plain read of the GUC variable, in the process that owns it.
             method: CaptureMethod::from_i32(unsafe { CAPTURE_METHOD }),
             flow_idle_timeout: FLOW_IDLE_TIMEOUT.get().max(0) as u32,
+            save_interval: SAVE_INTERVAL.get().max(0) as u32,
         }
     }
 }

@@ -10,14 +10,18 @@ pub mod counters;
 pub mod device;
 pub mod flows;
 pub mod handover;
+pub mod history;
 pub mod kernel_counters;
 #[cfg(linux_native)]
 pub mod privileges;
+pub mod savefile;
 pub mod stats;
 
 mod flowshm;
 mod gucs;
 mod owner_hooks;
+mod persist;
+mod region;
 mod shmem;
 mod sql;
 mod worker;
@@ -40,7 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
         .report(PgLogLevel::ERROR);
     }
     gucs::init();
-    shmem::init();
+    shmem::init(gucs::HISTORY.get().max(1) as usize);
     flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
     owner_hooks::install_log_hook();
     worker::register();

@@ -1,36 +1,24 @@
-//! The state the worker publishes and SQL reads: per device, the last `HISTORY` closed
-//! intervals and the capture status. Fixed size, plain data, behind one named LWLock.
+//! The state the worker publishes and SQL reads: per device, the capture status, running
+//! totals, and the last `pg_netstat.history` closed intervals. Plain data behind one named
+//! LWLock: the status in a fixed-size struct, the rows in a region sized at server start
+//! (`history` rows for each of the MAX_DEVICES places), reached through `exclusive()`
+//! and `share()`, which hold the lock for both.
 
 use crate::capture::{MAX_DEVICES, MAX_DEVICE_NAME};
-use crate::counters::{Counters, TcpCounters};
+use crate::counters::Counters;
+use crate::history::{Ring, Slot};
+use crate::region::{self, RegionId};
 use crate::stats::Closed;
 use pgrx::atomics::PgAtomic;
-use pgrx::lwlock::PgLwLock;
+use pgrx::lwlock::{PgLwLock, PgLwLockExclusiveGuard, PgLwLockShareGuard};
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, pg_sys};
 use std::sync::atomic::{AtomicBool, AtomicI32};
 
-/// Closed intervals kept per device (the original keeps 60 too).
-pub const HISTORY: usize = 60;
 const NAME_BYTES: usize = MAX_DEVICE_NAME + 1;
 const ERROR_BYTES: usize = 256;
-
-#[repr(C)]
-#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
-pub struct Slot {
-    /// Interval start, Unix seconds.
-    pub start: i64,
-    pub secs: u32,
-    pub counters: Counters,
-    /// Packets the kernel dropped on this device (ring full), charged to the interval
-    /// in which the worker learned of them.
-    pub kernel_drops: u64,
-    pub late: u64,
-    /// When the interval was published, Unix microseconds.
-    pub created_at_us: i64,
-    pub tcp: TcpCounters,
-}
+const ROWS_NAME: &std::ffi::CStr = c"pg_netstat history";
 
 pub use crate::device::DeviceState;
 
@@ -42,10 +30,8 @@ pub struct DeviceEntry {
     pub state: DeviceState,
     /// CaptureMethod in use (or configured, when not capturing).
     pub method: u8,
-    /// Index of the oldest slot; `len` slots follow it (mod HISTORY).
-    head: u32,
-    len: u32,
-    slots: [Slot; HISTORY],
+    /// Where this device's closed intervals are in its share of the history rows.
+    pub ring: Ring,
     /// Unix microseconds of the last state change.
     pub state_since_us: i64,
     error: [u8; ERROR_BYTES],
@@ -78,48 +64,15 @@ impl DeviceEntry {
         }
         self.error[..n].copy_from_slice(&text.as_bytes()[..n]);
     }
-
-    pub fn push(&mut self, closed: &Closed, created_at_us: i64) {
-        let slot = Slot {
-            start: closed.start,
-            secs: closed.secs,
-            counters: closed.counters,
-            kernel_drops: closed.drops,
-            late: closed.late,
-            created_at_us,
-            tcp: closed.tcp,
-        };
-        // A restarted worker after a clock step back could close an interval that is
-        // already here: fold it into the newest row rather than show time going back.
-        if self.len > 0 {
-            let newest = (self.head as usize + self.len as usize - 1) % HISTORY;
-            let last = &mut self.slots[newest];
-            if slot.start <= last.start {
-                last.counters.merge(&slot.counters);
-                last.kernel_drops += slot.kernel_drops;
-                last.late += slot.late;
-                last.tcp.add(&slot.tcp);
-                return;
-            }
-        }
-        if (self.len as usize) < HISTORY {
-            self.slots[(self.head as usize + self.len as usize) % HISTORY] = slot;
-            self.len += 1;
-        } else {
-            self.slots[self.head as usize] = slot;
-            self.head = (self.head + 1) % HISTORY as u32;
-        }
-    }
-
-    pub fn history(&self) -> impl Iterator<Item = &Slot> + '_ {
-        (0..self.len as usize).map(move |i| &self.slots[(self.head as usize + i) % HISTORY])
-    }
 }
 
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct NetstatShared {
     pub devices: [DeviceEntry; MAX_DEVICES],
+    /// The saved file has been read (or found absent) in this shared memory's life: a
+    /// worker restarted after an error must not load it again over what it counted.
+    pub loaded: bool,
 }
 
 impl Default for NetstatShared {
@@ -137,8 +90,14 @@ impl NetstatShared {
     /// The entry for `name`, creating it in a free place when needed. `None` only when
     /// all places are taken (cannot happen: the worker captures at most MAX_DEVICES).
     pub fn entry_mut(&mut self, name: &str) -> Option<&mut DeviceEntry> {
+        let pos = self.place_mut(name)?;
+        Some(&mut self.devices[pos])
+    }
+
+    /// The place of `name`'s entry, as `entry_mut`.
+    fn place_mut(&mut self, name: &str) -> Option<usize> {
         let pos = self.devices.iter().position(|d| d.in_use && d.name() == name);
-        let pos = match pos {
+        Some(match pos {
             Some(p) => p,
             None => {
                 let p = self.devices.iter().position(|d| !d.in_use)?;
@@ -150,8 +109,7 @@ impl NetstatShared {
                 e.name[..n].copy_from_slice(&name.as_bytes()[..n]);
                 p
             }
-        };
-        Some(&mut self.devices[pos])
+        })
     }
 
     pub fn entry(&self, name: &str) -> Option<&DeviceEntry> {
@@ -168,7 +126,7 @@ impl NetstatShared {
     }
 }
 
-// SAFETY (STATE, INJECT_ERROR and WORKER_PID): each name is this extension's own, and pg_shmem_init! in
+// SAFETY (STATE, INJECT_ERROR, SAVE_REQUESTED and WORKER_PID): each name is this extension's own, and pg_shmem_init! in
 // _PG_init (preload only) places the value in shared memory before any process uses it.
 pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat") };
 
@@ -176,12 +134,143 @@ pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat"
 /// An atomic, not under the lock, because the worker checks it on every wake-up.
 pub static INJECT_ERROR: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_inject_error") };
 
+/// Set by `pg_netstat_reset()`: the worker saves the state file at its next wake-up, so
+/// a crash cannot bring back what was reset.
+pub static SAVE_REQUESTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_save_requested") };
+
 /// PID of the running capture worker; 0 while none runs (before it starts, and from its
 /// exit until the next one starts). An atomic: the worker clears it as it exits.
 pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_netstat_worker_pid") };
 
-pub fn init() {
+// Set once in _PG_init, in the postmaster, before any child exists.
+static mut ROWS: Option<(RegionId, usize)> = None;
+
+/// Sets up shared memory: the state, and `history` rows for each of MAX_DEVICES devices.
+pub fn init(history: usize) {
+    let history = history.max(1);
+    // SAFETY: _PG_init runs once, single-threaded, in the postmaster.
+    unsafe {
+        ROWS = Some((
+            region::reserve(region::Spec {
+                name: ROWS_NAME,
+                size: rows_bytes(history),
+                tranche: None,
+                on_create: |_| {},
+            }),
+            history,
+        ));
+    }
     pg_shmem_init!(STATE);
     pg_shmem_init!(INJECT_ERROR);
     pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(SAVE_REQUESTED);
+}
+
+/// Shared memory taken by `history` rows for every device place.
+pub fn rows_bytes(history: usize) -> usize {
+    MAX_DEVICES * history * std::mem::size_of::<Slot>()
+}
+
+fn rows() -> (*mut Slot, usize) {
+    // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
+    match unsafe { std::ptr::read(&raw const ROWS) } {
+        Some((id, per_device)) => (region::base(id) as *mut Slot, per_device),
+        None => (std::ptr::null_mut(), 0),
+    }
+}
+
+/// Closed intervals kept per device (`pg_netstat.history`, fixed at server start).
+pub fn history_capacity() -> usize {
+    rows().1
+}
+
+/// The state and the history rows under the state's exclusive lock.
+pub struct Exclusive {
+    guard: PgLwLockExclusiveGuard<'static, NetstatShared>,
+    rows: *mut Slot,
+    per_device: usize,
+}
+
+/// The same under the shared lock, for readers.
+pub struct Shared {
+    guard: PgLwLockShareGuard<'static, NetstatShared>,
+    rows: *const Slot,
+    per_device: usize,
+}
+
+pub fn exclusive() -> Exclusive {
+    let guard = STATE.exclusive();
+    let (rows, per_device) = rows();
+    Exclusive { guard, rows, per_device }
+}
+
+pub fn share() -> Shared {
+    let guard = STATE.share();
+    let (rows, per_device) = rows();
+    Shared { guard, rows: rows as *const Slot, per_device }
+}
+
+fn rows_of<'a>(base: *const Slot, per_device: usize, place: usize) -> &'a [Slot] {
+    if base.is_null() || place >= MAX_DEVICES {
+        return &[];
+    }
+    // SAFETY: the region holds MAX_DEVICES * per_device rows; the caller holds the lock
+    // for as long as it borrows the guard the slice is tied to.
+    unsafe { std::slice::from_raw_parts(base.add(place * per_device), per_device) }
+}
+
+impl std::ops::Deref for Exclusive {
+    type Target = NetstatShared;
+    fn deref(&self) -> &NetstatShared {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Exclusive {
+    fn deref_mut(&mut self) -> &mut NetstatShared {
+        &mut self.guard
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = NetstatShared;
+    fn deref(&self) -> &NetstatShared {
+        &self.guard
+    }
+}
+
+impl Exclusive {
+    /// Adds a row to the history of device `name` (creating its entry when needed).
+    pub fn push(&mut self, name: &str, slot: Slot) {
+        let (base, per_device) = (self.rows, self.per_device);
+        let Some(place) = self.guard.place_mut(name) else { return };
+        if base.is_null() {
+            return;
+        }
+        // SAFETY: as in rows_of, mutably: the exclusive lock is held while `self` lives.
+        let rows = unsafe { std::slice::from_raw_parts_mut(base.add(place * per_device), per_device) };
+        self.guard.devices[place].ring.push(rows, slot);
+    }
+
+    /// Adds a closed interval published at `created_at_us`.
+    pub fn push_closed(&mut self, name: &str, closed: &Closed, created_at_us: i64) {
+        self.push(name, Slot::from_closed(closed, created_at_us));
+    }
+}
+
+impl Shared {
+    /// Every device in use, with its rows oldest first.
+    pub fn devices_with_history(&self) -> impl Iterator<Item = (&DeviceEntry, impl Iterator<Item = &Slot>)> + '_ {
+        self.guard
+            .devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.in_use)
+            .map(move |(place, d)| (d, d.ring.iter(rows_of(self.rows, self.per_device, place))))
+    }
+
+    /// Every row of every device in use, device by device, oldest first.
+    pub fn histories(&self) -> impl Iterator<Item = (&DeviceEntry, &Slot)> + '_ {
+        self.devices_with_history().flat_map(|(d, rows)| rows.map(move |s| (d, s)))
+    }
 }

@@ -9,7 +9,8 @@ use crate::counters::align;
 use crate::flows::{name_str, Flow, Totals};
 use crate::flowshm;
 use crate::gucs::Settings;
-use crate::shmem::{Slot, INJECT_ERROR, STATE, WORKER_PID};
+use crate::history::Slot;
+use crate::shmem::{self, INJECT_ERROR, SAVE_REQUESTED, STATE, WORKER_PID};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -150,10 +151,7 @@ rows_fn! {
                 timestamptz(s.created_at_us),
             )
         };
-        let rows: Vec<_> = {
-            let shared = STATE.share();
-            shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
-        };
+        let rows: Vec<_> = shmem::share().histories().map(|(d, s)| row(d.name(), s)).collect();
         TableIterator::new(rows)
     }
 }
@@ -250,10 +248,7 @@ rows_fn! {
                 as_i64(t.ooo_out),
             )
         };
-        let rows: Vec<_> = {
-            let shared = STATE.share();
-            shared.devices.iter().filter(|d| d.in_use).flat_map(|d| d.history().map(move |s| row(d.name(), s))).collect()
-        };
+        let rows: Vec<_> = shmem::share().histories().map(|(d, s)| row(d.name(), s)).collect();
         TableIterator::new(rows)
     }
 }
@@ -474,4 +469,7 @@ fn pg_netstat_reset() {
     for d in shared.devices.iter_mut().filter(|d| d.in_use) {
         d.total_base = d.total;
     }
+    // Into the saved file too, now: a crash before the next periodic save must not bring
+    // back what was reset.
+    SAVE_REQUESTED.get().store(true, Ordering::Release);
 }

@@ -367,6 +367,42 @@ impl FlowTable<'_> {
     }
 }
 
+impl FlowTable<'_> {
+    /// Puts back role and database totals and the table's counters saved before a
+    /// restart (see `persist`), over an empty table: rows keep their positions, which is
+    /// how flows find them. Rows beyond this table's are left out.
+    pub fn restore_totals(
+        &mut self,
+        roles: &[(u16, Totals)],
+        databases: &[(u16, Totals)],
+        counters: [u64; 3],
+        stats_reset_us: i64,
+    ) {
+        for (rows, saved) in [(&mut *self.roles, roles), (&mut *self.databases, databases)] {
+            for (i, t) in saved {
+                if let Some(r) = rows.get_mut(*i as usize) {
+                    *r = *t;
+                }
+            }
+        }
+        [self.header.evictions, self.header.folded, self.header.owner_overflow] = counters;
+        self.header.stats_reset_us = stats_reset_us;
+    }
+}
+
+impl FlowView<'_> {
+    /// The role or database rows worth saving, with their positions: named rows and a
+    /// non-empty row 0.
+    pub fn saved_rows(&self, by_role: bool) -> Vec<(u16, Totals)> {
+        let rows = if by_role { self.roles } else { self.databases };
+        rows.iter()
+            .enumerate()
+            .filter(|(i, r)| r.in_use || (*i == 0 && !r.is_empty()))
+            .map(|(i, r)| (i as u16, *r))
+            .collect()
+    }
+}
+
 /// The TCP events of one segment of flow `f` (flags, sequence space, window), with the
 /// flow's own state brought up to date.
 fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us: i64) -> TcpEvents {

@@ -11,7 +11,7 @@ pub const TOTALS_ROWS: usize = 256;
 
 /// One row of the per-role or per-database totals.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Totals {
     pub in_use: bool,
     /// Empty: connections with no known role (or database), and the overflow row.

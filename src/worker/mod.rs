@@ -8,9 +8,10 @@ use crate::device;
 use crate::flowshm;
 use crate::gucs::Settings;
 use crate::kernel_counters::KernelCounters;
+use crate::persist;
 #[cfg(linux_native)]
 use crate::privileges;
-use crate::shmem::{INJECT_ERROR, STATE, WORKER_PID};
+use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
 use crate::stats::{Bucketing, Closed};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -126,6 +127,7 @@ struct Worker {
     set_dirty: bool,
     next_health_check: Instant,
     next_flow_upkeep: Instant,
+    saver: persist::Saver,
 }
 
 impl Worker {
@@ -144,6 +146,7 @@ impl Worker {
             set_dirty: true,
             next_health_check: Instant::now() + HEALTH_CHECK_EVERY,
             next_flow_upkeep: Instant::now(),
+            saver: persist::Saver::new(settings.save_interval),
         };
         w.warn_about_settings();
         let names = resolve_devices(&settings);
@@ -158,6 +161,9 @@ impl Worker {
         // History of devices still configured survives a worker restart; the rest goes.
         // Their running totals carry on from what the previous worker published, so
         // they never go back (only pg_netstat_reset() restarts what the views show).
+        // What the server counted before it last stopped, when this is the first worker
+        // since it started.
+        persist::load_once();
         let names: Vec<String> = w.devices.iter().map(|d| d.name.clone()).collect();
         {
             let mut shared = STATE.exclusive();
@@ -202,6 +208,12 @@ impl Worker {
         let mut readable: Vec<usize> = Vec::with_capacity(MAX_DEVICES);
         loop {
             self.wait(&mut readable);
+            // SAFETY: a plain read of a flag PostgreSQL's SIGTERM handler sets.
+            if unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) } != 0 {
+                // Stopping (shutdown, or pg_terminate_backend): keep what was counted
+                // before the check below ends this process.
+                self.finish();
+            }
             pg_sys::check_for_interrupts!();
             if let Some(ms) = self.clock.step() {
                 log!(
@@ -243,7 +255,23 @@ impl Worker {
             self.open_due();
             self.publish();
             self.flow_upkeep();
+            self.saver.tick();
         }
+    }
+
+    /// The worker is stopping: counts what the rings still hold, publishes every open
+    /// interval (the one in progress too, partial: a worker that starts again within it
+    /// adds to the same row), publishes the running totals and saves the state file.
+    fn finish(&mut self) {
+        let mut rows: Vec<(String, Vec<Closed>)> = Vec::new();
+        for d in self.devices.iter_mut() {
+            d.drain(&mut PgEnv, &mut SharedFlows, &self.ports);
+            rows.push((d.name.clone(), d.buckets.flush()));
+            d.dirty = true;
+        }
+        self.publish_rows(rows);
+        self.publish();
+        self.saver.finish();
     }
 
     /// Once a second: forgets closed and idle flows (their figures are already in the
@@ -294,6 +322,9 @@ impl Worker {
         let (_, now_us) = wall_now();
         let cap_ms = self.settings.interval as i64 * 1000;
         let mut ms = cap_ms.min(HEALTH_CHECK_EVERY.as_millis() as i64);
+        if let Some(save_ms) = self.saver.due_in_ms() {
+            ms = ms.min(save_ms);
+        }
         for d in &self.devices {
             if d.more {
                 return 0;
@@ -360,6 +391,9 @@ impl Worker {
         }
         let old = std::mem::replace(&mut self.settings, new.clone());
         log!("pg_netstat: settings reloaded");
+        if new.save_interval != old.save_interval {
+            self.saver.set_interval(new.save_interval);
+        }
         self.warn_about_settings();
         let (now, _) = wall_now();
 
@@ -416,12 +450,10 @@ impl Worker {
             return;
         }
         let (_, now_us) = wall_now();
-        let mut shared = STATE.exclusive();
+        let mut shared = shmem::exclusive();
         for (name, closed) in rows {
-            if let Some(e) = shared.entry_mut(&name) {
-                for c in &closed {
-                    e.push(c, now_us);
-                }
+            for c in &closed {
+                shared.push_closed(&name, c, now_us);
             }
         }
     }
@@ -444,13 +476,13 @@ impl Worker {
         if work.is_empty() {
             return;
         }
-        let mut shared = STATE.exclusive();
+        let mut shared = shmem::exclusive();
         for (i, closed) in work {
             let d = &mut self.devices[i];
-            let Some(e) = shared.entry_mut(&d.name) else { continue };
             for c in &closed {
-                e.push(c, now_us);
+                shared.push_closed(&d.name, c, now_us);
             }
+            let Some(e) = shared.entry_mut(&d.name) else { continue };
             if e.state != d.state || e.state_since_us == 0 {
                 e.state_since_us = now_us;
             }

@@ -78,8 +78,10 @@ class Cluster:
         env = dict(os.environ, NO_CAP_NET_RAW="" if cap_net_raw else "1", EXTRA_CAPS=",".join(extra_caps))
         run([str(CLUSTER), "start", str(self.dir)], env=env)
 
-    def stop(self):
-        run([str(CLUSTER), "stop", str(self.dir)], check=False)
+    def stop(self, mode="fast"):
+        """pg_ctl stop -m `mode`: fast (a clean shutdown), or immediate (a crash to
+        PostgreSQL: no shutdown checkpoint, crash recovery at the next start)."""
+        run([str(CLUSTER), "stop", str(self.dir), mode], check=False)
 
     def reload(self):
         """pg_ctl reload; returns once the postmaster has re-read its files."""

@@ -74,6 +74,13 @@ CASES = [
     ("pg_netstat.max_flows", "-1", [out_of_range(-1, "pg_netstat.max_flows", 0, 1048576)]),
     ("pg_netstat.max_flows", "2000000", [out_of_range(2000000, "pg_netstat.max_flows", 0, 1048576)]),
     ("pg_netstat.max_flows", "'lots'", ['invalid value for parameter "pg_netstat.max_flows": "lots"', whole_numbers(0, 1048576)]),
+    ("pg_netstat.history", "0", [out_of_range(0, "pg_netstat.history", 1, 86400)]),
+    ("pg_netstat.history", "100000", [out_of_range(100000, "pg_netstat.history", 1, 86400)]),
+    ("pg_netstat.history", "'a day'", ['invalid value for parameter "pg_netstat.history": "a day"', whole_numbers(1, 86400)]),
+    ("pg_netstat.save_interval", "-1", [out_of_range(-1, "pg_netstat.save_interval", 0, 86400, "s")]),
+    ("pg_netstat.save_interval", "'2d'", [out_of_range(172800, "pg_netstat.save_interval", 0, 86400, "s")]),
+    ("pg_netstat.save_interval", "'often'", ['invalid value for parameter "pg_netstat.save_interval": "often"',
+                                            whole_numbers(0, 86400, "s")]),
     ("pg_netstat.flow_idle_timeout", "-1", [out_of_range(-1, "pg_netstat.flow_idle_timeout", 0, 2147483, "s")]),
     ("pg_netstat.flow_idle_timeout", "'30d'", [out_of_range(2592000, "pg_netstat.flow_idle_timeout", 0, 2147483, "s")]),
     ("pg_netstat.flow_idle_timeout", "'forever'", ['invalid value for parameter "pg_netstat.flow_idle_timeout": "forever"',
@@ -85,7 +92,7 @@ LIST_ALLOWED = {"pg_netstat.devices": "Allowed values: up to 16 network device n
 CASES = [(name, value, fragments + [LIST_ALLOWED[name]] if name in LIST_ALLOWED else fragments)
          for name, value, fragments in CASES]
 # Settings that take a server restart: only ALTER SYSTEM and server start apply to them.
-RESTART_ONLY = {"pg_netstat.max_flows"}
+RESTART_ONLY = {"pg_netstat.max_flows", "pg_netstat.history"}
 
 
 def rounds(cases):

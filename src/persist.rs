@@ -1,0 +1,290 @@
+//! What pg_netstat counted, kept across server restarts: the worker loads the saved file
+//! once per life of shared memory (a worker restarted after an error carries on from
+//! shared memory instead), saves it when it stops and every `pg_netstat.save_interval`,
+//! and after `pg_netstat_reset()`. The format and the atomic write are in `savefile`;
+//! this file moves state between it and shared memory, and keeps the write off the
+//! capture loop: a periodic save is encoded under the locks (a copy) and written and
+//! fsynced by a thread of its own that calls nothing of PostgreSQL.
+
+use crate::flowshm;
+use crate::savefile::{self, BadFile, SavedDevice, SavedState, DIR, FILE_NAME};
+use crate::shmem::{self, SAVE_REQUESTED};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The file, relative to the data directory (every server process runs there).
+pub fn path() -> PathBuf {
+    Path::new(DIR).join(FILE_NAME)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as i64
+}
+
+/// A copy of everything saved, from shared memory.
+pub fn collect(at_exit: bool) -> SavedState {
+    let mut s = SavedState {
+        saved_at_us: now_us(),
+        // SAFETY: plain reads of the control file's copy in shared memory and of this
+        // process's recovery state; both are valid in any process attached to it.
+        system_identifier: unsafe { pg_sys::GetSystemIdentifier() },
+        in_recovery: unsafe { pg_sys::RecoveryInProgress() },
+        at_exit,
+        writer: env!("CARGO_PKG_VERSION").to_string(),
+        ..SavedState::default()
+    };
+    {
+        let shared = shmem::share();
+        for (d, rows) in shared.devices_with_history() {
+            s.devices.push(SavedDevice {
+                name: d.name().to_string(),
+                total: d.total,
+                total_base: d.total_base,
+                kernel_drops: d.kernel_drops,
+                ring_freezes: d.ring_freezes,
+                rows: rows.copied().collect(),
+            });
+        }
+    }
+    if let Some((roles, databases, h)) = flowshm::read(|v| (v.saved_rows(true), v.saved_rows(false), *v.header)) {
+        s.roles = roles;
+        s.databases = databases;
+        s.flow_stats = savefile::FlowStats {
+            stats_reset_us: h.stats_reset_us,
+            evictions: h.evictions,
+            folded: h.folded,
+            owner_overflow: h.owner_overflow,
+        };
+    }
+    s
+}
+
+/// Why a well-formed file still must not be loaded here, if it must not.
+fn not_for_us(s: &SavedState) -> Option<String> {
+    // SAFETY: as in `collect`.
+    let (sysid, in_recovery) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::RecoveryInProgress()) };
+    if s.system_identifier != sysid {
+        return Some(format!(
+            "it was written by another cluster (system identifier {}, this cluster's is {sysid})",
+            s.system_identifier
+        ));
+    }
+    if in_recovery && !s.in_recovery {
+        return Some(
+            "it was written by a primary and this server is a standby: it came with a base backup and describes the primary's traffic"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Loads the saved file into shared memory, once per life of shared memory. Bad files
+/// are logged once, set aside, and counting starts fresh; nothing here can stop the
+/// worker. Call before the worker reads its devices' totals from shared memory.
+pub fn load_once() {
+    {
+        let mut shared = shmem::exclusive();
+        if shared.loaded {
+            return;
+        }
+        // Set first: whatever happens below, a restarted worker must not load again
+        // over what it counts meanwhile.
+        shared.loaded = true;
+    }
+    let path = path();
+    let bytes = match savefile::read(&path) {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(e) => {
+            log!("pg_netstat: could not read the saved state \"{}\": {e}; counting starts fresh", path.display());
+            return;
+        }
+    };
+    let problem = match savefile::decode(&bytes) {
+        Ok(s) => match not_for_us(&s) {
+            None => {
+                let started = Instant::now();
+                let (devices, rows) = apply(&s);
+                log_loaded(&s, devices, rows, bytes.len(), started.elapsed());
+                return;
+            }
+            Some(why) => why,
+        },
+        Err(BadFile::Empty) => BadFile::Empty.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let now_s = now_us() / 1_000_000;
+    match savefile::set_aside(&path, now_s) {
+        Ok(to) => log!(
+            "pg_netstat: the saved state \"{}\" was not loaded: {problem}; it was moved to \"{}\" and counting starts fresh",
+            path.display(),
+            to.display()
+        ),
+        Err(e) => log!(
+            "pg_netstat: the saved state \"{}\" was not loaded: {problem}; counting starts fresh (could not move it aside: {e})",
+            path.display()
+        ),
+    }
+}
+
+fn log_loaded(s: &SavedState, devices: usize, rows: usize, bytes: usize, took: Duration) {
+    let age_s = (now_us() - s.saved_at_us) as f64 / 1e6;
+    let when = if s.at_exit {
+        "when the collector stopped".to_string()
+    } else {
+        format!(
+            "by a periodic save; the server then stopped without a clean shutdown, so what was counted from that save until it stopped is lost (at most the {age_s:.0} s since)"
+        )
+    };
+    let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    log!(
+        "pg_netstat: loaded {} of {}, device totals and {} and {} from \"{}\" ({bytes} bytes in {:.1} ms), saved {age_s:.0} s ago {when}",
+        plural(rows, "interval", "intervals"),
+        plural(devices, "device", "devices"),
+        plural(s.roles.len(), "role total", "role totals"),
+        plural(s.databases.len(), "database total", "database totals"),
+        path().display(),
+        took.as_secs_f64() * 1000.0
+    );
+}
+
+/// Puts a loaded state into shared memory; returns the devices and rows taken.
+fn apply(s: &SavedState) -> (usize, usize) {
+    let (mut devices, mut rows) = (0, 0);
+    {
+        let mut shared = shmem::exclusive();
+        for d in &s.devices {
+            let Some(e) = shared.entry_mut(&d.name) else { continue };
+            e.total = d.total;
+            e.total_base = d.total_base;
+            e.kernel_drops = d.kernel_drops;
+            e.ring_freezes = d.ring_freezes;
+            devices += 1;
+            // Oldest first: a smaller pg_netstat.history than before keeps the newest.
+            for r in &d.rows {
+                shared.push(&d.name, *r);
+            }
+            rows += d.rows.len().min(shmem::history_capacity());
+        }
+    }
+    let f = s.flow_stats;
+    flowshm::write(|t| {
+        t.restore_totals(&s.roles, &s.databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us)
+    });
+    (devices, rows)
+}
+
+/// Encodes and writes the state now, in this process (at exit).
+pub fn save_now() -> Result<(usize, Duration), String> {
+    let started = Instant::now();
+    let bytes = savefile::encode(&collect(true));
+    write(&bytes).map(|_| (bytes.len(), started.elapsed()))
+}
+
+fn write(bytes: &[u8]) -> Result<(), String> {
+    savefile::write_atomically(Path::new(DIR), FILE_NAME, bytes)
+        .map_err(|e| format!("could not write \"{}\": {e}", path().display()))
+}
+
+/// Periodic saves, written by a thread so a slow disk never holds up capture.
+pub struct Saver {
+    every: Option<Duration>,
+    next: Instant,
+    job: Option<JoinHandle<Result<(), String>>>,
+    /// The last failure logged, so a disk that stays full is reported once.
+    last_error: Option<String>,
+}
+
+impl Saver {
+    pub fn new(every_s: u32) -> Saver {
+        let every = (every_s > 0).then(|| Duration::from_secs(every_s as u64));
+        Saver { every, next: Instant::now() + every.unwrap_or_default(), job: None, last_error: None }
+    }
+
+    pub fn set_interval(&mut self, every_s: u32) {
+        let s = Saver::new(every_s);
+        (self.every, self.next) = (s.every, s.next);
+    }
+
+    /// Ms until the next periodic save is due (for the worker's wait), if any.
+    pub fn due_in_ms(&self) -> Option<i64> {
+        if self.job.is_some() {
+            return Some(100); // look again soon for the thread's result
+        }
+        self.every.map(|_| self.next.saturating_duration_since(Instant::now()).as_millis() as i64)
+    }
+
+    /// Collects the result of a finished write and starts the next when it is due or was
+    /// asked for (pg_netstat_reset()).
+    pub fn tick(&mut self) {
+        if self.job.as_ref().is_some_and(|j| j.is_finished()) {
+            let result =
+                self.job.take().map(|j| j.join().unwrap_or_else(|_| Err("the writing thread panicked".into())));
+            self.report(result.unwrap_or(Ok(())));
+        }
+        if self.job.is_some() {
+            return;
+        }
+        let asked = SAVE_REQUESTED.get().swap(false, Ordering::AcqRel);
+        let due = self.every.is_some() && Instant::now() >= self.next;
+        if !(asked || due) {
+            return;
+        }
+        if let Some(every) = self.every {
+            self.next = Instant::now() + every;
+        }
+        let bytes = savefile::encode(&collect(false));
+        self.job = Some(spawn_without_signals(move || write(&bytes)));
+    }
+
+    fn report(&mut self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                if self.last_error.take().is_some() {
+                    log!("pg_netstat: the saved state is written again");
+                }
+            }
+            Err(e) => {
+                if self.last_error.as_ref() != Some(&e) {
+                    warning!("pg_netstat: {e}; the previous save is kept and saving will be tried again");
+                }
+                self.last_error = Some(e);
+            }
+        }
+    }
+
+    /// The save as the worker exits: waits for a write in progress, then writes in full.
+    pub fn finish(&mut self) {
+        if let Some(j) = self.job.take() {
+            let _ = j.join();
+        }
+        match save_now() {
+            Ok((bytes, took)) => log!(
+                "pg_netstat: saved the counted state to \"{}\" ({bytes} bytes in {:.1} ms)",
+                path().display(),
+                took.as_secs_f64() * 1000.0
+            ),
+            Err(e) => warning!("pg_netstat: {e}; what was counted since the last save is lost at this stop"),
+        }
+    }
+}
+
+/// Starts a thread with every signal blocked, so PostgreSQL's signal handlers (which
+/// set latches and flags for the worker's main thread) never run on it.
+fn spawn_without_signals<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    // SAFETY: sigfillset initialises the set; pthread_sigmask only changes this thread's
+    // mask, which is restored right after the new thread has inherited the full one.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let handle = std::thread::spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        handle
+    }
+}

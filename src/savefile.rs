@@ -1,0 +1,682 @@
+//! The file that keeps what pg_netstat counted across server restarts, free of
+//! PostgreSQL: its format, and writing it atomically. The worker fills a `SavedState`
+//! from shared memory and back (src/persist.rs).
+//!
+//! Format (every integer little-endian):
+//!
+//! ```text
+//! header, 32 bytes: magic "PGNETST\0" | format u32 | oldest_reader u32 | body_len u64 |
+//!                   CRC-32 of the body u32 | 0 u32
+//! body:             sections, each: tag u32 | record_len u32 | count u32 | count records
+//! ```
+//!
+//! How versions read each other's files: a section's records carry their own length, so
+//! a later version may append fields to a record (an older reader skips them; a newer
+//! reader reading an older file sees the missing fields as 0) and add sections (readers
+//! skip tags they do not know). Only a change that an older reader would misread raises
+//! `oldest_reader`, and a reader refuses a file whose `oldest_reader` is above its own
+//! `FORMAT`. Nothing in the file is a Rust memory layout.
+
+use crate::counters::{Counters, TcpCounters};
+use crate::flows::{Totals, NAME_LEN};
+use crate::history::Slot;
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The file, relative to the data directory (PostgreSQL keeps its own statistics file,
+/// and pg_stat_statements its, in the same directory).
+pub const DIR: &str = "pg_stat";
+pub const FILE_NAME: &str = "pg_netstat.stat";
+const MAGIC: [u8; 8] = *b"PGNETST\0";
+/// The format this build writes, and the newest whose files it can read.
+pub const FORMAT: u32 = 1;
+/// The oldest reader that can read what this build writes.
+const OLDEST_READER: u32 = 1;
+const HEADER_LEN: usize = 32;
+const SECTION_HEADER_LEN: usize = 12;
+const DEVICE_NAME_LEN: usize = 16;
+const WRITER_LEN: usize = 16;
+
+const META: u32 = 1;
+const DEVICE: u32 = 2;
+const ROW: u32 = 3;
+const ROLE: u32 = 4;
+const DATABASE: u32 = 5;
+const FLOW_STATS: u32 = 6;
+
+/// Everything saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SavedState {
+    /// When it was written, Unix microseconds.
+    pub saved_at_us: i64,
+    /// The cluster's system identifier (pg_control): a file from another cluster is refused.
+    pub system_identifier: u64,
+    /// Written by a server in recovery (a standby). A file written by a primary and found
+    /// on a standby came with a base backup: it describes another machine's traffic.
+    pub in_recovery: bool,
+    /// Written as the collector stopped (a clean shutdown, or the collector ended alone),
+    /// not by a periodic save: nothing counted before the stop is missing from it.
+    pub at_exit: bool,
+    /// The pg_netstat version that wrote it.
+    pub writer: String,
+    pub devices: Vec<SavedDevice>,
+    /// Role and database totals by row (row 0: no known owner, and overflow).
+    pub roles: Vec<(u16, Totals)>,
+    pub databases: Vec<(u16, Totals)>,
+    pub flow_stats: FlowStats,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SavedDevice {
+    pub name: String,
+    pub total: Counters,
+    pub total_base: Counters,
+    pub kernel_drops: u64,
+    pub ring_freezes: u64,
+    /// Closed intervals, oldest first.
+    pub rows: Vec<Slot>,
+}
+
+/// The flow table's own counters that the views show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub stats_reset_us: i64,
+    pub evictions: u64,
+    pub folded: u64,
+    pub owner_overflow: u64,
+}
+
+/// Why a file cannot be loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BadFile {
+    Empty,
+    NotOurs,
+    Truncated { expected: u64, found: u64 },
+    TooNew { format: u32, oldest_reader: u32 },
+    Checksum { stored: u32, computed: u32 },
+    Malformed(String),
+}
+
+impl fmt::Display for BadFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadFile::Empty => write!(f, "the file is empty"),
+            BadFile::NotOurs => write!(f, "the file does not start with pg_netstat's signature (not a pg_netstat file)"),
+            BadFile::Truncated { expected, found } => {
+                write!(f, "the file is truncated: {found} bytes where its header promises {expected}")
+            }
+            BadFile::TooNew { format, oldest_reader } => write!(
+                f,
+                "the file has format {format}, readable only from format {oldest_reader} on; this pg_netstat reads format {FORMAT} and older"
+            ),
+            BadFile::Checksum { stored, computed } => {
+                write!(f, "the checksum does not match (stored {stored:08x}, computed {computed:08x}): the file is corrupted")
+            }
+            BadFile::Malformed(why) => write!(f, "the file is malformed: {why}"),
+        }
+    }
+}
+
+// ---- encoding ----
+
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn text(&mut self, s: &[u8], len: usize) {
+        let n = s.len().min(len);
+        self.0.extend_from_slice(&s[..n]);
+        self.0.resize(self.0.len() + len - n, 0);
+    }
+    fn counters(&mut self, c: &Counters) {
+        for v in [c.packets_in, c.packets_out, c.bytes_in, c.bytes_out] {
+            self.u64(v);
+        }
+    }
+    fn tcp(&mut self, t: &TcpCounters) {
+        for v in tcp_fields(t) {
+            self.u64(v);
+        }
+    }
+    /// Writes a section of `count` records of `record_len` bytes, each by `one`.
+    fn section<T>(&mut self, tag: u32, record_len: usize, items: &[T], mut one: impl FnMut(&mut Out, &T)) {
+        self.u32(tag);
+        self.u32(record_len as u32);
+        self.u32(items.len() as u32);
+        for it in items {
+            let start = self.0.len();
+            one(self, it);
+            debug_assert_eq!(self.0.len() - start, record_len, "section {tag}: record length");
+        }
+    }
+}
+
+fn tcp_fields(t: &TcpCounters) -> [u64; 11] {
+    [
+        t.syn,
+        t.fin_in,
+        t.fin_out,
+        t.rst_in,
+        t.rst_out,
+        t.retrans_in,
+        t.retrans_out,
+        t.zero_window_in,
+        t.zero_window_out,
+        t.ooo_in,
+        t.ooo_out,
+    ]
+}
+
+const COUNTERS_LEN: usize = 32;
+const TCP_LEN: usize = 88;
+const META_LEN: usize = 32 + WRITER_LEN;
+const DEVICE_LEN: usize = DEVICE_NAME_LEN + 2 * COUNTERS_LEN + 16;
+const ROW_LEN: usize = 16 + COUNTERS_LEN + 24 + TCP_LEN;
+const TOTALS_LEN: usize = 8 + NAME_LEN + 8 + COUNTERS_LEN + TCP_LEN;
+const FLOW_STATS_LEN: usize = 32;
+
+/// The file's bytes.
+pub fn encode(s: &SavedState) -> Vec<u8> {
+    let mut o =
+        Out(Vec::with_capacity(HEADER_LEN + 256 + s.devices.iter().map(|d| d.rows.len()).sum::<usize>() * ROW_LEN));
+    o.0.resize(HEADER_LEN, 0);
+    o.section(META, META_LEN, &[s], |o, s| {
+        o.i64(s.saved_at_us);
+        o.u64(s.system_identifier);
+        o.u64(s.in_recovery as u64);
+        o.u64(s.at_exit as u64);
+        o.text(s.writer.as_bytes(), WRITER_LEN);
+    });
+    o.section(DEVICE, DEVICE_LEN, &s.devices, |o, d| {
+        o.text(d.name.as_bytes(), DEVICE_NAME_LEN);
+        o.counters(&d.total);
+        o.counters(&d.total_base);
+        o.u64(d.kernel_drops);
+        o.u64(d.ring_freezes);
+    });
+    let rows: Vec<(u32, &Slot)> =
+        s.devices.iter().enumerate().flat_map(|(i, d)| d.rows.iter().map(move |r| (i as u32, r))).collect();
+    o.section(ROW, ROW_LEN, &rows, |o, (device, r)| {
+        o.u32(*device);
+        o.u32(r.secs);
+        o.i64(r.start);
+        o.counters(&r.counters);
+        o.u64(r.kernel_drops);
+        o.u64(r.late);
+        o.i64(r.created_at_us);
+        o.tcp(&r.tcp);
+    });
+    for (tag, rows) in [(ROLE, &s.roles), (DATABASE, &s.databases)] {
+        o.section(tag, TOTALS_LEN, rows, |o, (row, t)| {
+            o.u32(*row as u32);
+            o.u32(t.in_use as u32);
+            o.text(&t.name, NAME_LEN);
+            o.u64(t.connections);
+            o.counters(&t.counters);
+            o.tcp(&t.tcp);
+        });
+    }
+    o.section(FLOW_STATS, FLOW_STATS_LEN, &[s.flow_stats], |o, f| {
+        o.i64(f.stats_reset_us);
+        o.u64(f.evictions);
+        o.u64(f.folded);
+        o.u64(f.owner_overflow);
+    });
+    let body_len = (o.0.len() - HEADER_LEN) as u64;
+    let crc = crc32(&o.0[HEADER_LEN..]);
+    let mut h = Out(Vec::with_capacity(HEADER_LEN));
+    h.0.extend_from_slice(&MAGIC);
+    h.u32(FORMAT);
+    h.u32(OLDEST_READER);
+    h.u64(body_len);
+    h.u32(crc);
+    h.u32(0);
+    o.0[..HEADER_LEN].copy_from_slice(&h.0);
+    o.0
+}
+
+// ---- decoding ----
+
+/// Reads a record's fields in order; a field past the record's end (written by an older
+/// version, whose records were shorter) reads as 0.
+struct In<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl In<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        if let Some(src) = self.b.get(self.at..self.at + N) {
+            out.copy_from_slice(src);
+        }
+        self.at += N;
+        out
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+    fn i64(&mut self) -> i64 {
+        i64::from_le_bytes(self.take())
+    }
+    fn counters(&mut self) -> Counters {
+        Counters { packets_in: self.u64(), packets_out: self.u64(), bytes_in: self.u64(), bytes_out: self.u64() }
+    }
+    fn tcp(&mut self) -> TcpCounters {
+        TcpCounters {
+            syn: self.u64(),
+            fin_in: self.u64(),
+            fin_out: self.u64(),
+            rst_in: self.u64(),
+            rst_out: self.u64(),
+            retrans_in: self.u64(),
+            retrans_out: self.u64(),
+            zero_window_in: self.u64(),
+            zero_window_out: self.u64(),
+            ooo_in: self.u64(),
+            ooo_out: self.u64(),
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> Result<String, BadFile> {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    std::str::from_utf8(&bytes[..end])
+        .map(str::to_string)
+        .map_err(|_| BadFile::Malformed("a name is not valid UTF-8".into()))
+}
+
+/// Reads a file's bytes.
+pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
+    if bytes.is_empty() {
+        return Err(BadFile::Empty);
+    }
+    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+        return Err(BadFile::NotOurs);
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(BadFile::Truncated { expected: HEADER_LEN as u64, found: bytes.len() as u64 });
+    }
+    let mut h = In { b: &bytes[..HEADER_LEN], at: MAGIC.len() };
+    let (format, oldest_reader, body_len, stored) = (h.u32(), h.u32(), h.u64(), h.u32());
+    if oldest_reader > FORMAT {
+        return Err(BadFile::TooNew { format, oldest_reader });
+    }
+    let expected = HEADER_LEN as u64 + body_len;
+    if (bytes.len() as u64) < expected {
+        return Err(BadFile::Truncated { expected, found: bytes.len() as u64 });
+    }
+    if (bytes.len() as u64) > expected {
+        return Err(BadFile::Malformed(format!(
+            "{} bytes after the end its header gives",
+            bytes.len() as u64 - expected
+        )));
+    }
+    let body = &bytes[HEADER_LEN..];
+    let computed = crc32(body);
+    if computed != stored {
+        return Err(BadFile::Checksum { stored, computed });
+    }
+
+    let mut s = SavedState::default();
+    let mut row_device: Vec<u32> = Vec::new();
+    let mut rows: Vec<Slot> = Vec::new();
+    let mut at = 0usize;
+    while at < body.len() {
+        let mut sh = In { b: body.get(at..at + SECTION_HEADER_LEN).unwrap_or(&[]), at: 0 };
+        if body.len() - at < SECTION_HEADER_LEN {
+            return Err(BadFile::Malformed(format!("a section header cut short at byte {}", HEADER_LEN + at)));
+        }
+        let (tag, record_len, count) = (sh.u32(), sh.u32() as usize, sh.u32() as usize);
+        at += SECTION_HEADER_LEN;
+        let len = record_len
+            .checked_mul(count)
+            .filter(|n| *n <= body.len() - at)
+            .ok_or_else(|| BadFile::Malformed(format!("section {tag} claims {count} records of {record_len} bytes")))?;
+        let data = &body[at..at + len];
+        at += len;
+        let records = (0..count).map(|i| In { b: &data[i * record_len..(i + 1) * record_len], at: 0 });
+        match tag {
+            META => {
+                for mut r in records {
+                    s.saved_at_us = r.i64();
+                    s.system_identifier = r.u64();
+                    s.in_recovery = r.u64() != 0;
+                    s.at_exit = r.u64() != 0;
+                    s.writer = text(&r.take::<WRITER_LEN>())?;
+                }
+            }
+            DEVICE => {
+                for mut r in records {
+                    let name = text(&r.take::<DEVICE_NAME_LEN>())?;
+                    if name.is_empty() {
+                        return Err(BadFile::Malformed("a device without a name".into()));
+                    }
+                    s.devices.push(SavedDevice {
+                        name,
+                        total: r.counters(),
+                        total_base: r.counters(),
+                        kernel_drops: r.u64(),
+                        ring_freezes: r.u64(),
+                        rows: Vec::new(),
+                    });
+                }
+            }
+            ROW => {
+                for mut r in records {
+                    row_device.push(r.u32());
+                    let secs = r.u32();
+                    rows.push(Slot {
+                        secs,
+                        start: r.i64(),
+                        counters: r.counters(),
+                        kernel_drops: r.u64(),
+                        late: r.u64(),
+                        created_at_us: r.i64(),
+                        tcp: r.tcp(),
+                    });
+                }
+            }
+            ROLE | DATABASE => {
+                let mut out = Vec::with_capacity(count);
+                for mut r in records {
+                    let row = r.u32();
+                    let row = u16::try_from(row).map_err(|_| BadFile::Malformed(format!("totals row {row}")))?;
+                    let in_use = r.u32() != 0;
+                    let name = r.take::<NAME_LEN>();
+                    out.push((
+                        row,
+                        Totals { in_use, name, connections: r.u64(), counters: r.counters(), tcp: r.tcp() },
+                    ));
+                }
+                if tag == ROLE {
+                    s.roles = out;
+                } else {
+                    s.databases = out;
+                }
+            }
+            FLOW_STATS => {
+                for mut r in records {
+                    s.flow_stats = FlowStats {
+                        stats_reset_us: r.i64(),
+                        evictions: r.u64(),
+                        folded: r.u64(),
+                        owner_overflow: r.u64(),
+                    };
+                }
+            }
+            _ => {} // a later version's section: not ours to read
+        }
+    }
+    // Rows follow the devices section in the file, but need not: attach them at the end.
+    for (device, row) in row_device.into_iter().zip(rows) {
+        let d = s.devices.get_mut(device as usize).ok_or_else(|| {
+            BadFile::Malformed(format!("an interval of device {device}, which the file does not list"))
+        })?;
+        d.rows.push(row);
+    }
+    Ok(s)
+}
+
+/// CRC-32 (IEEE 802.3, as zlib computes it).
+pub fn crc32(bytes: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    !bytes.iter().fold(!0u32, |c, b| TABLE[((c ^ *b as u32) & 0xff) as usize] ^ (c >> 8))
+}
+
+// ---- files ----
+
+/// Replaces `dir/name` with `bytes` so that a crash at any moment leaves either the old
+/// file or the new one whole: a temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, dir.join(name))?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads `path`: `Ok(None)` when there is no file.
+pub fn read(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves a file that could not be loaded out of the way, keeping it for a look:
+/// `pg_netstat.stat` becomes `pg_netstat.stat.bad-<unix seconds>`.
+pub fn set_aside(path: &Path, now_s: i64) -> io::Result<PathBuf> {
+    let mut to = path.as_os_str().to_owned();
+    to.push(format!(".bad-{now_s}"));
+    let to = PathBuf::from(to);
+    fs::rename(path, &to)?;
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::name_bytes;
+
+    fn sample() -> SavedState {
+        let slot = |start: i64, n: u64| Slot {
+            start,
+            secs: 10,
+            counters: Counters { packets_in: n, packets_out: n + 1, bytes_in: 100 * n, bytes_out: 200 * n },
+            kernel_drops: 3,
+            late: 2,
+            created_at_us: start * 1_000_000 + 5_000_123,
+            tcp: TcpCounters { syn: 1, retrans_out: 4, ooo_in: 7, ..TcpCounters::default() },
+        };
+        let totals = |name: &str, n: u64| Totals {
+            in_use: true,
+            name: name_bytes(name.as_bytes()),
+            connections: n,
+            counters: Counters { packets_in: n, packets_out: 2 * n, bytes_in: 3 * n, bytes_out: 4 * n },
+            tcp: TcpCounters { fin_in: n, rst_out: 1, ..TcpCounters::default() },
+        };
+        SavedState {
+            saved_at_us: 1_764_650_000_123_456,
+            system_identifier: 7_301_234_567_890_123_456,
+            in_recovery: false,
+            at_exit: true,
+            writer: "0.2.0".into(),
+            devices: vec![
+                SavedDevice {
+                    name: "lo".into(),
+                    total: Counters { packets_in: 9, packets_out: 8, bytes_in: 7, bytes_out: 6 },
+                    total_base: Counters { packets_in: 1, ..Counters::default() },
+                    kernel_drops: 12,
+                    ring_freezes: 2,
+                    rows: vec![slot(1_764_649_990, 5), slot(1_764_650_000, 6)],
+                },
+                SavedDevice { name: "veth0".into(), rows: vec![slot(1_764_650_000, 1)], ..SavedDevice::default() },
+            ],
+            roles: vec![(0, totals("", 2)), (1, totals("app", 5)), (7, totals("report", 9))],
+            databases: vec![(1, totals("shop", 14))],
+            flow_stats: FlowStats {
+                stats_reset_us: 1_764_000_000_000_000,
+                evictions: 3,
+                folded: 11,
+                owner_overflow: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn what_is_written_is_read_back_whole() {
+        let s = sample();
+        assert_eq!(decode(&encode(&s)), Ok(s));
+        assert_eq!(decode(&encode(&SavedState::default())), Ok(SavedState::default()));
+    }
+
+    #[test]
+    fn an_empty_file_a_foreign_file_and_a_cut_file_are_refused_each_with_its_reason() {
+        let bytes = encode(&sample());
+        assert_eq!(decode(&[]), Err(BadFile::Empty));
+        assert_eq!(decode(b"PGDMP\x01\x0e\x00 some other program's file"), Err(BadFile::NotOurs));
+        for cut in [10, HEADER_LEN, bytes.len() / 2, bytes.len() - 1] {
+            assert!(matches!(decode(&bytes[..cut]), Err(BadFile::Truncated { .. })), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode(&longer), Err(BadFile::Malformed(_))));
+    }
+
+    #[test]
+    fn any_flipped_bit_in_the_body_is_caught_by_the_checksum() {
+        let bytes = encode(&sample());
+        for at in (HEADER_LEN..bytes.len()).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(matches!(decode(&bad), Err(BadFile::Checksum { .. })), "flip at {at}");
+        }
+    }
+
+    #[test]
+    fn a_file_an_older_reader_would_misread_is_refused_as_too_new() {
+        let mut bytes = encode(&sample());
+        bytes[12..16].copy_from_slice(&(FORMAT + 1).to_le_bytes()); // oldest_reader
+        bytes[8..12].copy_from_slice(&(FORMAT + 1).to_le_bytes());
+        assert_eq!(decode(&bytes), Err(BadFile::TooNew { format: FORMAT + 1, oldest_reader: FORMAT + 1 }));
+    }
+
+    /// A later version that appends a field to each record and adds a section of its own
+    /// (as the per-statement table will): this version still reads what it knows.
+    #[test]
+    fn a_later_compatible_layout_is_read() {
+        let s = sample();
+        let bytes = encode(&s);
+        let mut body = Vec::new();
+        let mut at = HEADER_LEN;
+        while at < bytes.len() {
+            let h = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
+            let (tag, len, count) = (h(0), h(4) as usize, h(8) as usize);
+            body.extend_from_slice(&tag.to_le_bytes());
+            body.extend_from_slice(&(len as u32 + 8).to_le_bytes());
+            body.extend_from_slice(&(count as u32).to_le_bytes());
+            for i in 0..count {
+                let r = at + SECTION_HEADER_LEN + i * len;
+                body.extend_from_slice(&bytes[r..r + len]);
+                body.extend_from_slice(&0xdead_beef_u64.to_le_bytes());
+            }
+            at += SECTION_HEADER_LEN + len * count;
+        }
+        for v in [99u32, 8, 1] {
+            body.extend_from_slice(&v.to_le_bytes()); // tag 99: 1 record of 8 bytes
+        }
+        body.extend_from_slice(&0xabcd_u64.to_le_bytes());
+        let mut file = Vec::from(&bytes[..HEADER_LEN]);
+        file[8..12].copy_from_slice(&(FORMAT + 1).to_le_bytes()); // newer, same oldest_reader
+        file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+        file.extend_from_slice(&body);
+        assert_eq!(decode(&file), Ok(s));
+    }
+
+    /// An older version's shorter records: the fields it did not have read as 0.
+    #[test]
+    fn an_older_shorter_record_reads_its_missing_fields_as_zero() {
+        let s = SavedState {
+            devices: vec![SavedDevice { name: "eth0".into(), kernel_drops: 5, ring_freezes: 6, ..Default::default() }],
+            ..SavedState::default()
+        };
+        let bytes = encode(&s);
+        // Drop the last field (ring_freezes) of the one device record.
+        let mut body = Vec::new();
+        let mut at = HEADER_LEN;
+        while at < bytes.len() {
+            let h = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
+            let (tag, len, count) = (h(0), h(4) as usize, h(8) as usize);
+            let keep = if tag == DEVICE { len - 8 } else { len };
+            body.extend_from_slice(&tag.to_le_bytes());
+            body.extend_from_slice(&(keep as u32).to_le_bytes());
+            body.extend_from_slice(&(count as u32).to_le_bytes());
+            for i in 0..count {
+                let r = at + SECTION_HEADER_LEN + i * len;
+                body.extend_from_slice(&bytes[r..r + keep]);
+            }
+            at += SECTION_HEADER_LEN + len * count;
+        }
+        let mut file = Vec::from(&bytes[..HEADER_LEN]);
+        file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+        file.extend_from_slice(&body);
+        let d = &decode(&file).unwrap().devices[0];
+        assert_eq!((d.name.as_str(), d.kernel_drops, d.ring_freezes), ("eth0", 5, 0));
+    }
+
+    #[test]
+    fn a_section_claiming_more_than_the_file_holds_is_malformed_not_a_panic() {
+        let mut body = Vec::new();
+        for v in [ROW, ROW_LEN as u32, u32::MAX] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut file = encode(&SavedState::default())[..HEADER_LEN].to_vec();
+        file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+        file.extend_from_slice(&body);
+        assert!(matches!(decode(&file), Err(BadFile::Malformed(_))));
+    }
+
+    #[test]
+    fn crc32_is_the_standard_one() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn written_atomically_read_back_and_set_aside() {
+        let dir = std::env::temp_dir().join(format!("pg_netstat-savefile-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        assert_eq!(read(&path).unwrap(), None);
+        write_atomically(&dir, FILE_NAME, b"one").unwrap();
+        write_atomically(&dir, FILE_NAME, b"two").unwrap();
+        assert_eq!(read(&path).unwrap().as_deref(), Some(&b"two"[..]));
+        assert!(!dir.join(format!("{FILE_NAME}.tmp")).exists());
+        let aside = set_aside(&path, 1234).unwrap();
+        assert_eq!(aside.file_name().unwrap(), "pg_netstat.stat.bad-1234");
+        assert!(!path.exists() && aside.exists());
+        // A directory that cannot be written: an error, and no temporary file left behind.
+        assert!(write_atomically(&dir.join("missing"), FILE_NAME, b"x").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+"""What was counted survives a restart (issue 13): saved at a clean shutdown and every
+pg_netstat.save_interval to pg_stat/pg_netstat.stat, loaded at the next start. A crash
+keeps what the last periodic save held; bad files are set aside with one log line and the
+server starts counting afresh; pg_netstat.history sizes the history in shared memory.
+Each test runs its own server, since each restarts it."""
+
+import re
+import struct
+import time
+import zlib
+
+import pytest
+
+from harness import Cluster, free_port, run, wait_for
+
+BASE_CONF = ["pg_netstat.interval = 1", "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
+             "pg_netstat.devices = 'lo'", "pg_netstat.capture_loopback = on"]
+# Ten minutes of 1-second rows: none of a test's rows rotates out while it runs.
+CONF = BASE_CONF + ["pg_netstat.history = 600"]
+HISTORY = "SELECT * FROM pg_netstat_intervals ORDER BY device, ts"
+DEVICES = ("SELECT device, packets_in, packets_out, bytes_in, bytes_out, kernel_drops, ring_freezes "
+           "FROM pg_netstat_devices ORDER BY device")
+ROLES = "SELECT * FROM pg_netstat_roles ORDER BY role"
+DATABASES = "SELECT * FROM pg_netstat_databases ORDER BY database"
+
+
+@pytest.fixture
+def server():
+    c = Cluster(free_port(), conf=CONF)
+    c.start()
+    try:
+        c.sql("CREATE EXTENSION pg_netstat")
+        c.sql("CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN")
+        wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
+        yield c
+    finally:
+        c.stop()
+        c.remove()
+
+
+def saved_file(c):
+    return c.dir / "data" / "pg_stat" / "pg_netstat.stat"
+
+
+def tcp_traffic(c, user, kib):
+    """One TCP connection as `user` with a result of `kib` KiB (captured on lo)."""
+    c.sql(f"SELECT repeat('x', {kib * 1024})", host="127.0.0.1", user=user)
+
+
+def everything(c):
+    return {"history": c.rows(HISTORY), "devices": c.rows(DEVICES), "roles": c.rows(ROLES),
+            "databases": c.rows(DATABASES)}
+
+
+def totals(snapshot):
+    return {k: v for k, v in snapshot.items() if k != "history"}
+
+
+def bytes_out_in_history(snapshot):
+    return sum(int(r[6]) for r in snapshot["history"])
+
+
+def settled(c):
+    """Everything the views show, once the traffic so far is all published: two reads an
+    interval apart (plus the wait) that agree on the totals."""
+    def same():
+        a = (c.rows(DEVICES), c.rows(ROLES))
+        time.sleep(2.2)
+        return a == (c.rows(DEVICES), c.rows(ROLES))
+    wait_for("the counts to settle", same, timeout=30)
+    return everything(c)
+
+
+def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
+    c = server
+    for user, kib in (("alice", 300), ("bob", 40), ("alice", 7)):
+        tcp_traffic(c, user, kib)
+    before = settled(c)
+    assert {r[0] for r in before["roles"]} >= {"alice", "bob"}
+    assert len(before["history"]) >= 3
+
+    mark = len(c.log())
+    c.stop("fast")
+    assert saved_file(c).exists()
+    c.start()
+    wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
+    log = c.log()[mark:]
+    assert re.search(r'pg_netstat: saved the counted state to "pg_stat/pg_netstat.stat" \(\d+ bytes', log), log
+    assert re.search(r"pg_netstat: loaded \d+ intervals of 1 device, .* saved \d+ s ago when the collector stopped", log), log
+
+    after = everything(c)
+    # Every row published before the restart is still there, unchanged (the views keep
+    # their order); newer rows follow for the time since the start, none for the time
+    # the server was down.
+    assert after["history"][:len(before["history"])] == before["history"]
+    newer = after["history"][len(before["history"]):]
+    assert all(r[1] > before["history"][-1][1] for r in newer)
+    # No TCP traffic since: the totals are exactly those from before the restart.
+    for what in ("devices", "roles", "databases"):
+        assert after[what] == before[what], what
+
+    # Counting continues into them.
+    tcp_traffic(c, "alice", 100)
+    wait_for("alice's new bytes added to her saved total", lambda: int(c.sql(
+        "SELECT bytes_out FROM pg_netstat_roles WHERE role = 'alice'")) > int(
+        [r for r in before["roles"] if r[0] == "alice"][0][5]) + 100 * 1024, timeout=20)
+    dev_before = int(before["devices"][0][4])
+    wait_for("the device total grows from its saved value", lambda: int(c.sql(
+        "SELECT bytes_out FROM pg_netstat_devices")) > dev_before + 100 * 1024, timeout=20)
+
+
+def test_an_immediate_stop_keeps_what_the_last_periodic_save_held(server):
+    c = server
+    c.change_settings("ALTER SYSTEM SET pg_netstat.save_interval = 1")
+    tcp_traffic(c, "alice", 200)
+    saved = settled(c)
+    # A periodic save after the settled state: the file is newer than the newest row.
+    time.sleep(1.5)
+    newest_row = c.sql("SELECT extract(epoch FROM max(created_at)) FROM pg_netstat_intervals")
+    wait_for("a periodic save after the last row", lambda: saved_file(c).stat().st_mtime > float(newest_row) + 0.5)
+    # From here on only a shutdown would save; then more traffic, and a crash.
+    c.change_settings("ALTER SYSTEM SET pg_netstat.save_interval = 0")
+    assert totals(settled(c)) == totals(saved)
+    tcp_traffic(c, "bob", 500)
+    tcp_traffic(c, "alice", 500)
+    lost = settled(c)
+    assert bytes_out_in_history(lost) > bytes_out_in_history(saved) + 1000 * 1024
+
+    mark = len(c.log())
+    c.stop("immediate")
+    c.start()
+    wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
+    after = everything(c)
+    log = c.log()[mark:]
+    # What the save held survives; what came after it is lost, and the log says so.
+    assert totals(after) == totals(saved)
+    assert after["history"][:len(saved["history"])] == saved["history"]
+    assert bytes_out_in_history(after) == bytes_out_in_history(saved)
+    assert re.search(r"saved \d+ s ago by a periodic save; the server then stopped without a clean shutdown, "
+                     r"so what was counted from that save until it stopped is lost", log), log
+
+
+def valid_file_bytes(c):
+    tcp_traffic(c, "alice", 20)
+    settled(c)
+    c.stop("fast")
+    data = saved_file(c).read_bytes()
+    assert data[:8] == b"PGNETST\0"
+    return data
+
+
+BAD_FILES = {
+    "empty": (lambda good: b"", "the file is empty"),
+    "truncated": (lambda good: good[:len(good) // 2], "the file is truncated: "),
+    "corrupted": (lambda good: good[:40] + bytes([good[40] ^ 0xFF]) + good[41:],
+                  "the checksum does not match"),
+    "wrong version": (lambda good: good[:8] + struct.pack("<II", 999, 999) + good[16:],
+                      "the file has format 999, readable only from format 999 on"),
+    "foreign": (lambda good: b"PGDMP\x01\x0e\x00 not ours at all" * 10, "not a pg_netstat file"),
+}
+
+
+def test_bad_files_never_stop_the_server_and_are_set_aside(server):
+    c = server
+    good = valid_file_bytes(c)
+    path = saved_file(c)
+    for name, (make, reason) in BAD_FILES.items():
+        bad = make(good)
+        path.write_bytes(bad)
+        run(["chown", "postgres:postgres", str(path)])
+        for old in path.parent.glob("pg_netstat.stat.bad-*"):
+            old.unlink()
+        mark = len(c.log())
+        c.start()
+        assert c.sql("SELECT 1") == "1", name
+        wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
+        lines = [l for l in c.log()[mark:].splitlines() if "pg_netstat.stat" in l and "not loaded" in l]
+        assert len(lines) == 1 and reason in lines[0] and "counting starts fresh" in lines[0], (name, lines)
+        aside = list(path.parent.glob("pg_netstat.stat.bad-*"))
+        assert len(aside) == 1 and aside[0].read_bytes() == bad, name
+        assert f'moved to "pg_stat/{aside[0].name}"' in lines[0]
+        # Counting starts fresh, and works.
+        assert c.rows("SELECT * FROM pg_netstat_roles") == [], name
+        tcp_traffic(c, "bob", 10)
+        wait_for("bob counted", lambda: c.sql("SELECT count(*) FROM pg_netstat_roles WHERE role = 'bob'") == "1",
+                 timeout=20)
+        c.stop("fast")
+
+
+def file_with_history(system_identifier, device, rows, now):
+    """A saved file in the documented format (src/savefile.rs), written independently of
+    the Rust encoder: one device with `rows` one-second intervals ending before `now`."""
+    def section(tag, record_len, records):
+        assert all(len(r) == record_len for r in records)
+        return struct.pack("<III", tag, record_len, len(records)) + b"".join(records)
+    meta = struct.pack("<qQQQ16s", now * 1_000_000, system_identifier, 0, 1, b"test")
+    dev = struct.pack("<16s10Q", device.encode(), rows, rows, rows * 100, rows * 100, 0, 0, 0, 0, 0, 0)
+    slots = [struct.pack("<IIq4QQQq11Q", 0, 1, now - rows + i, 1, 1, 100, 100, 0, 0,
+                         (now - rows + i) * 1_000_000 + 1_500_000, *([0] * 11)) for i in range(rows)]
+    body = section(1, 48, [meta]) + section(2, 96, [dev]) + section(3, 160, slots)
+    return b"PGNETST\0" + struct.pack("<IIQII", 1, 1, len(body), zlib.crc32(body), 0) + body
+
+
+def test_an_hour_of_one_second_rows_with_history_3600():
+    c = Cluster(free_port(), conf=BASE_CONF + ["pg_netstat.history = 3600"])
+    c.start()
+    try:
+        c.sql("CREATE EXTENSION pg_netstat")
+        # The documented cost: 160 bytes a row for each of 16 device places.
+        size = int(c.sql("SELECT size FROM pg_shmem_allocations WHERE name = 'pg_netstat history'"))
+        assert size == 16 * 3600 * 160
+        sysid = int(c.sql("SELECT system_identifier FROM pg_control_system()"))
+        c.stop("fast")
+        # Five thousand rows of the last 83 minutes: the newest 3600 are kept.
+        now = int(time.time())
+        path = saved_file(c)
+        path.write_bytes(file_with_history(sysid, "lo", 5000, now))
+        run(["chown", "postgres:postgres", str(path)])
+        c.start()
+        wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
+        # The history is full: the newest of the loaded rows, then the rows counted since
+        # the start (each of which pushed out the oldest).
+        rows = c.rows("SELECT extract(epoch FROM ts)::bigint, packets_in FROM pg_netstat WHERE device = 'lo' ORDER BY ts")
+        assert len(rows) == 3600
+        loaded = [r for r in rows if int(r[0]) < now]
+        since = len(rows) - len(loaded)
+        assert 0 <= since < 60
+        assert [int(r[0]) for r in loaded] == list(range(now - 3600 + since, now))
+        assert all(r[1] == "1" for r in loaded)
+        assert "pg_netstat: loaded 3600 intervals of 1 device" in c.log()
+    finally:
+        c.stop()
+        c.remove()
+
+
+def test_a_file_from_another_cluster_is_set_aside(server):
+    c = server
+    c.stop("fast")
+    path = saved_file(c)
+    t0 = int(time.time())
+    path.write_bytes(file_with_history(12345, "lo", 10, t0 - 100))
+    run(["chown", "postgres:postgres", str(path)])
+    mark = len(c.log())
+    c.start()
+    wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
+    assert "it was written by another cluster (system identifier 12345" in c.log()[mark:]
+    assert int(c.sql(f"SELECT count(*) FROM pg_netstat_intervals WHERE ts < to_timestamp({t0 - 50})")) == 0
+
+
+def test_reset_reaches_the_saved_file_at_once(server):
+    c = server
+    tcp_traffic(c, "alice", 50)
+    settled(c)
+    c.stop("fast")
+    c.start()
+    assert int(c.sql("SELECT bytes_out FROM pg_netstat_roles WHERE role = 'alice'")) > 50 * 1024
+    before = saved_file(c).stat().st_mtime
+    c.sql("SELECT pg_netstat_reset()")
+    wait_for("a save after the reset", lambda: saved_file(c).stat().st_mtime > before, timeout=15)
+    # A crash right after the reset does not bring the totals back.
+    c.stop("immediate")
+    c.start()
+    assert c.sql("SELECT bytes_out FROM pg_netstat_roles WHERE role = 'alice'") == "0"
+    assert c.sql("SELECT sum(bytes_out) FROM pg_netstat_devices") == "0"
+
+
+def test_alter_extension_update_with_a_saved_file_present():
+    """A database still on the first release's SQL when the server restarts onto this
+    library with a saved file: the old views show the loaded rows, and after ALTER
+    EXTENSION UPDATE the new ones show the same."""
+    c = Cluster(free_port(), conf=CONF)
+    c.start()
+    try:
+        c.sql("CREATE EXTENSION pg_netstat VERSION '0.1.0'")
+        c.sql("CREATE ROLE alice LOGIN")
+        tcp_traffic(c, "alice", 120)
+        columns = "SELECT device, ts, packets_in, packets_out, bytes_in, bytes_out FROM pg_netstat_intervals ORDER BY ts"
+        wait_for("the traffic published", lambda: sum(int(r[5]) for r in c.rows(columns)) > 120 * 1024, timeout=20)
+        before = c.rows(columns)
+        c.stop("fast")
+        c.start()
+        assert c.rows(columns)[:len(before)] == before
+        c.sql("ALTER EXTENSION pg_netstat UPDATE")
+        assert c.sql("SELECT extversion FROM pg_extension WHERE extname = 'pg_netstat'") != "0.1.0"
+        assert c.rows(columns)[:len(before)] == before
+        assert c.sql("SELECT bytes_out > 120 * 1024 FROM pg_netstat_roles WHERE role = 'alice'") == "t"
+    finally:
+        c.stop()
+        c.remove()
