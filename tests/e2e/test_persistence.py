@@ -7,11 +7,11 @@ Each test runs its own server, since each restarts it."""
 import re
 import struct
 import time
-import zlib
 
 import pytest
 
-from harness import Cluster, free_port, run, wait_for
+from harness import PGBIN, Cluster, free_port, run, wait_for
+from savefile_format import saved_file as saved_file_bytes
 
 BASE_CONF = ["pg_netstat.interval = 1", "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
              "pg_netstat.devices = 'lo'", "pg_netstat.capture_loopback = on"]
@@ -81,7 +81,10 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
 
     mark = len(c.log())
     c.stop("fast")
+    stopped = time.time()
     assert saved_file(c).exists()
+    time.sleep(3)  # down for a few intervals
+    started = time.time()
     c.start()
     wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
     log = c.log()[mark:]
@@ -95,6 +98,9 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
     assert after["history"][:len(before["history"])] == before["history"]
     newer = after["history"][len(before["history"]):]
     assert all(r[1] > before["history"][-1][1] for r in newer)
+    down = c.rows(f"SELECT ts FROM pg_netstat_intervals WHERE ts >= to_timestamp({stopped + 1}) "
+                  f"AND ts + make_interval(secs => interval_seconds) <= to_timestamp({started})")
+    assert down == [], f"rows for the time the server was down: {down}"
     # No TCP traffic since: the totals are exactly those from before the restart.
     for what in ("devices", "roles", "databases"):
         assert after[what] == before[what], what
@@ -188,17 +194,7 @@ def test_bad_files_never_stop_the_server_and_are_set_aside(server):
 
 
 def file_with_history(system_identifier, device, rows, now):
-    """A saved file in the documented format (src/savefile.rs), written independently of
-    the Rust encoder: one device with `rows` one-second intervals ending before `now`."""
-    def section(tag, record_len, records):
-        assert all(len(r) == record_len for r in records)
-        return struct.pack("<III", tag, record_len, len(records)) + b"".join(records)
-    meta = struct.pack("<qQQQ16s", now * 1_000_000, system_identifier, 0, 1, b"test")
-    dev = struct.pack("<16s10Q", device.encode(), rows, rows, rows * 100, rows * 100, 0, 0, 0, 0, 0, 0)
-    slots = [struct.pack("<IIq4QQQq11Q", 0, 1, now - rows + i, 1, 1, 100, 100, 0, 0,
-                         (now - rows + i) * 1_000_000 + 1_500_000, *([0] * 11)) for i in range(rows)]
-    body = section(1, 48, [meta]) + section(2, 96, [dev]) + section(3, 160, slots)
-    return b"PGNETST\0" + struct.pack("<IIQII", 1, 1, len(body), zlib.crc32(body), 0) + body
+    return saved_file_bytes(system_identifier, [device], now, rows)
 
 
 def test_an_hour_of_one_second_rows_with_history_3600():
@@ -245,6 +241,35 @@ def test_a_file_from_another_cluster_is_set_aside(server):
     wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
     assert "it was written by another cluster (system identifier 12345" in c.log()[mark:]
     assert int(c.sql(f"SELECT count(*) FROM pg_netstat_intervals WHERE ts < to_timestamp({t0 - 50})")) == 0
+
+
+def test_a_standby_made_by_a_base_backup_does_not_take_the_primarys_file(server):
+    c = server
+    c.change_settings("ALTER SYSTEM SET pg_netstat.save_interval = 1")
+    tcp_traffic(c, "alice", 30)
+    settled(c)
+    wait_for("a saved file on the primary", lambda: saved_file(c).exists())
+    standby = Cluster.__new__(Cluster)
+    standby.dir, standby.port = c.dir.parent / (c.dir.name + "_standby"), free_port()
+    standby.dir.mkdir()
+    run(["chown", "postgres:postgres", str(standby.dir)])
+    try:
+        run(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", str(PGBIN / "pg_basebackup"),
+             "-h", str(c.dir), "-p", str(c.port), "-U", "postgres", "-D", str(standby.dir / "data"), "-R"])
+        assert (standby.dir / "data" / "pg_stat" / "pg_netstat.stat").exists(), "the backup did not copy the file"
+        with open(standby.dir / "data" / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {standby.port}\nunix_socket_directories = '{standby.dir}'\n"
+                       "listen_addresses = ''\n")
+        standby.start()
+        assert standby.sql("SELECT pg_is_in_recovery()") == "t"
+        wait_for("the standby's collector refusing the file", lambda: "was not loaded: it was written by a primary "
+                 "and this server is a standby" in standby.log())
+        assert not (standby.dir / "data" / "pg_stat" / "pg_netstat.stat").exists() or \
+            list((standby.dir / "data" / "pg_stat").glob("pg_netstat.stat.bad-*"))
+        assert standby.rows("SELECT * FROM pg_netstat_roles") == []
+    finally:
+        standby.stop("immediate")
+        standby.remove()
 
 
 def test_reset_reaches_the_saved_file_at_once(server):
