@@ -194,7 +194,10 @@ fn write(bytes: &[u8]) -> Result<(), String> {
 pub struct Saver {
     every: Option<Duration>,
     next: Instant,
-    job: Option<JoinHandle<Result<(), String>>>,
+    /// The writer thread: the file's size and the time it took to encode and write it.
+    job: Option<JoinHandle<Result<(usize, Duration), String>>>,
+    /// How long the copy of the state took in the collector, for the log.
+    copy_took: Duration,
     /// The last failure logged, so a disk that stays full is reported once.
     last_error: Option<String>,
 }
@@ -202,7 +205,13 @@ pub struct Saver {
 impl Saver {
     pub fn new(every_s: u32) -> Saver {
         let every = (every_s > 0).then(|| Duration::from_secs(every_s as u64));
-        Saver { every, next: Instant::now() + every.unwrap_or_default(), job: None, last_error: None }
+        Saver {
+            every,
+            next: Instant::now() + every.unwrap_or_default(),
+            job: None,
+            copy_took: Duration::ZERO,
+            last_error: None,
+        }
     }
 
     pub fn set_interval(&mut self, every_s: u32) {
@@ -224,7 +233,9 @@ impl Saver {
         if self.job.as_ref().is_some_and(|j| j.is_finished()) {
             let result =
                 self.job.take().map(|j| j.join().unwrap_or_else(|_| Err("the writing thread panicked".into())));
-            self.report(result.unwrap_or(Ok(())));
+            if let Some(r) = result {
+                self.report(r);
+            }
         }
         if self.job.is_some() {
             return;
@@ -237,13 +248,27 @@ impl Saver {
         if let Some(every) = self.every {
             self.next = Instant::now() + every;
         }
-        let bytes = savefile::encode(&collect(false));
-        self.job = Some(spawn_without_signals(move || write(&bytes)));
+        // Only the copy happens here, under the locks; encoding, writing and fsync are the
+        // thread's.
+        let started = Instant::now();
+        let state = collect(false);
+        self.copy_took = started.elapsed();
+        self.job = Some(spawn_without_signals(move || {
+            let started = Instant::now();
+            let bytes = savefile::encode(&state);
+            write(&bytes).map(|_| (bytes.len(), started.elapsed()))
+        }));
     }
 
-    fn report(&mut self, result: Result<(), String>) {
+    fn report(&mut self, result: Result<(usize, Duration), String>) {
         match result {
-            Ok(()) => {
+            Ok((bytes, took)) => {
+                debug1!(
+                    "pg_netstat: saved {bytes} bytes to \"{}\": {:.1} ms copying in the collector, {:.1} ms encoding and writing in the background",
+                    path().display(),
+                    self.copy_took.as_secs_f64() * 1000.0,
+                    took.as_secs_f64() * 1000.0
+                );
                 if self.last_error.take().is_some() {
                     log!("pg_netstat: the saved state is written again");
                 }
