@@ -578,36 +578,47 @@ mod tests {
         assert_eq!(decode(&bytes), Err(BadFile::TooNew { format: FORMAT + 1, oldest_reader: FORMAT + 1 }));
     }
 
+    /// `file` with each record rewritten by `record(tag, bytes)` (every record of a section
+    /// must come out the same length), `extra` appended to the body, and the header's
+    /// format set to `format`, length and checksum made right.
+    fn rewritten(file: &[u8], record: impl Fn(u32, &[u8]) -> Vec<u8>, extra: &[u8], format: u32) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut at = HEADER_LEN;
+        while at < file.len() {
+            let h = |i: usize| u32::from_le_bytes(file[at + i..at + i + 4].try_into().unwrap());
+            let (tag, len, count) = (h(0), h(4) as usize, h(8) as usize);
+            let records: Vec<Vec<u8>> = (0..count)
+                .map(|i| record(tag, &file[at + SECTION_HEADER_LEN + i * len..at + SECTION_HEADER_LEN + (i + 1) * len]))
+                .collect();
+            let new_len = records.first().map_or(len, Vec::len);
+            for v in [tag, new_len as u32, count as u32] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            records.iter().for_each(|r| body.extend_from_slice(r));
+            at += SECTION_HEADER_LEN + len * count;
+        }
+        body.extend_from_slice(extra);
+        let mut out = Vec::from(&file[..HEADER_LEN]);
+        out[8..12].copy_from_slice(&format.to_le_bytes());
+        out[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        out[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
     /// A later version that appends a field to each record and adds a section of its own
     /// (as the per-statement table will): this version still reads what it knows.
     #[test]
     fn a_later_compatible_layout_is_read() {
         let s = sample();
-        let bytes = encode(&s);
-        let mut body = Vec::new();
-        let mut at = HEADER_LEN;
-        while at < bytes.len() {
-            let h = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
-            let (tag, len, count) = (h(0), h(4) as usize, h(8) as usize);
-            body.extend_from_slice(&tag.to_le_bytes());
-            body.extend_from_slice(&(len as u32 + 8).to_le_bytes());
-            body.extend_from_slice(&(count as u32).to_le_bytes());
-            for i in 0..count {
-                let r = at + SECTION_HEADER_LEN + i * len;
-                body.extend_from_slice(&bytes[r..r + len]);
-                body.extend_from_slice(&0xdead_beef_u64.to_le_bytes());
-            }
-            at += SECTION_HEADER_LEN + len * count;
-        }
+        let longer = |_tag: u32, r: &[u8]| [r, &0xdead_beef_u64.to_le_bytes()].concat();
+        let mut new_section = Vec::new();
         for v in [99u32, 8, 1] {
-            body.extend_from_slice(&v.to_le_bytes()); // tag 99: 1 record of 8 bytes
+            new_section.extend_from_slice(&v.to_le_bytes()); // tag 99: 1 record of 8 bytes
         }
-        body.extend_from_slice(&0xabcd_u64.to_le_bytes());
-        let mut file = Vec::from(&bytes[..HEADER_LEN]);
-        file[8..12].copy_from_slice(&(FORMAT + 1).to_le_bytes()); // newer, same oldest_reader
-        file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
-        file.extend_from_slice(&body);
+        new_section.extend_from_slice(&0xabcd_u64.to_le_bytes());
+        // Newer format, same oldest reader.
+        let file = rewritten(&encode(&s), longer, &new_section, FORMAT + 1);
         assert_eq!(decode(&file), Ok(s));
     }
 
@@ -618,27 +629,9 @@ mod tests {
             devices: vec![SavedDevice { name: "eth0".into(), kernel_drops: 5, ring_freezes: 6, ..Default::default() }],
             ..SavedState::default()
         };
-        let bytes = encode(&s);
-        // Drop the last field (ring_freezes) of the one device record.
-        let mut body = Vec::new();
-        let mut at = HEADER_LEN;
-        while at < bytes.len() {
-            let h = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
-            let (tag, len, count) = (h(0), h(4) as usize, h(8) as usize);
-            let keep = if tag == DEVICE { len - 8 } else { len };
-            body.extend_from_slice(&tag.to_le_bytes());
-            body.extend_from_slice(&(keep as u32).to_le_bytes());
-            body.extend_from_slice(&(count as u32).to_le_bytes());
-            for i in 0..count {
-                let r = at + SECTION_HEADER_LEN + i * len;
-                body.extend_from_slice(&bytes[r..r + keep]);
-            }
-            at += SECTION_HEADER_LEN + len * count;
-        }
-        let mut file = Vec::from(&bytes[..HEADER_LEN]);
-        file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
-        file.extend_from_slice(&body);
+        // Without the last field (ring_freezes) of the device record.
+        let shorter = |tag: u32, r: &[u8]| if tag == DEVICE { r[..r.len() - 8].to_vec() } else { r.to_vec() };
+        let file = rewritten(&encode(&s), shorter, &[], FORMAT);
         let d = &decode(&file).unwrap().devices[0];
         assert_eq!((d.name.as_str(), d.kernel_drops, d.ring_freezes), ("eth0", 5, 0));
     }
