@@ -10,11 +10,13 @@ import time
 
 import pytest
 
+from conftest import CAPTURE_METHOD
 from harness import PGBIN, Cluster, free_port, run, wait_for
 from savefile_format import saved_file as saved_file_bytes
 
 BASE_CONF = ["pg_netstat.interval = 1", "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
-             "pg_netstat.devices = 'lo'", "pg_netstat.capture_loopback = on"]
+             "pg_netstat.devices = 'lo'", "pg_netstat.capture_loopback = on",
+             f"pg_netstat.capture_method = {CAPTURE_METHOD}"]
 # Ten minutes of 1-second rows: none of a test's rows rotates out while it runs.
 CONF = BASE_CONF + ["pg_netstat.history = 600"]
 HISTORY = "SELECT * FROM pg_netstat_intervals ORDER BY device, ts"
