@@ -38,8 +38,8 @@ static CAPTURE_METHODS: EnumEntries = EnumEntries([
 /// a maximal IPv4 header (14 + 4 + 60 + 4 = 82), with room to spare; the original's
 /// lower bound too.
 pub const MIN_SNAPLEN: i32 = 96;
-/// Most intervals `pg_netstat.history` may keep per device: a day of 1-second intervals.
-pub const MAX_HISTORY: i32 = 86_400;
+/// Most intervals `pg_netstat.history` may keep per device.
+const MAX_HISTORY: i32 = crate::history::MAX_HISTORY as i32;
 
 /// The unit of a numeric setting, as PostgreSQL reads and shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

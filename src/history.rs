@@ -5,6 +5,9 @@
 use crate::counters::{Counters, TcpCounters};
 use crate::stats::Closed;
 
+/// Most intervals `pg_netstat.history` may keep per device: a day of 1-second intervals.
+pub const MAX_HISTORY: usize = 86_400;
+
 /// One closed interval as the views show it.
 #[repr(C)]
 #[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]

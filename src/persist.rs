@@ -3,11 +3,11 @@
 //! shared memory instead), saves it when it stops and every `pg_netstat.save_interval`,
 //! and after `pg_netstat_reset()`. The format and the atomic write are in `savefile`;
 //! this file moves state between it and shared memory, and keeps the write off the
-//! capture loop: a periodic save is encoded under the locks (a copy) and written and
-//! fsynced by a thread of its own that calls nothing of PostgreSQL.
+//! capture loop: for a periodic save the collector only copies the state under the locks;
+//! a thread of its own, which calls nothing of PostgreSQL, encodes, writes and fsyncs it.
 
 use crate::flowshm;
-use crate::savefile::{self, BadFile, SavedDevice, SavedState, DIR, FILE_NAME};
+use crate::savefile::{self, SavedDevice, SavedState, DIR, FILE_NAME};
 use crate::shmem::{self, SAVE_REQUESTED};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -35,6 +35,7 @@ pub fn collect(at_exit: bool) -> SavedState {
         in_recovery: unsafe { pg_sys::RecoveryInProgress() },
         at_exit,
         writer: env!("CARGO_PKG_VERSION").to_string(),
+        timeline: timeline(),
         ..SavedState::default()
     };
     {
@@ -63,10 +64,26 @@ pub fn collect(at_exit: bool) -> SavedState {
     s
 }
 
+/// The WAL timeline this server is on (replaying, on a standby).
+fn timeline() -> u32 {
+    // SAFETY: both read shared recovery state, valid in any process attached to shared
+    // memory; the insertion timeline is only asked for once recovery has ended.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            let mut tli: pg_sys::TimeLineID = 0;
+            pg_sys::GetXLogReplayRecPtr(&mut tli);
+            tli
+        } else {
+            pg_sys::GetWALInsertionTimeLine()
+        }
+    }
+}
+
 /// Why a well-formed file still must not be loaded here, if it must not.
 fn not_for_us(s: &SavedState) -> Option<String> {
     // SAFETY: as in `collect`.
     let (sysid, in_recovery) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::RecoveryInProgress()) };
+    let tli = timeline();
     if s.system_identifier != sysid {
         return Some(format!(
             "it was written by another cluster (system identifier {}, this cluster's is {sysid})",
@@ -78,6 +95,16 @@ fn not_for_us(s: &SavedState) -> Option<String> {
             "it was written by a primary and this server is a standby: it came with a base backup and describes the primary's traffic"
                 .into(),
         );
+    }
+    // A primary's file on another timeline: this server was made from a copy of that
+    // primary (a standby promoted before its collector first ran, a point-in-time
+    // recovery); its counts are the other server's. (A standby's own file, then a
+    // promotion, is this server's: kept.)
+    if !s.in_recovery && s.timeline != 0 && s.timeline != tli {
+        return Some(format!(
+            "it was written by a primary on timeline {} and this server is on timeline {tli}: it came with a copy of that primary and describes its traffic",
+            s.timeline
+        ));
     }
     None
 }
@@ -96,26 +123,22 @@ pub fn load_once() {
         shared.loaded = true;
     }
     let path = path();
-    let bytes = match savefile::read(&path) {
-        Ok(Some(b)) => b,
+    // A file that cannot be read is set aside too: the next save would replace it.
+    let problem = match savefile::read(&path) {
         Ok(None) => return,
-        Err(e) => {
-            log!("pg_netstat: could not read the saved state \"{}\": {e}; counting starts fresh", path.display());
-            return;
-        }
-    };
-    let problem = match savefile::decode(&bytes) {
-        Ok(s) => match not_for_us(&s) {
-            None => {
-                let started = Instant::now();
-                let (devices, rows) = apply(&s);
-                log_loaded(&s, devices, rows, bytes.len(), started.elapsed());
-                return;
-            }
-            Some(why) => why,
+        Err(e) => format!("it could not be read: {e}"),
+        Ok(Some(bytes)) => match savefile::decode(&bytes) {
+            Ok(s) => match not_for_us(&s) {
+                None => {
+                    let started = Instant::now();
+                    let (devices, rows) = apply(&s);
+                    log_loaded(&s, devices, rows, bytes.len(), started.elapsed());
+                    return;
+                }
+                Some(why) => why,
+            },
+            Err(e) => e.to_string(),
         },
-        Err(BadFile::Empty) => BadFile::Empty.to_string(),
-        Err(e) => e.to_string(),
     };
     let now_s = now_us() / 1_000_000;
     match savefile::set_aside(&path, now_s) {
@@ -132,7 +155,7 @@ pub fn load_once() {
 }
 
 fn log_loaded(s: &SavedState, devices: usize, rows: usize, bytes: usize, took: Duration) {
-    let age_s = (now_us() - s.saved_at_us) as f64 / 1e6;
+    let age_s = now_us().saturating_sub(s.saved_at_us) as f64 / 1e6;
     let when = if s.at_exit {
         "when the collector stopped".to_string()
     } else {
@@ -172,10 +195,31 @@ fn apply(s: &SavedState) -> (usize, usize) {
         }
     }
     let f = s.flow_stats;
+    let (roles, databases): (Vec<_>, Vec<_>) =
+        (s.roles.iter().map(|r| r.1).collect(), s.databases.iter().map(|r| r.1).collect());
     flowshm::write(|t| {
-        t.restore_totals(&s.roles, &s.databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us)
+        t.restore_totals(&roles, &databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us)
     });
+    // pg_netstat_reset() called between the server's start and this load: what it reset
+    // includes what was just loaded.
+    if SAVE_REQUESTED.get().load(Ordering::Acquire) {
+        reset_counts(now_us());
+    }
     (devices, rows)
+}
+
+/// What pg_netstat_reset() resets: role and database totals, the flow table's
+/// counters, and the device totals the views show; then the file is saved soon.
+pub fn reset_counts(now_us: i64) {
+    flowshm::write(|t| t.reset(now_us));
+    let mut shared = shmem::exclusive();
+    for d in shared.devices.iter_mut().filter(|d| d.in_use) {
+        d.total_base = d.total;
+    }
+    drop(shared);
+    // Into the saved file too, soon: a crash before the next periodic save must not
+    // bring back what was reset.
+    SAVE_REQUESTED.get().store(true, Ordering::Release);
 }
 
 /// Encodes and writes the state now, in this process (at exit).
@@ -253,11 +297,15 @@ impl Saver {
         let started = Instant::now();
         let state = collect(false);
         self.copy_took = started.elapsed();
-        self.job = Some(spawn_without_signals(move || {
+        let job = spawn_without_signals(move || {
             let started = Instant::now();
             let bytes = savefile::encode(&state);
             write(&bytes).map(|_| (bytes.len(), started.elapsed()))
-        }));
+        });
+        match job {
+            Ok(j) => self.job = Some(j),
+            Err(e) => self.report(Err(format!("could not start the thread that writes \"{}\": {e}", path().display()))),
+        }
     }
 
     fn report(&mut self, result: Result<(usize, Duration), String>) {
@@ -285,7 +333,9 @@ impl Saver {
     /// The save as the worker exits: waits for a write in progress, then writes in full.
     pub fn finish(&mut self) {
         if let Some(j) = self.job.take() {
-            let _ = j.join();
+            if let Ok(Err(e)) = j.join() {
+                warning!("pg_netstat: {e}");
+            }
         }
         match save_now() {
             Ok((bytes, took)) => log!(
@@ -300,15 +350,16 @@ impl Saver {
 
 /// Starts a thread with every signal blocked, so PostgreSQL's signal handlers (which
 /// set latches and flags for the worker's main thread) never run on it.
-fn spawn_without_signals<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+fn spawn_without_signals<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<JoinHandle<T>> {
     // SAFETY: sigfillset initialises the set; pthread_sigmask only changes this thread's
-    // mask, which is restored right after the new thread has inherited the full one.
+    // mask, which is restored right after the new thread has inherited the full one,
+    // whether or not the thread could be created.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let handle = std::thread::spawn(f);
+        let handle = std::thread::Builder::new().name("pg_netstat save".into()).spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         handle
     }

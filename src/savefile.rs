@@ -17,9 +17,10 @@
 //! `oldest_reader`, and a reader refuses a file whose `oldest_reader` is above its own
 //! `FORMAT`. Nothing in the file is a Rust memory layout.
 
+use crate::capture::{valid_device_name, MAX_DEVICES};
 use crate::counters::{Counters, TcpCounters};
-use crate::flows::{Totals, NAME_LEN};
-use crate::history::Slot;
+use crate::flows::{Totals, NAME_LEN, TOTALS_ROWS};
+use crate::history::{Slot, MAX_HISTORY};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -46,6 +47,24 @@ const ROLE: u32 = 4;
 const DATABASE: u32 = 5;
 const FLOW_STATS: u32 = 6;
 
+/// The shortest record and the most records a known section may have: no version writes
+/// more than can exist, and no field is shorter than 8 bytes. A hostile file (its
+/// checksum is no defence: anyone can compute one) must not make the reader loop or
+/// allocate beyond what a real file of the largest configuration needs.
+fn limits(tag: u32) -> Option<(usize, usize)> {
+    match tag {
+        META | FLOW_STATS => Some((8, 1)),
+        DEVICE => Some((8, MAX_DEVICES)),
+        ROW => Some((8, MAX_DEVICES * MAX_HISTORY)),
+        ROLE | DATABASE => Some((8, TOTALS_ROWS)),
+        _ => None,
+    }
+}
+
+/// Larger than any file pg_netstat writes (16 devices of full history: 221 MB): such a
+/// file is not read at all.
+pub const MAX_FILE_BYTES: u64 = 512 << 20;
+
 /// Everything saved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SavedState {
@@ -61,6 +80,8 @@ pub struct SavedState {
     pub at_exit: bool,
     /// The pg_netstat version that wrote it.
     pub writer: String,
+    /// The WAL timeline the writer was on (0: not known, a file from before this field).
+    pub timeline: u32,
     pub devices: Vec<SavedDevice>,
     /// Role and database totals by row (row 0: no known owner, and overflow).
     pub roles: Vec<(u16, Totals)>,
@@ -179,7 +200,7 @@ fn tcp_fields(t: &TcpCounters) -> [u64; 11] {
 
 const COUNTERS_LEN: usize = 32;
 const TCP_LEN: usize = 88;
-const META_LEN: usize = 32 + WRITER_LEN;
+const META_LEN: usize = 32 + WRITER_LEN + 8;
 const DEVICE_LEN: usize = DEVICE_NAME_LEN + 2 * COUNTERS_LEN + 16;
 const ROW_LEN: usize = 16 + COUNTERS_LEN + 24 + TCP_LEN;
 const TOTALS_LEN: usize = 8 + NAME_LEN + 8 + COUNTERS_LEN + TCP_LEN;
@@ -196,6 +217,7 @@ pub fn encode(s: &SavedState) -> Vec<u8> {
         o.u64(s.in_recovery as u64);
         o.u64(s.at_exit as u64);
         o.text(s.writer.as_bytes(), WRITER_LEN);
+        o.u64(s.timeline as u64);
     });
     o.section(DEVICE, DEVICE_LEN, &s.devices, |o, d| {
         o.text(d.name.as_bytes(), DEVICE_NAME_LEN);
@@ -342,6 +364,16 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
         }
         let (tag, record_len, count) = (sh.u32(), sh.u32() as usize, sh.u32() as usize);
         at += SECTION_HEADER_LEN;
+        if let Some((min_len, max_count)) = limits(tag) {
+            if count > 0 && record_len < min_len {
+                return Err(BadFile::Malformed(format!("section {tag} has records of {record_len} bytes")));
+            }
+            if count > max_count {
+                return Err(BadFile::Malformed(format!(
+                    "section {tag} has {count} records, more than the {max_count} that can exist"
+                )));
+            }
+        }
         let len = record_len
             .checked_mul(count)
             .filter(|n| *n <= body.len() - at)
@@ -357,13 +389,14 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
                     s.in_recovery = r.u64() != 0;
                     s.at_exit = r.u64() != 0;
                     s.writer = text(&r.take::<WRITER_LEN>())?;
+                    s.timeline = r.u64() as u32;
                 }
             }
             DEVICE => {
                 for mut r in records {
                     let name = text(&r.take::<DEVICE_NAME_LEN>())?;
-                    if name.is_empty() {
-                        return Err(BadFile::Malformed("a device without a name".into()));
+                    if !valid_device_name(&name) {
+                        return Err(BadFile::Malformed(format!("{name:?} is not a device name")));
                     }
                     s.devices.push(SavedDevice {
                         name,
@@ -391,7 +424,7 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
                 }
             }
             ROLE | DATABASE => {
-                let mut out = Vec::with_capacity(count);
+                let mut out = Vec::new();
                 for mut r in records {
                     let row = r.u32();
                     let row = u16::try_from(row).map_err(|_| BadFile::Malformed(format!("totals row {row}")))?;
@@ -471,22 +504,46 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> 
     result
 }
 
-/// Reads `path`: `Ok(None)` when there is no file.
+/// Reads `path`: `Ok(None)` when there is no file. A file larger than `MAX_FILE_BYTES`
+/// is an error, not read.
 pub fn read(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    match fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            return Err(io::Error::other(format!("it is {} bytes, larger than any file pg_netstat writes", m.len())))
+        }
+        Ok(_) => {}
     }
+    fs::read(path).map(Some)
 }
 
+/// Files set aside that are kept: the newest; older ones are removed, so a file that
+/// keeps going bad cannot fill the disk (nor every base backup).
+const KEEP_SET_ASIDE: usize = 3;
+
 /// Moves a file that could not be loaded out of the way, keeping it for a look:
-/// `pg_netstat.stat` becomes `pg_netstat.stat.bad-<unix seconds>`.
+/// `pg_netstat.stat` becomes `pg_netstat.stat.bad-<unix seconds>`; of those, the newest
+/// `KEEP_SET_ASIDE` are kept.
 pub fn set_aside(path: &Path, now_s: i64) -> io::Result<PathBuf> {
     let mut to = path.as_os_str().to_owned();
     to.push(format!(".bad-{now_s}"));
     let to = PathBuf::from(to);
     fs::rename(path, &to)?;
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let prefix = format!("{name}.bad-");
+        let mut aside: Vec<(i64, PathBuf)> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let when = e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+                Some((when, e.path()))
+            })
+            .collect();
+        aside.sort();
+        for (_, old) in aside.iter().rev().skip(KEEP_SET_ASIDE) {
+            let _ = fs::remove_file(old);
+        }
+    }
     Ok(to)
 }
 
@@ -518,6 +575,7 @@ mod tests {
             in_recovery: false,
             at_exit: true,
             writer: "0.2.0".into(),
+            timeline: 3,
             devices: vec![
                 SavedDevice {
                     name: "lo".into(),
@@ -649,6 +707,51 @@ mod tests {
         assert!(matches!(decode(&file), Err(BadFile::Malformed(_))));
     }
 
+    /// A file with one section `tag` of `count` records of `record_len` zero bytes (the
+    /// records themselves only when `count * record_len` is small), checksum made right.
+    fn one_section(tag: u32, record_len: u32, count: u32) -> Vec<u8> {
+        let mut body = Vec::new();
+        for v in [tag, record_len, count] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.resize(body.len() + (record_len as usize * count as usize).min(1 << 20), 0);
+        let mut file = encode(&SavedState::default())[..HEADER_LEN].to_vec();
+        file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+        file.extend_from_slice(&body);
+        file
+    }
+
+    /// A hostile file (the checksum is no defence: anyone can compute it) must be refused
+    /// quickly and without large allocations: empty records by the billion, more records
+    /// of a kind than can exist, records too short to hold their fields.
+    #[test]
+    fn hostile_counts_and_record_lengths_are_refused_quickly() {
+        let started = std::time::Instant::now();
+        for (tag, len, count) in [
+            (FLOW_STATS, 0, u32::MAX),
+            (ROLE, 0, u32::MAX),
+            (ROW, 1, 1 << 20),
+            (DEVICE, DEVICE_LEN as u32, 17),
+            (META, META_LEN as u32, 2),
+            (ROLE, TOTALS_LEN as u32, TOTALS_ROWS as u32 + 1),
+        ] {
+            assert!(matches!(decode(&one_section(tag, len, count)), Err(BadFile::Malformed(_))), "{tag} {len} {count}");
+        }
+        // An unknown section may hold anything; empty records of it cost nothing.
+        assert!(decode(&one_section(99, 0, u32::MAX)).is_ok());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_device_name_that_is_not_a_device_name_is_malformed() {
+        let s = SavedState {
+            devices: vec![SavedDevice { name: "bad name".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        assert!(matches!(decode(&encode(&s)), Err(BadFile::Malformed(_))));
+    }
+
     #[test]
     fn crc32_is_the_standard_one() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
@@ -668,6 +771,15 @@ mod tests {
         let aside = set_aside(&path, 1234).unwrap();
         assert_eq!(aside.file_name().unwrap(), "pg_netstat.stat.bad-1234");
         assert!(!path.exists() && aside.exists());
+        // Only the newest few are kept.
+        for t in [1300, 1200, 1500, 1400] {
+            write_atomically(&dir, FILE_NAME, b"bad").unwrap();
+            set_aside(&path, t).unwrap();
+        }
+        let mut left: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["pg_netstat.stat.bad-1300", "pg_netstat.stat.bad-1400", "pg_netstat.stat.bad-1500"]);
         // A directory that cannot be written: an error, and no temporary file left behind.
         assert!(write_atomically(&dir.join("missing"), FILE_NAME, b"x").is_err());
         fs::remove_dir_all(&dir).unwrap();

@@ -10,7 +10,8 @@ use crate::flows::{name_str, Flow, Totals};
 use crate::flowshm;
 use crate::gucs::Settings;
 use crate::history::Slot;
-use crate::shmem::{self, INJECT_ERROR, SAVE_REQUESTED, STATE, WORKER_PID};
+use crate::persist;
+use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -151,7 +152,10 @@ rows_fn! {
                 timestamptz(s.created_at_us),
             )
         };
-        let rows: Vec<_> = shmem::share().histories().map(|(d, s)| row(d.name(), s)).collect();
+        // Copied under the lock, converted after it: a long history must not keep the
+        // collector waiting while PostgreSQL builds the rows.
+        let copied: Vec<(String, Slot)> = shmem::share().histories().map(|(d, s)| (d.name().to_string(), *s)).collect();
+        let rows: Vec<_> = copied.iter().map(|(d, s)| row(d, s)).collect();
         TableIterator::new(rows)
     }
 }
@@ -248,7 +252,10 @@ rows_fn! {
                 as_i64(t.ooo_out),
             )
         };
-        let rows: Vec<_> = shmem::share().histories().map(|(d, s)| row(d.name(), s)).collect();
+        // Copied under the lock, converted after it: a long history must not keep the
+        // collector waiting while PostgreSQL builds the rows.
+        let copied: Vec<(String, Slot)> = shmem::share().histories().map(|(d, s)| (d.name().to_string(), *s)).collect();
+        let rows: Vec<_> = copied.iter().map(|(d, s)| row(d, s)).collect();
         TableIterator::new(rows)
     }
 }
@@ -463,13 +470,5 @@ rows_fn! {
 /// superusers may call it unless granted.
 #[pg_extern(volatile, parallel_unsafe)]
 fn pg_netstat_reset() {
-    let now = now_us();
-    flowshm::write(|t| t.reset(now));
-    let mut shared = STATE.exclusive();
-    for d in shared.devices.iter_mut().filter(|d| d.in_use) {
-        d.total_base = d.total;
-    }
-    // Into the saved file too, now: a crash before the next periodic save must not bring
-    // back what was reset.
-    SAVE_REQUESTED.get().store(true, Ordering::Release);
+    persist::reset_counts(now_us());
 }

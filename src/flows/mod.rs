@@ -368,38 +368,33 @@ impl FlowTable<'_> {
 }
 
 impl FlowTable<'_> {
-    /// Puts back role and database totals and the table's counters saved before a
-    /// restart (see `persist`), over an empty table: rows keep their positions, which is
-    /// how flows find them. Rows beyond this table's are left out.
-    pub fn restore_totals(
-        &mut self,
-        roles: &[(u16, Totals)],
-        databases: &[(u16, Totals)],
-        counters: [u64; 3],
-        stats_reset_us: i64,
-    ) {
+    /// Adds role and database totals and the table's counters saved before a restart
+    /// (see `persist`): each saved row goes to the row of its name (row 0 to row 0), taken
+    /// as a new name would be, so rows that filled up and emptied before the restart are
+    /// not carried over, and anything counted before the load is kept.
+    pub fn restore_totals(&mut self, roles: &[Totals], databases: &[Totals], counters: [u64; 3], stats_reset_us: i64) {
         for (rows, saved) in [(&mut *self.roles, roles), (&mut *self.databases, databases)] {
-            for (i, t) in saved {
-                if let Some(r) = rows.get_mut(*i as usize) {
-                    *r = *t;
-                }
+            for t in saved {
+                let at = if t.name[0] == 0 { 0 } else { totals::row_for(rows, &t.name) };
+                rows[at as usize].merge(t);
             }
         }
-        [self.header.evictions, self.header.folded, self.header.owner_overflow] = counters;
-        self.header.stats_reset_us = stats_reset_us;
+        self.header.evictions += counters[0];
+        self.header.folded += counters[1];
+        self.header.owner_overflow += counters[2];
+        if stats_reset_us != 0 {
+            self.header.stats_reset_us = stats_reset_us;
+        }
     }
 }
 
 impl FlowView<'_> {
-    /// The role or database rows worth saving, with their positions: named rows and a
-    /// non-empty row 0.
+    /// The role or database rows worth saving, with their positions: those that hold
+    /// anything (a name whose figures are all zero is not carried over a restart, so the
+    /// rows never fill up for good).
     pub fn saved_rows(&self, by_role: bool) -> Vec<(u16, Totals)> {
         let rows = if by_role { self.roles } else { self.databases };
-        rows.iter()
-            .enumerate()
-            .filter(|(i, r)| r.in_use || (*i == 0 && !r.is_empty()))
-            .map(|(i, r)| (i as u16, *r))
-            .collect()
+        rows.iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(i, r)| (i as u16, *r)).collect()
     }
 }
 
@@ -850,5 +845,35 @@ mod tests {
             assert_eq!(t.header.owner_count as usize, t.owners.iter().filter(|o| o.in_use).count(), "step {step}");
         }
         assert!(t.header.evictions > 0 && t.header.folded > t.header.evictions);
+    }
+
+    #[test]
+    fn saved_totals_go_back_by_name_and_add_to_what_was_counted_meanwhile() {
+        let mut st = Storage::new(4, 4);
+        let mut t = st.table();
+        // Counted before the load: a row for "bob" already exists, in row 1.
+        let bob = name_bytes(b"bob");
+        let at = totals::row_for(t.roles, &bob);
+        assert_eq!(at, 1);
+        t.roles[1].counters.bytes_out = 5;
+        let saved = |name: &str, bytes_out: u64| Totals {
+            in_use: !name.is_empty(),
+            name: name_bytes(name.as_bytes()),
+            connections: 1,
+            counters: Counters { bytes_out, ..Counters::default() },
+            ..Totals::default()
+        };
+        t.restore_totals(&[saved("", 7), saved("alice", 100), saved("bob", 20)], &[], [1, 2, 3], 42);
+        let by_name: Vec<(String, u64)> =
+            totals::visible(t.roles).iter().map(|r| (name_str(&r.name).to_string(), r.counters.bytes_out)).collect();
+        assert_eq!(by_name, vec![("".into(), 7), ("bob".into(), 25), ("alice".into(), 100)]);
+        assert_eq!(
+            (t.header.evictions, t.header.folded, t.header.owner_overflow, t.header.stats_reset_us),
+            (1, 2, 3, 42)
+        );
+        // A name whose figures are all zero is not saved: rows never fill up for good.
+        t.roles[2].clear();
+        let kept: Vec<u16> = t.view().saved_rows(true).iter().map(|r| r.0).collect();
+        assert_eq!(kept, vec![0, 1]);
     }
 }

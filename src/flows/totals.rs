@@ -51,6 +51,13 @@ impl Totals {
         self.connections += c.connections;
     }
 
+    /// Adds another row's figures (a saved row loaded into this one).
+    pub fn merge(&mut self, o: &Totals) {
+        self.counters.merge(&o.counters);
+        self.tcp.add(&o.tcp);
+        self.connections += o.connections;
+    }
+
     /// Takes back what `add` added (a flow moving to the row of its owner).
     pub fn remove(&mut self, c: &Contribution) {
         self.counters = self.counters.since(&c.counters);

@@ -128,6 +128,8 @@ struct Worker {
     next_health_check: Instant,
     next_flow_upkeep: Instant,
     saver: persist::Saver,
+    /// `finish` has run: the process is on its way out.
+    finished: bool,
 }
 
 impl Worker {
@@ -147,6 +149,7 @@ impl Worker {
             next_health_check: Instant::now() + HEALTH_CHECK_EVERY,
             next_flow_upkeep: Instant::now(),
             saver: persist::Saver::new(settings.save_interval),
+            finished: false,
         };
         w.warn_about_settings();
         let names = resolve_devices(&settings);
@@ -209,10 +212,19 @@ impl Worker {
         loop {
             self.wait(&mut readable);
             // SAFETY: a plain read of a flag PostgreSQL's SIGTERM handler sets.
-            if unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) } != 0 {
+            if unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) } != 0 && !self.finished {
                 // Stopping (shutdown, or pg_terminate_backend): keep what was counted
-                // before the check below ends this process.
+                // before the check below ends this process. Interrupts are held off
+                // meanwhile: a log line would otherwise end the process halfway (errfinish
+                // checks for interrupts).
+                // SAFETY: PostgreSQL's HOLD_INTERRUPTS()/RESUME_INTERRUPTS(), on this
+                // process's own counter, balanced around a call that cannot unwind past them
+                // without the process exiting.
+                unsafe { pg_sys::InterruptHoldoffCount += 1 };
                 self.finish();
+                // SAFETY: as above: the matching RESUME_INTERRUPTS().
+                unsafe { pg_sys::InterruptHoldoffCount -= 1 };
+                self.finished = true;
             }
             pg_sys::check_for_interrupts!();
             if let Some(ms) = self.clock.step() {
@@ -264,8 +276,11 @@ impl Worker {
     /// adds to the same row), publishes the running totals and saves the state file.
     fn finish(&mut self) {
         let mut rows: Vec<(String, Vec<Closed>)> = Vec::new();
+        let (now, _) = wall_now();
         for d in self.devices.iter_mut() {
             d.drain(&mut PgEnv, &mut SharedFlows, &self.ports);
+            // Drops since the last interval closed, before the sockets go.
+            d.observe_kernel(now);
             rows.push((d.name.clone(), d.buckets.flush()));
             d.dirty = true;
         }
