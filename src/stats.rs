@@ -117,29 +117,42 @@ impl Intervals {
         }
     }
 
+    /// Inline, for every packet; the division and the queue's growth are out of line.
+    #[inline]
     fn slot_for(&mut self, ts: i64) -> &mut Open {
         // Without a division: the oldest open interval, the one after it, and the one
         // the last division found (while the oldest waits out packet_wait_time, which
         // may be longer than an interval, packets go two or more places on).
-        let secs = self.secs as i64;
         let hot = self.hot;
         let idx = if ts < self.first_end {
             0
-        } else if ts < self.first_end + secs {
+        } else if ts < self.first_end + self.secs as i64 {
             1
         } else if ts >= hot.start && ts < hot.end && hot.first_end == self.first_end {
             hot.idx
         } else {
-            let start = align(ts, self.secs);
-            let idx = 1 + ((start - self.first_end) / secs) as usize;
-            self.hot = Hot { start, end: start + secs, idx, first_end: self.first_end };
-            idx
+            self.divide(ts)
         };
         let idx = idx.min(MAX_OPEN - 1);
+        if idx >= self.open.len() {
+            self.grow(idx);
+        }
+        &mut self.open[idx]
+    }
+
+    #[inline(never)]
+    fn divide(&mut self, ts: i64) -> usize {
+        let start = align(ts, self.secs);
+        let idx = 1 + ((start - self.first_end) / self.secs as i64) as usize;
+        self.hot = Hot { start, end: start + self.secs as i64, idx, first_end: self.first_end };
+        idx
+    }
+
+    #[cold]
+    fn grow(&mut self, idx: usize) {
         while self.open.len() <= idx {
             self.open.push_back(Open::default());
         }
-        &mut self.open[idx]
     }
 
     /// Wall time at which the oldest open interval is due to close.
