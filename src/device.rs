@@ -378,32 +378,47 @@ impl<S: CaptureSource> Device<S> {
                 now = clock.wall_s();
             }
             let plain = if flows.is_some() && link == LinkLayer::Ethernet { packet::plain_ipv4(f.data) } else { None };
-            let (dir, flow) = match (plain, last.as_ref()) {
-                (Some((conn, tcp)), Some(l)) if l.conn == conn && l.pkttype == f.pkttype && l.by_ports == by_ports => {
-                    (l.dir, Some((l.key, Some(tcp))))
-                }
+            let hit = match (&plain, &last) {
+                (Some((conn, _)), Some(l)) => l.conn == *conn && l.pkttype == f.pkttype && l.by_ports == by_ports,
+                _ => false,
+            };
+            // The key and TCP fields of a frame outside the shortcut's layout.
+            let mut other = None;
+            let dir = match (hit, &last) {
+                (true, Some(l)) => l.dir,
                 _ => {
                     // Off loopback the kernel's packet type is the direction, so without
                     // flows only loopback pays for parsing.
                     let meta =
                         if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
                     let Some(dir) = classify(by_ports, f.pkttype, meta.as_ref(), ports) else { return };
-                    let flow =
-                        meta.filter(|_| flows.is_some()).map(|m| (FlowKey::of(device_key, dir, &m, ports), m.tcp));
-                    if let (Some((conn, _)), Some((key, _))) = (plain, flow) {
-                        last = Some(LastFlow { conn, pkttype: f.pkttype, by_ports, dir, key });
+                    if let (true, Some(m)) = (flows.is_some(), meta) {
+                        let key = FlowKey::of(device_key, dir, &m, ports);
+                        match plain {
+                            Some((conn, _)) => last = Some(LastFlow { conn, pkttype: f.pkttype, by_ports, dir, key }),
+                            None => other = Some((key, m.tcp)),
+                        }
                     }
-                    (dir, flow)
+                    dir
                 }
             };
             buckets.record(f.sec as i64, now, dir, f.len as u64);
             total.add(dir, f.len as u64);
-            if let (Some(t), Some((key, tcp))) = (flows.as_deref_mut(), flow) {
-                let clock = FlowClock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
-                let ev = t.record(&key, dir, tcp.as_ref(), f.len, clock);
-                if !ev.is_empty() {
-                    buckets.record_tcp(f.sec as i64, now, ev);
-                }
+            // The key is read where it lies (no copy): in `last` for the shortcut's layout.
+            let (Some(t), Some((key, tcp))) = (
+                flows.as_deref_mut(),
+                match (&plain, &last, &other) {
+                    (Some((_, tcp)), Some(l), _) => Some((&l.key, Some(tcp))),
+                    (None, _, Some((key, tcp))) => Some((key, tcp.as_ref())),
+                    _ => None,
+                },
+            ) else {
+                return;
+            };
+            let clock = FlowClock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
+            let ev = t.record(key, dir, tcp, f.len, clock);
+            if !ev.is_empty() {
+                buckets.record_tcp(f.sec as i64, now, ev);
             }
         };
         let (mut blocks, mut failure, mut dropped, mut resolved) = (0, None, 0, None);
