@@ -287,20 +287,24 @@ impl Work {
 }
 
 /// The worker's per-frame work (see Device::drain_into): header parsing, the direction
-/// rule, interval bucketing and the flow table, in process memory instead of shared.
+/// rule, interval bucketing and the flow table, in process memory instead of shared; with
+/// the worker's shortcut for the next packet of the last connection.
 struct Accountant {
     storage: pg_netstat::flows::Storage,
     buckets: pg_netstat::stats::Bucketing,
     device: [u8; 16],
     port: u16,
     counted: u64,
+    last:
+        Option<(pg_netstat::capture::packet::Ipv4Conn, u8, pg_netstat::capture::Direction, pg_netstat::flows::FlowKey)>,
 }
 
 impl Accountant {
     fn new(port: u16, start_s: i64) -> Self {
         use pg_netstat::flows::{device_bytes, Storage};
         let buckets = pg_netstat::stats::Bucketing::new(1, 2, start_s);
-        Accountant { storage: Storage::new(1024, 1024), buckets, device: device_bytes("veth0"), port, counted: 0 }
+        let (storage, device) = (Storage::new(1024, 1024), device_bytes("veth0"));
+        Accountant { storage, buckets, device, port, counted: 0, last: None }
     }
 
     fn count(&mut self, data: &[u8], len: u32, sec: i64, nsec: i64, loopback: bool, pkttype: u8) {
@@ -308,19 +312,28 @@ impl Accountant {
         use pg_netstat::capture::{classify, packet};
         use pg_netstat::flows::{Clock, FlowKey};
         let ports = [self.port];
-        let meta = packet::parse(data, LinkLayer::Ethernet, 0x0800).ok();
-        if let Some(dir) = classify(loopback, pkttype, meta.as_ref(), &ports) {
-            self.buckets.record(sec, i64::MAX, dir, len as u64);
-            if let Some(m) = meta.as_ref() {
-                let clock = Clock { ts_us: sec * 1_000_000 + nsec / 1000, interval_secs: 1 };
-                let key = FlowKey::of(self.device, dir, m, &ports);
-                let ev = self.storage.table().record(&key, dir, m.tcp.as_ref(), len, clock);
-                if !ev.is_empty() {
-                    self.buckets.record_tcp(sec, i64::MAX, ev);
+        let plain = packet::plain_ipv4(data);
+        let (dir, flow) = match (plain, self.last.as_ref()) {
+            (Some((conn, tcp)), Some(l)) if l.0 == conn && l.1 == pkttype => (l.2, Some((l.3, Some(tcp)))),
+            _ => {
+                let meta = packet::parse(data, LinkLayer::Ethernet, 0x0800).ok();
+                let Some(dir) = classify(loopback, pkttype, meta.as_ref(), &ports) else { return };
+                let flow = meta.map(|m| (FlowKey::of(self.device, dir, &m, &ports), m.tcp));
+                if let (Some((conn, _)), Some((key, _))) = (plain, flow) {
+                    self.last = Some((conn, pkttype, dir, key));
                 }
+                (dir, flow)
             }
-            self.counted += 1;
+        };
+        self.buckets.record(sec, i64::MAX, dir, len as u64);
+        if let Some((key, tcp)) = flow {
+            let clock = Clock { ts_us: sec * 1_000_000 + nsec / 1000, interval_secs: 1 };
+            let ev = self.storage.table().record(&key, dir, tcp.as_ref(), len, clock);
+            if !ev.is_empty() {
+                self.buckets.record_tcp(sec, i64::MAX, ev);
+            }
         }
+        self.counted += 1;
     }
 
     /// Closes intervals the way the worker's loop does, so open ones never pile up.

@@ -7,7 +7,8 @@
 
 use crate::capture::filter::LinkLayer;
 use crate::capture::{
-    classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, DrainStats, Frame, KernelStats,
+    classify, packet, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo, Direction, DrainStats, Frame,
+    KernelStats,
 };
 use crate::counters::Counters;
 use crate::flows::{device_bytes, Clock as FlowClock, FlowKey, FlowTable};
@@ -121,6 +122,15 @@ pub trait Clocks {
 pub trait FlowLock {
     fn enabled(&self) -> bool;
     fn with<R>(&mut self, f: impl FnOnce(&mut FlowTable<'_>) -> R) -> Option<R>;
+}
+
+/// What the per-frame shortcut in `Device::drain_into` remembers of the last connection.
+struct LastFlow {
+    conn: packet::Ipv4Conn,
+    pkttype: u8,
+    by_ports: bool,
+    dir: Direction,
+    key: FlowKey,
 }
 
 /// The source being replaced after a settings change. Until it is closed, both sources
@@ -357,23 +367,58 @@ impl<S: CaptureSource> Device<S> {
             return (0, None, None);
         };
         let interval_secs = buckets.secs();
+        // The last connection seen in the commonest layout, and what the general path
+        // made of it: the next packet of the same connection (a bulk transfer sends long
+        // runs of them) reuses its direction and flow key without parsing its addresses.
+        // What it reuses depends only on the connection bytes, the packet type and the
+        // direction rule, all compared, and on the device and ports, fixed for this call.
+        let mut last: Option<LastFlow> = None;
         let mut count = |f: &Frame<'_>, link, by_ports: bool| {
             if f.sec as i64 > now {
                 now = clock.wall_s();
             }
-            // Off loopback the kernel's packet type is the direction, so without flows
-            // only loopback pays for parsing.
-            let meta = if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
-            if let Some(dir) = classify(by_ports, f.pkttype, meta.as_ref(), ports) {
-                buckets.record(f.sec as i64, now, dir, f.len as u64);
-                total.add(dir, f.len as u64);
-                if let (Some(t), Some(m)) = (flows.as_deref_mut(), meta.as_ref()) {
-                    let clock = FlowClock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
-                    let ev = t.record(&FlowKey::of(device_key, dir, m, ports), dir, m.tcp.as_ref(), f.len, clock);
-                    if !ev.is_empty() {
-                        buckets.record_tcp(f.sec as i64, now, ev);
+            let plain = if flows.is_some() && link == LinkLayer::Ethernet { packet::plain_ipv4(f.data) } else { None };
+            let hit = match (&plain, &last) {
+                (Some((conn, _)), Some(l)) => l.conn == *conn && l.pkttype == f.pkttype && l.by_ports == by_ports,
+                _ => false,
+            };
+            // The key and TCP fields of a frame outside the shortcut's layout.
+            let mut other = None;
+            let dir = match (hit, &last) {
+                (true, Some(l)) => l.dir,
+                _ => {
+                    // Off loopback the kernel's packet type is the direction, so without
+                    // flows only loopback pays for parsing.
+                    let meta =
+                        if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
+                    let Some(dir) = classify(by_ports, f.pkttype, meta.as_ref(), ports) else { return };
+                    if let (true, Some(m)) = (flows.is_some(), meta) {
+                        let key = FlowKey::of(device_key, dir, &m, ports);
+                        match plain {
+                            Some((conn, _)) => last = Some(LastFlow { conn, pkttype: f.pkttype, by_ports, dir, key }),
+                            None => other = Some((key, m.tcp)),
+                        }
                     }
+                    dir
                 }
+            };
+            buckets.record(f.sec as i64, now, dir, f.len as u64);
+            total.add(dir, f.len as u64);
+            // The key is read where it lies (no copy): in `last` for the shortcut's layout.
+            let (Some(t), Some((key, tcp))) = (
+                flows.as_deref_mut(),
+                match (&plain, &last, &other) {
+                    (Some((_, tcp)), Some(l), _) => Some((&l.key, Some(tcp))),
+                    (None, _, Some((key, tcp))) => Some((key, tcp.as_ref())),
+                    _ => None,
+                },
+            ) else {
+                return;
+            };
+            let clock = FlowClock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
+            let ev = t.record(key, dir, tcp, f.len, clock);
+            if !ev.is_empty() {
+                buckets.record_tcp(f.sec as i64, now, ev);
             }
         };
         let (mut blocks, mut failure, mut dropped, mut resolved) = (0, None, 0, None);
@@ -810,6 +855,57 @@ mod tests {
         let t = flows.0.table();
         assert_eq!(t.header.count, 1);
         assert_eq!(t.flows.iter().find(|f| f.in_use).map(|f| f.total.packets_in), Some(12));
+    }
+
+    #[test]
+    fn the_same_connection_shortcut_counts_every_flow_and_direction_as_the_general_path() {
+        let mut w = World::new();
+        w.eth0(3, true);
+        let mut d = device(&w);
+        assert!(open(&mut d, &mut w));
+        // Runs of two connections in one block; the same bytes in both packet types
+        // (the direction rule must still see each); frames with IP options (the general
+        // path) between runs of the shortcut's layout.
+        let pattern: [(u16, u8, usize); 12] = [
+            (40000, PACKET_HOST, 0),
+            (40000, PACKET_HOST, 0),
+            (40000, PACKET_OUTGOING, 0),
+            (40000, PACKET_OUTGOING, 0),
+            (40001, PACKET_HOST, 0),
+            (40000, PACKET_HOST, 0),
+            (40000, PACKET_HOST, 8),
+            (40000, PACKET_HOST, 0),
+            (40001, PACKET_OUTGOING, 0),
+            (40001, PACKET_OUTGOING, 8),
+            (40001, PACKET_HOST, 0),
+            (40000, PACKET_OUTGOING, 0),
+        ];
+        let block: Vec<TestFrame> = (0..10)
+            .flat_map(|_| pattern)
+            .enumerate()
+            .map(|(i, (port, pkttype, options))| TestFrame {
+                ts_ns: w.wall_ns() + i as u64,
+                pkttype,
+                data: eth_ipv4_tcp(port, 5432, options),
+            })
+            .collect();
+        let want =
+            |port: u16, pkttype: u8| 10 * pattern.iter().filter(|p| p.0 == port && p.1 == pkttype).count() as u64;
+        w.wire().borrow_mut().blocks.push_back(block);
+        let mut flows = Flows(Storage::new(8, 8));
+        assert_eq!(d.drain(&mut w, &mut flows, PORTS), 1);
+        assert_eq!((d.total.packets_in, d.total.packets_out), (70, 50));
+        let t = flows.0.table();
+        assert_eq!(t.header.count, 2);
+        for port in [40000, 40001] {
+            let f = t.flows.iter().find(|f| f.in_use && f.key.client_port == port).expect("flow");
+            let c = f.total;
+            assert_eq!((c.packets_in, c.packets_out), (want(port, PACKET_HOST), want(port, PACKET_OUTGOING)), "{port}");
+            let frame_len = |options| eth_ipv4_tcp(port, 5432, options).len() as u64;
+            let bytes: u64 =
+                pattern.iter().filter(|p| p.0 == port && p.1 == PACKET_HOST).map(|p| 10 * frame_len(p.2)).sum();
+            assert_eq!(c.bytes_in, bytes, "{port}");
+        }
     }
 
     #[test]

@@ -49,6 +49,17 @@ pub struct Intervals {
     open: VecDeque<Open>,
     /// Once the interval length changes, the old series stops here (exclusive).
     stop_at: Option<i64>,
+    /// The last slot found by division: its stamps [start, end), its index, and the
+    /// `first_end` it was found with (the index shifts when the oldest slot closes).
+    hot: Hot,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Hot {
+    start: i64,
+    end: i64,
+    idx: usize,
+    first_end: i64,
 }
 
 impl Intervals {
@@ -64,7 +75,8 @@ impl Intervals {
         let secs = secs.max(1);
         let mut open = VecDeque::with_capacity(MAX_OPEN);
         open.push_back(Open::default());
-        Intervals { secs, wait, first: start, first_end: align(start, secs) + secs as i64, open, stop_at: None }
+        let first_end = align(start, secs) + secs as i64;
+        Intervals { secs, wait, first: start, first_end, open, stop_at: None, hot: Hot::default() }
     }
 
     pub fn secs(&self) -> u32 {
@@ -105,21 +117,42 @@ impl Intervals {
         }
     }
 
+    /// Inline, for every packet; the division and the queue's growth are out of line.
+    #[inline]
     fn slot_for(&mut self, ts: i64) -> &mut Open {
-        // The two common cases without a division: the oldest open interval, and the
-        // one after it (while the oldest waits out packet_wait_time).
+        // Without a division: the oldest open interval, the one after it, and the one
+        // the last division found (while the oldest waits out packet_wait_time, which
+        // may be longer than an interval, packets go two or more places on).
+        let hot = self.hot;
         let idx = if ts < self.first_end {
             0
         } else if ts < self.first_end + self.secs as i64 {
             1
+        } else if ts >= hot.start && ts < hot.end && hot.first_end == self.first_end {
+            hot.idx
         } else {
-            1 + ((align(ts, self.secs) - self.first_end) / self.secs as i64) as usize
+            self.divide(ts)
         };
         let idx = idx.min(MAX_OPEN - 1);
+        if idx >= self.open.len() {
+            self.grow(idx);
+        }
+        &mut self.open[idx]
+    }
+
+    #[inline(never)]
+    fn divide(&mut self, ts: i64) -> usize {
+        let start = align(ts, self.secs);
+        let idx = 1 + ((start - self.first_end) / self.secs as i64) as usize;
+        self.hot = Hot { start, end: start + self.secs as i64, idx, first_end: self.first_end };
+        idx
+    }
+
+    #[cold]
+    fn grow(&mut self, idx: usize) {
         while self.open.len() <= idx {
             self.open.push_back(Open::default());
         }
-        &mut self.open[idx]
     }
 
     /// Wall time at which the oldest open interval is due to close.
@@ -285,6 +318,42 @@ mod tests {
         let c = iv.close_due(1_000_025);
         assert_eq!(c[0].start, 1_000_010);
         assert_eq!(c[0].counters.bytes_in, 7);
+    }
+
+    #[test]
+    fn with_a_wait_longer_than_the_interval_every_packet_lands_in_its_own_interval() {
+        // interval 1 s, wait 3 s: packets go two and three slots past the oldest open
+        // one, where the slot is found by division once and then remembered; packets of
+        // an older slot come in between, and slots close under the remembered one.
+        let t0 = 1_700_000_000;
+        let mut iv = Intervals::new(1, 3, t0);
+        let mut rows = vec![];
+        for s in 0..40 {
+            // Half before the oldest slot closes, half after (the same stamp is then
+            // one slot nearer the oldest).
+            for i in 0..=s {
+                if i == s / 2 {
+                    rows.extend(iv.close_due(t0 + s));
+                }
+                iv.record(t0 + s, i64::MAX, In, 1);
+            }
+            for _ in 0..=s {
+                if s >= 2 {
+                    iv.record(t0 + s - 2, i64::MAX, Out, 1);
+                }
+            }
+        }
+        rows.extend(iv.flush());
+        for r in &rows {
+            let k = r.start - t0;
+            let later = if k + 2 < 40 { k + 3 } else { 0 };
+            assert_eq!(
+                (r.counters.packets_in, r.counters.packets_out, r.late),
+                ((k + 1) as u64, later as u64, 0),
+                "{k}"
+            );
+        }
+        assert_eq!(rows.len(), 40);
     }
 
     #[test]

@@ -71,6 +71,18 @@ impl SeqTrack {
         unseen
     }
 
+    /// Records the segment [seq, end) if it starts exactly where this direction's
+    /// highest sequence number ended (the in-order case, where `segment` would find
+    /// neither a retransmission nor a gap); returns false, changing nothing, otherwise.
+    #[inline]
+    pub fn extend_in_order(&mut self, seq: u32, end: u32) -> bool {
+        let in_order = self.valid && seq == self.high;
+        if in_order {
+            self.high = end;
+        }
+        in_order
+    }
+
     /// Records the segment [seq, end); returns (retransmission, out of order): a
     /// retransmission when part of it had been seen already, out of order when part of
     /// it fills a gap.
