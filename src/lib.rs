@@ -15,7 +15,9 @@ pub mod kernel_counters;
 #[cfg(linux_native)]
 pub mod privileges;
 pub mod savefile;
+pub mod statements;
 pub mod stats;
+pub mod tcpinfo;
 
 mod flowshm;
 mod gucs;

@@ -1,0 +1,158 @@
+//! The kernel's per-socket TCP counters (`getsockopt(TCP_INFO)`), read into a
+//! `statements::Sample`. No PostgreSQL here: the unit tests read real sockets.
+//!
+//! The struct is our own mirror of `struct tcp_info` in linux/tcp.h (uapi): glibc's
+//! <netinet/tcp.h> copy, and the libc crate's, stop long before `tcpi_bytes_sent`
+//! (kernel 4.19). The kernel copies min(our length, its length) bytes and returns the
+//! length it wrote, so an older kernel leaves the newer fields out and they read as
+//! unavailable, never as zero. Linux only: other systems' TCP_INFO (FreeBSD) or
+//! TCP_CONNECTION_INFO (macOS) are other structs, and there `read` returns `None`, so
+//! the statement view stays empty.
+
+use crate::statements::Sample;
+
+/// linux/tcp.h `struct tcp_info` up to `tcpi_bytes_sent` and the fields after it that
+/// complete its 8-byte alignment.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    flags: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+    data_segs_in: u32,
+    data_segs_out: u32,
+    delivery_rate: u64,
+    busy_time: u64,
+    rwnd_limited: u64,
+    sndbuf_limited: u64,
+    delivered: u32,
+    delivered_ce: u32,
+    bytes_sent: u64,
+}
+
+// The offsets of linux/tcp.h; a mistake here would silently read the wrong counter.
+#[cfg(target_os = "linux")]
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(TcpInfo, rtt) == 68);
+    assert!(offset_of!(TcpInfo, total_retrans) == 100);
+    assert!(offset_of!(TcpInfo, bytes_received) == 128);
+    assert!(offset_of!(TcpInfo, segs_out) == 136);
+    assert!(offset_of!(TcpInfo, segs_in) == 140);
+    assert!(offset_of!(TcpInfo, bytes_sent) == 200);
+    assert!(std::mem::size_of::<TcpInfo>() == 208);
+};
+
+/// Whether the field ending at byte `end` of the struct was written by the kernel.
+#[cfg(target_os = "linux")]
+fn has(len: usize, end: usize) -> bool {
+    len >= end
+}
+
+/// The counters of TCP socket `fd`; `None` if it is not a TCP socket or the call fails.
+#[cfg(target_os = "linux")]
+pub fn read(fd: i32) -> Option<Sample> {
+    use std::mem::{offset_of, size_of};
+    let mut info = TcpInfo::default();
+    let mut len = size_of::<TcpInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes; the kernel writes at most that
+    // many and stores the count in `len`.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    if rc != 0 {
+        return None;
+    }
+    let len = len as usize;
+    let end = |off: usize, size: usize| has(len, off + size);
+    Some(Sample {
+        bytes_in: end(offset_of!(TcpInfo, bytes_received), 8).then_some(info.bytes_received),
+        bytes_out: end(offset_of!(TcpInfo, bytes_sent), 8).then_some(info.bytes_sent),
+        segs_in: end(offset_of!(TcpInfo, segs_in), 4).then_some(info.segs_in),
+        segs_out: end(offset_of!(TcpInfo, segs_out), 4).then_some(info.segs_out),
+        retrans: end(offset_of!(TcpInfo, total_retrans), 4).then_some(info.total_retrans),
+        rtt_us: end(offset_of!(TcpInfo, rtt), 4).then_some(info.rtt),
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read(_fd: i32) -> Option<Sample> {
+    None
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn counts_what_crossed_a_real_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let before = read(server.as_raw_fd()).unwrap();
+        assert_eq!((before.bytes_in, before.bytes_out), (Some(0), Some(0)));
+        client.write_all(&[7u8; 100_000]).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"hello").unwrap();
+        client.read_exact(&mut buf[..5]).unwrap();
+        let s = read(server.as_raw_fd()).unwrap();
+        assert_eq!((s.bytes_in, s.bytes_out), (Some(100_000), Some(5)));
+        assert!(s.segs_in.unwrap() >= 2 && s.segs_out.unwrap() >= 1, "{s:?}");
+        assert_eq!(s.retrans, Some(0));
+        assert!(s.rtt_us.unwrap() > 0);
+        let c = read(client.as_raw_fd()).unwrap();
+        assert_eq!((c.bytes_in, c.bytes_out), (Some(5), Some(100_000)));
+    }
+
+    #[test]
+    fn a_short_struct_leaves_the_newer_fields_unavailable() {
+        assert!(has(208, 208));
+        assert!(!has(200, 208));
+    }
+
+    #[test]
+    fn not_a_tcp_socket() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(read(a.as_raw_fd()), None);
+    }
+}
