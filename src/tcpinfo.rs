@@ -87,6 +87,20 @@ fn has(len: usize, end: usize) -> bool {
     len >= end
 }
 
+/// `tcpi_bytes_received` counts the peer's FIN as one byte (it advances the sequence
+/// number like one); the payload is one less once the FIN is in. A backend reads its
+/// socket for the last time when the client has sent Terminate and, often, already
+/// closed: CLOSE_WAIT. (States from linux/tcp_states.h.)
+#[cfg(target_os = "linux")]
+fn payload_received(bytes_received: u64, state: u8) -> u64 {
+    const TCP_TIME_WAIT: u8 = 6;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    const TCP_LAST_ACK: u8 = 9;
+    const TCP_CLOSING: u8 = 11;
+    let fin_in = matches!(state, TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING);
+    bytes_received.saturating_sub(fin_in as u64)
+}
+
 /// The counters of TCP socket `fd`; `None` if it is not a TCP socket or the call fails.
 #[cfg(target_os = "linux")]
 pub fn read(fd: i32) -> Option<Sample> {
@@ -102,7 +116,8 @@ pub fn read(fd: i32) -> Option<Sample> {
     let len = len as usize;
     let end = |off: usize, size: usize| has(len, off + size);
     Some(Sample {
-        bytes_in: end(offset_of!(TcpInfo, bytes_received), 8).then_some(info.bytes_received),
+        bytes_in: end(offset_of!(TcpInfo, bytes_received), 8)
+            .then(|| payload_received(info.bytes_received, info.state)),
         bytes_out: end(offset_of!(TcpInfo, bytes_sent), 8).then_some(info.bytes_sent),
         segs_in: end(offset_of!(TcpInfo, segs_in), 4).then_some(info.segs_in),
         segs_out: end(offset_of!(TcpInfo, segs_out), 4).then_some(info.segs_out),
@@ -142,6 +157,19 @@ mod tests {
         assert!(s.rtt_us.unwrap() > 0);
         let c = read(client.as_raw_fd()).unwrap();
         assert_eq!((c.bytes_in, c.bytes_out), (Some(5), Some(100_000)));
+    }
+
+    #[test]
+    fn the_peers_fin_is_not_payload() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        client.write_all(b"Terminate").unwrap();
+        drop(client);
+        let mut buf = Vec::new();
+        server.read_to_end(&mut buf).unwrap(); // returns once the FIN is in
+        assert_eq!(read(server.as_raw_fd()).unwrap().bytes_in, Some(9));
+        assert_eq!(payload_received(10, 1), 10); // ESTABLISHED
     }
 
     #[test]

@@ -6,5 +6,5 @@
 pub mod attrib;
 pub mod table;
 
-pub use attrib::{Charge, Figures, Sample, Target, Tracker};
+pub use attrib::{Charge, Charges, Figures, Sample, Target, Tracker};
 pub use table::{Entry, Header, Kind, StatementTable, StmtKey};

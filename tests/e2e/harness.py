@@ -506,3 +506,25 @@ def pcap_retransmissions(path, server_port):
                 merged.append((rs, rend))
         seen[key] = merged
     return out
+
+
+def pcap_payloads(path, server_port, client_port):
+    """('in'|'out', TCP payload bytes, first payload byte or None) of each packet of one
+    connection (server port, client port) in a pcap, in capture order; 'in' is toward
+    the server. Retransmitted payload counts again, as the kernel's tcpi_bytes_sent does."""
+    for _, _, f in pcap_frames(path):
+        at = _tcp_at(f)
+        if at is None or len(f) < at[0] + 13:
+            continue
+        l4, ip_end = at
+        sport, dport = struct.unpack(">HH", f[l4:l4 + 4])
+        if (sport, dport) == (client_port, server_port):
+            direction = "in"
+        elif (sport, dport) == (server_port, client_port):
+            direction = "out"
+        else:
+            continue
+        doff = (f[l4 + 12] >> 4) * 4
+        n = ip_end - l4 - doff
+        if n > 0:
+            yield direction, n, (f[l4 + doff] if len(f) > l4 + doff else None)

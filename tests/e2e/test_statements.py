@@ -1,0 +1,160 @@
+"""Network bytes per statement (pg_netstat_statements), from each backend's own TCP
+counters, proven against tcpdump: per statement and per connection, exactly. The
+cluster here runs without CAP_NET_RAW (the capture cannot start; statements need no
+privilege) and with pg_stat_statements, whose query texts the view shows."""
+import subprocess
+
+import pytest
+from conftest import CAPTURE_METHOD
+from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, wait_for
+
+PSQL = str(PGBIN / "psql")
+MAX_STATEMENTS = 20
+
+
+@pytest.fixture(scope="module")
+def stmts():
+    c = Cluster(free_port(), conf=["shared_preload_libraries = 'pg_netstat,pg_stat_statements'",
+                                   f"pg_netstat.max_statements = {MAX_STATEMENTS}",
+                                   "pg_netstat.capture_loopback = on",
+                                   f"pg_netstat.capture_method = {CAPTURE_METHOD}"])
+    c.start(cap_net_raw=False)
+    try:
+        c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
+        for role in ("pgn_stmt", "pgn_evict", "pgn_unix"):
+            c.sql(f"CREATE ROLE {role} LOGIN")
+        yield c
+    finally:
+        c.stop()
+        c.remove()
+
+
+def run_script(cluster, user, statements, host="127.0.0.1"):
+    """Runs the statements one by one on one connection (psql sends each as its own
+    Query message and waits for its result); errors do not stop the script."""
+    r = subprocess.run([PSQL, "-X", "-qAt", "-h", host, "-p", str(cluster.port), "-U", user, "-d", "postgres",
+                        "-f", "-"], input="".join(s + ";\n" for s in statements),
+                       capture_output=True, text=True, check=False)
+    return r
+
+
+def reference(path, server_port, client_port):
+    """What tcpdump saw of one connection, cut at each Query message ('Q') the client
+    sent: [setup, statement 1, ...], each {'in': payload bytes, 'out': payload bytes}.
+    Bytes in from one Query up to the next are that statement's; so are bytes out
+    between them (psql waits for ReadyForQuery before it sends the next)."""
+    parts = [dict(bytes_in=0, bytes_out=0)]
+    for direction, n, first in pcap_payloads(path, server_port, client_port):
+        if direction == "in" and first == ord("Q"):
+            parts.append(dict(bytes_in=0, bytes_out=0))
+        parts[-1]["bytes_" + direction] += n
+    return parts
+
+
+def rows_of(cluster, role):
+    cols = "kind, coalesce(queryid, 0), calls, bytes_in, bytes_out, coalesce(query, '')"
+    return [dict(kind=k, queryid=int(q), calls=int(c), bytes_in=int(i), bytes_out=int(o), query=t)
+            for k, q, c, i, o, t in cluster.rows(
+                f"SELECT {cols} FROM pg_netstat_statements WHERE role = '{role}' ORDER BY bytes_out")]
+
+
+def backend_gone(cluster, role):
+    """Waits until the role's backend has exited (its exit callback has charged what was left)."""
+    wait_for(f"{role}'s backend to exit", lambda: cluster.sql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'") == "0")
+
+
+def query_id(cluster, statement):
+    """The query id PostgreSQL gives a statement, from EXPLAIN VERBOSE over the Unix socket
+    (not counted)."""
+    plan = cluster.sql(f"EXPLAIN (VERBOSE, COSTS OFF) {statement}")
+    return int(next(line for line in plan.splitlines() if "Query Identifier" in line).split(":")[1])
+
+
+def test_each_statement_and_the_connection_equal_tcpdump_without_cap_net_raw(stmts, tmp_path):
+    statements = [
+        "SELECT inet_client_port()",
+        "SELECT repeat('x', 3000000)",             # several MB out
+        "SELECT repeat('y', 4000), 1",             # a few kB
+        "SELECT 42",                                # a handful of bytes
+        "COPY (SELECT generate_series(1, 20000)) TO STDOUT",
+        "SELECT * FROM pgn_no_such_table",         # fails before it has a plan (no query id)
+        "SELECT 1 / (random() * 0)::int",          # fails while it runs
+        "SELECT 'last', 2",                         # the Terminate message goes to it
+    ]
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        r = run_script(stmts, "pgn_stmt", statements)
+        assert "pgn_no_such_table" in r.stderr and "division by zero" in r.stderr, r.stderr
+        client_port = int(r.stdout.splitlines()[0])
+        td.wait_closed()
+    ref = reference(td.path, stmts.port, client_port)
+    assert len(ref) == len(statements) + 1, ref
+    # The capture worker could not start: this is not from it.
+    assert stmts.sql("SELECT DISTINCT state FROM pg_netstat_devices") == "no_permission"
+
+    backend_gone(stmts, "pgn_stmt")
+    rows = rows_of(stmts, "pgn_stmt")
+    ids = {s: query_id(stmts, s) for s in statements if "pgn_no_such" not in s and not s.startswith("COPY")}
+    ids["SELECT * FROM pgn_no_such_table"] = 0
+    ids[statements[4]] = int(stmts.sql("SELECT queryid FROM pg_stat_statements WHERE toplevel AND query LIKE 'COPY%generate_series%'"))
+    by_id = {r["queryid"]: r for r in rows if r["kind"] == "statement"}
+    setup = [r for r in rows if r["kind"] == "setup"]
+    assert len(setup) == 1 and setup[0]["calls"] == 1, rows
+    got = [dict(bytes_in=setup[0]["bytes_in"], bytes_out=setup[0]["bytes_out"])]
+    for s in statements:
+        assert ids[s] in by_id, (s, rows)
+        assert by_id[ids[s]]["calls"] == 1, (s, by_id[ids[s]])
+        got.append(dict(bytes_in=by_id[ids[s]]["bytes_in"], bytes_out=by_id[ids[s]]["bytes_out"]))
+    assert got == ref, "\n".join(f"{s:50} got {g} tcpdump {e}" for s, g, e in zip(["setup"] + statements, got, ref))
+    assert len(rows) == len(statements) + 1, rows
+    # The sizes are what the statements asked for.
+    big = by_id[ids[statements[1]]]["bytes_out"]
+    assert 3_000_000 < big < 3_001_000, big
+    # The text comes from pg_stat_statements.
+    assert by_id[ids[statements[1]]]["query"] == "SELECT repeat($1, $2)"
+
+
+def test_eviction_folds_into_other_and_totals_still_equal_tcpdump(stmts, tmp_path):
+    # More distinct statements (different column counts: different query ids) than the table holds.
+    statements = ["SELECT inet_client_port()"] + [
+        "SELECT " + ", ".join(["repeat('e', 50)"] * n) for n in range(1, 3 * MAX_STATEMENTS)]
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        r = run_script(stmts, "pgn_evict", statements)
+        assert r.returncode == 0, r.stderr
+        client_port = int(r.stdout.splitlines()[0])
+        td.wait_closed()
+    ref = reference(td.path, stmts.port, client_port)
+    total = {k: sum(p[k] for p in ref) for k in ("bytes_in", "bytes_out")}
+
+    def totals():
+        rows = rows_of(stmts, "pgn_evict")
+        return {k: sum(r[k] for r in rows) for k in ("bytes_in", "bytes_out")}
+    backend_gone(stmts, "pgn_evict")
+    assert totals() == total
+    rows = rows_of(stmts, "pgn_evict")
+    assert len(rows) <= MAX_STATEMENTS, rows
+    other = [r for r in rows if r["kind"] == "other"]
+    assert len(other) == 1 and other[0]["calls"] > len(statements) - MAX_STATEMENTS, rows
+    # Every statement's call, and the connection's setup (a row of its own, or folded too).
+    assert sum(r["calls"] for r in rows) == len(statements) + 1
+    cap, used, evictions = map(int, stmts.rows(
+        "SELECT max_statements, statements, evictions FROM pg_netstat_statement_table")[0])
+    assert (cap, used) == (MAX_STATEMENTS, MAX_STATEMENTS) and evictions >= len(statements) - MAX_STATEMENTS
+
+
+def test_unix_socket_connections_are_not_counted(stmts):
+    stmts.sql("SELECT pg_netstat_reset()")
+    r = run_script(stmts, "pgn_unix", ["SELECT repeat('u', 100000)"], host=str(stmts.dir))
+    assert r.returncode == 0, r.stderr
+    assert rows_of(stmts, "pgn_unix") == []
+
+
+def test_track_statements_off_counts_nothing(stmts, tmp_path):
+    stmts.sql("SELECT pg_netstat_reset()")
+    r = run_script(stmts, "postgres", ["SET pg_netstat.track_statements = off", "SELECT repeat('o', 100000)"])
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(stmts, "postgres")
+    # Only the setup and the SET itself (its bytes in arrived while counting was on).
+    assert all(r["bytes_out"] < 10_000 for r in rows), rows
