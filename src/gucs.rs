@@ -190,6 +190,9 @@ static INT_SETTINGS: [IntSetting; 10] = [
     },
 ];
 
+/// The Boolean settings, for the hint on a value PostgreSQL cannot read as one.
+const BOOL_SETTINGS: [&CStr; 2] = [c"pg_netstat.capture_loopback", c"pg_netstat.track_statements"];
+
 const BOOL_ALLOWED: &str = "Allowed values: on, off, true, false, yes, no, 1, 0.";
 
 pub fn init() {
@@ -417,7 +420,7 @@ fn refusal_hint(message_id: &[u8], message: &str, old_hint: Option<&str>) -> Opt
             // PostgreSQL's only hint here lists the units; then ours need not repeat them.
             int_allowed(s, old_hint.is_none())
         }
-        b"parameter \"%s\" requires a Boolean value" if names(message, c"pg_netstat.capture_loopback") => {
+        b"parameter \"%s\" requires a Boolean value" if BOOL_SETTINGS.iter().any(|n| names(message, n)) => {
             BOOL_ALLOWED.to_string()
         }
         _ => return None,
@@ -621,6 +624,8 @@ mod tests {
     fn a_boolean_gets_the_words_it_takes() {
         let id = b"parameter \"%s\" requires a Boolean value";
         let hint = refusal_hint(id, r#"parameter "pg_netstat.capture_loopback" requires a Boolean value"#, None);
+        assert_eq!(hint.as_deref(), Some(BOOL_ALLOWED));
+        let hint = refusal_hint(id, r#"parameter "pg_netstat.track_statements" requires a Boolean value"#, None);
         assert_eq!(hint.as_deref(), Some(BOOL_ALLOWED));
         assert_eq!(refusal_hint(id, r#"parameter "fsync" requires a Boolean value"#, None), None);
     }

@@ -17,10 +17,10 @@
 //! Unix-socket connections have no TCP counters: they are recognised at authentication
 //! (getsockopt fails once) and cost nothing afterwards.
 
+use crate::statements::nesting::Nesting;
 use crate::statements::{Charges, Kind, StmtKey, Target, Tracker};
 use crate::{gucs, stmtshm, tcpinfo};
 use pgrx::pg_sys;
-use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 use std::ffi::{c_char, c_int};
 
 /// This backend's state; `None` in every process that is not a client backend on TCP.
@@ -37,7 +37,7 @@ struct Local {
 // hooks, which PostgreSQL calls on its one thread; no reference to them outlives a call
 // into PostgreSQL, so a hook re-entered from a nested statement never aliases one.
 static mut LOCAL: Option<Local> = None;
-static mut NESTING: i32 = 0;
+static mut NESTING: Option<Nesting> = None;
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
@@ -67,27 +67,71 @@ pub fn install() {
     }
 }
 
-fn nesting() -> i32 {
-    // SAFETY: backend-local, see LOCAL.
-    unsafe { NESTING }
-}
-
-/// One level deeper for as long as it lives; unwinding (an ERROR turned into a panic by
-/// `pg_guard_ffi_boundary`) drops it too, so the level is right after a caught error.
-struct Nested;
-
-impl Nested {
-    fn enter() -> Nested {
-        // SAFETY: backend-local, see LOCAL.
-        unsafe { NESTING += 1 };
-        Nested
+fn nesting() -> &'static mut Nesting {
+    // SAFETY: backend-local and single-threaded, see LOCAL.
+    #[allow(static_mut_refs)]
+    unsafe {
+        NESTING.get_or_insert_with(Nesting::default)
     }
 }
 
-impl Drop for Nested {
-    fn drop(&mut self) {
-        // SAFETY: backend-local, see LOCAL.
-        unsafe { NESTING -= 1 };
+// PostgreSQL's own functions, declared here without pgrx's guard: through pgrx's
+// bindings an ERROR would come back as a Rust panic and be raised again by pgrx with
+// less than it had (no cursor position, message id, table or constraint name). The
+// hooks below hold nothing that needs dropping while these run, so an ERROR's longjmp
+// may pass through them as through C frames.
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorStart"]
+    fn standard_executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int);
+    #[cfg(not(feature = "pg18"))]
+    #[link_name = "standard_ExecutorRun"]
+    fn standard_executor_run(
+        qd: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        once: bool,
+    );
+    #[cfg(feature = "pg18")]
+    #[link_name = "standard_ExecutorRun"]
+    fn standard_executor_run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64);
+    #[link_name = "standard_ExecutorFinish"]
+    fn standard_executor_finish(qd: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ExecutorEnd"]
+    fn standard_executor_end(qd: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE) {
+        nesting().xact_end();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_START_SUB => nesting().sub_start(my_subid),
+        SUBXACT_EVENT_COMMIT_SUB => nesting().sub_commit(my_subid),
+        SUBXACT_EVENT_ABORT_SUB => nesting().sub_abort(my_subid),
+        _ => {}
     }
 }
 
@@ -110,6 +154,8 @@ pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
     unsafe {
         LOCAL = Some(Local { tracker, sock, in_statement: false, stale: !on });
         pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
     }
 }
 
@@ -206,83 +252,145 @@ unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
     boundary(|t, s| t.exit(s));
 }
 
+/// A top-level statement starts (guarded: an error in our own work is reported by pgrx).
 #[pgrx::pg_guard]
+extern "C-unwind" fn on_start(queryid: u64) {
+    start(queryid);
+}
+
+/// A COPY FROM STDIN ended: its data is its own.
+#[pgrx::pg_guard]
+extern "C-unwind" fn on_copy_in_end() {
+    boundary(|t, s| t.finish(s));
+}
+
+// The hooks are not #[pg_guard]: see the declarations above. What they do themselves
+// before and after the call down the chain cannot panic, or is in a guarded function.
+
 unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int) {
-    if nesting() == 0 && in_local() {
-        // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
+    if nesting().level() == 0 && in_local() {
         // u64 in 15 to 17, i64 from 18: the same bits.
+        // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
         #[allow(clippy::unnecessary_cast)]
         let queryid = unsafe { (*(*qd).plannedstmt).queryId } as u64;
-        start(queryid);
+        on_start(queryid);
     }
-    // SAFETY: the previous hook or the standard function, with our arguments; an ERROR
-    // in it becomes a Rust panic that pg_guard hands back to PostgreSQL.
+    // SAFETY: the previous hook or the standard function, with our arguments.
     unsafe {
         match PREV_EXECUTOR_START {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, eflags)),
-            None => pg_sys::standard_ExecutorStart(qd, eflags),
+            Some(prev) => prev(qd, eflags),
+            None => standard_executor_start(qd, eflags),
         }
     }
 }
 
 #[cfg(not(feature = "pg18"))]
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn executor_run(
     qd: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
     execute_once: bool,
 ) {
-    let _n = Nested::enter();
+    nesting().enter();
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_RUN {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, direction, count, execute_once)),
-            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+            Some(prev) => prev(qd, direction, count, execute_once),
+            None => standard_executor_run(qd, direction, count, execute_once),
         }
     }
+    nesting().leave();
 }
 
 #[cfg(feature = "pg18")]
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn executor_run(
     qd: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
 ) {
-    let _n = Nested::enter();
+    nesting().enter();
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_RUN {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, direction, count)),
-            None => pg_sys::standard_ExecutorRun(qd, direction, count),
+            Some(prev) => prev(qd, direction, count),
+            None => standard_executor_run(qd, direction, count),
         }
     }
+    nesting().leave();
 }
 
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
-    let _n = Nested::enter();
+    nesting().enter();
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_FINISH {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd)),
-            None => pg_sys::standard_ExecutorFinish(qd),
+            Some(prev) => prev(qd),
+            None => standard_executor_finish(qd),
         }
     }
+    nesting().leave();
 }
 
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
-    if nesting() == 0 {
+    if nesting().level() == 0 {
         set_in_statement(false);
     }
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_END {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd)),
-            None => pg_sys::standard_ExecutorEnd(qd),
+            Some(prev) => prev(qd),
+            None => standard_executor_end(qd),
         }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: PostgreSQL passes a valid PlannedStmt for a utility statement.
+    #[allow(clippy::unnecessary_cast)]
+    let (node, queryid) = unsafe { ((*pstmt).utilityStmt, (*pstmt).queryId as u64) };
+    // SAFETY: a node pointer from the PlannedStmt (NULL-safe).
+    let execute = unsafe { pgrx::is_a(node, pg_sys::NodeTag::T_ExecuteStmt) };
+    let top = nesting().level() == 0 && !execute && in_local();
+    let copy_in = top && is_copy_from_stdin(node);
+    if top {
+        // pg_stat_statements zeroes a utility statement's query id before it calls the
+        // hooks installed before its own (it measures utilities itself); the id parse
+        // analysis reported for pg_stat_activity is the same one. That report is made
+        // once per query string, so with pg_stat_statements listed after pg_netstat in
+        // shared_preload_libraries, a utility statement after the first of a
+        // multi-statement string gets the first one's id.
+        on_start(if queryid != 0 { queryid } else { my_query_id() });
+    }
+    // EXECUTE adds no level: the statement it runs is the top-level one, as in
+    // pg_stat_statements, so the two have the same query id.
+    if !execute {
+        nesting().enter();
+    }
+    // SAFETY: as in executor_start.
+    unsafe {
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        }
+    }
+    if !execute {
+        nesting().leave();
+    }
+    if top {
+        if copy_in {
+            on_copy_in_end();
+        }
+        set_in_statement(false);
     }
 }
 
@@ -306,65 +414,6 @@ fn is_copy_from_stdin(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: PostgreSQL passes a valid PlannedStmt for a utility statement.
-    #[allow(clippy::unnecessary_cast)]
-    let (node, queryid) = unsafe { ((*pstmt).utilityStmt, (*pstmt).queryId as u64) };
-    // SAFETY: a node pointer from the PlannedStmt (NULL-safe).
-    let execute = unsafe { pgrx::is_a(node, pg_sys::NodeTag::T_ExecuteStmt) };
-    let top = nesting() == 0 && !execute && in_local();
-    let copy_in = top && is_copy_from_stdin(node);
-    if top {
-        // pg_stat_statements zeroes a utility statement's query id before it calls the
-        // hooks installed before its own (it measures utilities itself); the id parse
-        // analysis reported for pg_stat_activity is the same one. That report is made
-        // once per query string, so with pg_stat_statements listed after pg_netstat in
-        // shared_preload_libraries, a utility statement after the first of a
-        // multi-statement string gets the first one's id.
-        start(if queryid != 0 { queryid } else { my_query_id() });
-    }
-    {
-        // EXECUTE adds no level: the statement it runs is the top-level one, as in
-        // pg_stat_statements, so the two have the same query id.
-        let _n = (!execute).then(Nested::enter);
-        // SAFETY: as in executor_start.
-        unsafe {
-            match PREV_PROCESS_UTILITY {
-                Some(prev) => pg_guard_ffi_boundary(|| {
-                    prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
-                }),
-                None => pg_sys::standard_ProcessUtility(
-                    pstmt,
-                    query_string,
-                    read_only_tree,
-                    context,
-                    params,
-                    query_env,
-                    dest,
-                    qc,
-                ),
-            }
-        }
-    }
-    if top {
-        if copy_in {
-            boundary(|t, s| t.finish(s));
-        }
-        set_in_statement(false);
-    }
-}
-
 /// An ERROR that reaches the top while no statement is running belongs to a statement
 /// that failed before it could start: it becomes one, so its text (in) and its error
 /// message (out) are charged to it and not to its neighbours.
@@ -372,7 +421,7 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     // SAFETY: PostgreSQL passes a valid ErrorData.
     let error = !edata.is_null() && unsafe { (*edata).elevel } == pg_sys::PGERROR as i32;
-    if error && in_local() && nesting() == 0 {
+    if error && in_local() {
         if in_statement() {
             set_in_statement(false);
         } else {

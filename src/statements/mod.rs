@@ -4,6 +4,7 @@
 //! `stmt_hooks.rs` (hooks, getsockopt) and `stmtshm.rs` (the region).
 
 pub mod attrib;
+pub mod nesting;
 pub mod table;
 
 pub use attrib::{Charge, Charges, Figures, Sample, Target, Tracker};

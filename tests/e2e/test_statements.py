@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 from conftest import CAPTURE_METHOD
-from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, wait_for
+from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, run, wait_for
 
 PSQL = str(PGBIN / "psql")
 MAX_STATEMENTS = 20
@@ -21,8 +21,12 @@ def stmts():
     c.start(cap_net_raw=False)
     try:
         c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
-        for role in ("pgn_stmt", "pgn_evict", "pgn_unix"):
+        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench"):
             c.sql(f"CREATE ROLE {role} LOGIN")
+        c.sql("CREATE TABLE pgn_copy_target (n int); GRANT INSERT ON pgn_copy_target TO pgn_copy")
+        run([str(PGBIN / "pgbench"), "-i", "-q", "-s", "1", "-h", str(c.dir), "-p", str(c.port), "-U", "postgres",
+             "postgres"])
+        c.sql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO pgn_bench")
         yield c
     finally:
         c.stop()
@@ -158,3 +162,77 @@ def test_track_statements_off_counts_nothing(stmts, tmp_path):
     rows = rows_of(stmts, "postgres")
     # Only the setup and the SET itself (its bytes in arrived while counting was on).
     assert all(r["bytes_out"] < 10_000 for r in rows), rows
+
+
+def test_copy_from_stdin_data_is_charged_to_the_copy(stmts, tmp_path):
+    rows = "".join(f"{n}\n" for n in range(200_000))
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        r = subprocess.run([PSQL, "-X", "-qAt", "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_copy",
+                            "-d", "postgres", "-c", "SELECT inet_client_port()",
+                            "-c", "COPY pgn_copy_target FROM STDIN", "-c", "SELECT 'after'"],
+                           input=rows, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        client_port = int(r.stdout.splitlines()[0])
+        td.wait_closed()
+    ref = reference(td.path, stmts.port, client_port)
+    assert len(ref) == 4, ref
+    backend_gone(stmts, "pgn_copy")
+    copy = [x for x in rows_of(stmts, "pgn_copy") if x["query"].startswith("COPY")]
+    assert len(copy) == 1, rows_of(stmts, "pgn_copy")
+    assert (copy[0]["bytes_in"], copy[0]["bytes_out"]) == (ref[2]["bytes_in"], ref[2]["bytes_out"])
+    assert copy[0]["bytes_in"] > len(rows)
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench_each_protocol_totals_equal_tcpdump(stmts, tmp_path, mode):
+    """Every byte of every connection is charged once, whatever the protocol: the role's
+    rows add up to tcpdump's payload bytes, and each transaction's SELECT is one call."""
+    transactions = 300
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        run([str(PGBIN / "pgbench"), "-n", "-S", "-M", mode, "-c", "2", "-t", str(transactions),
+             "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_bench", "postgres"])
+        td.wait_closed()
+    ref = {"bytes_in": 0, "bytes_out": 0}
+    clients = {p for d, _, p in td_clients(td.path, stmts.port)}
+    for p in clients:
+        for direction, n, _ in pcap_payloads(td.path, stmts.port, p):
+            ref["bytes_" + direction] += n
+    backend_gone(stmts, "pgn_bench")
+    rows = rows_of(stmts, "pgn_bench")
+    assert {k: sum(r[k] for r in rows) for k in ref} == ref, rows
+    select = [r for r in rows if "pgbench_accounts" in r["query"]]
+    assert len(select) == 1 and select[0]["calls"] == 2 * transactions, rows
+
+
+def td_clients(path, server_port):
+    from harness import pcap_packets  # noqa: F401 (same parser)
+    from harness import _tcp_ports, pcap_frames
+    for _, _, f in pcap_frames(path):
+        ports = _tcp_ports(f)
+        if ports and server_port in ports:
+            yield None, None, ports[0] if ports[1] == server_port else ports[1]
+
+
+def test_errors_pass_through_untouched_and_caught_errors_keep_statements_top_level(stmts, tmp_path):
+    """The hooks let PostgreSQL's errors through as they are (an error re-raised by Rust
+    code would lose its location, constraint name and more), and an error caught in a
+    PL/pgSQL EXCEPTION block, deep in nested statements, leaves the next statement
+    top-level."""
+    stmts.sql("SELECT pg_netstat_reset()")
+    statements = [
+        "SELECT inet_client_port()",
+        "DO $$ BEGIN PERFORM 1 / (random() * 0)::int; EXCEPTION WHEN division_by_zero THEN NULL; END $$",
+        "SELECT repeat('n', 5000), 2, 3",
+        "CREATE TEMP TABLE pgn_checked (n int CONSTRAINT pgn_positive CHECK (n > 0))",
+        "INSERT INTO pgn_checked VALUES (-1)",
+    ]
+    r = subprocess.run([PSQL, "-X", "-qAt", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1", "-p", str(stmts.port),
+                        "-U", "postgres", "-d", "postgres", "-f", "-"],
+                       input="".join(s + ";\n" for s in statements), capture_output=True, text=True, check=False)
+    assert "LOCATION:  ExecConstraints, execMain.c" in r.stderr, r.stderr
+    backend_gone(stmts, "postgres")
+    rows = rows_of(stmts, "postgres")
+    n = [x for x in rows if x["query"] == "SELECT repeat($1, $2), $3, $4"]
+    assert len(n) == 1 and n[0]["calls"] == 1 and 5000 < n[0]["bytes_out"] < 5200, rows
