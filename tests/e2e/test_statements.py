@@ -63,9 +63,10 @@ def rows_of(cluster, role):
 
 
 def backend_gone(cluster, role):
-    """Waits until the role's backend has exited (its exit callback has charged what was left)."""
+    """Waits until the role's TCP backends have exited (their exit callbacks have charged
+    what was left)."""
     wait_for(f"{role}'s backend to exit", lambda: cluster.sql(
-        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'") == "0")
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND client_addr IS NOT NULL") == "0")
 
 
 def query_id(cluster, statement):
