@@ -2,11 +2,13 @@
 counters, proven against tcpdump: per statement and per connection, exactly. The
 cluster here runs without CAP_NET_RAW (the capture cannot start; statements need no
 privilege) and with pg_stat_statements, whose query texts the view shows."""
+import contextlib
 import subprocess
 
 import pytest
 from conftest import CAPTURE_METHOD
-from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, run, wait_for
+from harness import (PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, pcap_retransmissions, run,
+                     wait_for)
 
 PSQL = str(PGBIN / "psql")
 MAX_STATEMENTS = 20
@@ -165,10 +167,30 @@ def test_track_statements_off_counts_nothing(stmts, tmp_path):
     assert all(r["bytes_out"] < 10_000 for r in rows), rows
 
 
-def test_copy_from_stdin_data_is_charged_to_the_copy(stmts, tmp_path):
+@contextlib.contextmanager
+def client_segments_lost(port, every):
+    """Drops every `every`-th segment the client sends to `port` on its way into the
+    server (nftables input hook on this host: after tcpdump on lo has seen it), so the
+    client sends it again, as a loaded host's loopback does now and then when a backlog
+    overflows."""
+    table = f"pgn_stmt_loss_{port}"
+    run(["nft", "add", "table", "inet", table])
+    try:
+        run(["nft", *f"add chain inet {table} in {{ type filter hook input priority 0 ; }}".split()])
+        run(["nft", *f"add rule inet {table} in tcp dport {port} numgen inc mod {every} == 0 drop".split()])
+        yield
+    finally:
+        run(["nft", "delete", "table", "inet", table])
+
+
+@pytest.mark.parametrize("loss", [False, True], ids=["clean", "client_retransmits"])
+def test_copy_from_stdin_data_is_charged_to_the_copy(stmts, tmp_path, loss):
+    """The COPY's data is its own, exactly; segments the client had to send again are
+    received, and counted, once (tcpdump on lo sees them twice)."""
     rows = "".join(f"{n}\n" for n in range(200_000))
     stmts.sql("SELECT pg_netstat_reset()")
-    with Tcpdump("lo", stmts.port, tmp_path) as td:
+    lossy = client_segments_lost(stmts.port, 7) if loss else contextlib.nullcontext()
+    with Tcpdump("lo", stmts.port, tmp_path) as td, lossy:
         r = subprocess.run([PSQL, "-X", "-qAt", "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_copy",
                             "-d", "postgres", "-c", "SELECT inet_client_port()",
                             "-c", "COPY pgn_copy_target FROM STDIN", "-c", "SELECT 'after'"],
@@ -178,6 +200,8 @@ def test_copy_from_stdin_data_is_charged_to_the_copy(stmts, tmp_path):
         td.wait_closed()
     ref = reference(td.path, stmts.port, client_port)
     assert len(ref) == 4, ref
+    if loss:  # the client did send segments again (the statements' own among them)
+        assert pcap_retransmissions(td.path, stmts.port)[client_port][0] > 0
     backend_gone(stmts, "pgn_copy")
     copy = [x for x in rows_of(stmts, "pgn_copy") if x["query"].startswith("COPY")]
     assert len(copy) == 1, rows_of(stmts, "pgn_copy")
