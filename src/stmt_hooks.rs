@@ -166,12 +166,20 @@ fn now_us() -> i64 {
 /// Reads the socket and lets `f` turn the reading into charges, which go to shared
 /// memory. Nothing when this backend does not count, or counting is off.
 fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>) {
+    boundary_with(tcpinfo::read, f)
+}
+
+/// `boundary` with the reading `read` makes.
+fn boundary_with(
+    read: fn(c_int) -> Option<crate::statements::Sample>,
+    f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>,
+) {
     let Some(local) = local() else { return };
     if !gucs::TRACK_STATEMENTS.get() {
         local.stale = true;
         return;
     }
-    let Some(sample) = tcpinfo::read(local.sock) else { return };
+    let Some(sample) = read(local.sock) else { return };
     if local.stale {
         local.stale = false;
         local.tracker.resync(sample);
@@ -249,7 +257,8 @@ fn apply(charges: Charges<StmtKey>) {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
-    boundary(|t, s| t.exit(s));
+    // The client's FIN follows its Terminate at once: the reading that settles it.
+    boundary_with(tcpinfo::read_final, |t, s| t.exit(s));
 }
 
 /// A top-level statement starts (guarded: an error in our own work is reported by pgrx).

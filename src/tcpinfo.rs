@@ -87,23 +87,83 @@ fn has(len: usize, end: usize) -> bool {
     len >= end
 }
 
-/// `tcpi_bytes_received` counts the peer's FIN as one byte (it advances the sequence
-/// number like one); the payload is one less once the FIN is in. A backend reads its
-/// socket for the last time when the client has sent Terminate and, often, already
-/// closed: CLOSE_WAIT. (States from linux/tcp_states.h.)
+/// Whether the peer's FIN is in, by the socket's state (linux/tcp_states.h).
 #[cfg(target_os = "linux")]
-fn payload_received(bytes_received: u64, state: u8) -> u64 {
+fn fin_in(state: u8) -> bool {
     const TCP_TIME_WAIT: u8 = 6;
     const TCP_CLOSE_WAIT: u8 = 8;
     const TCP_LAST_ACK: u8 = 9;
     const TCP_CLOSING: u8 = 11;
-    let fin_in = matches!(state, TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING);
-    bytes_received.saturating_sub(fin_in as u64)
+    matches!(state, TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING)
+}
+
+/// `tcpi_bytes_received` counts the peer's FIN as one byte (it advances the sequence
+/// number like one); the payload is one less once the FIN is in. A backend reads its
+/// socket for the last time when the client has sent Terminate and, often, already
+/// closed: CLOSE_WAIT.
+#[cfg(target_os = "linux")]
+fn payload_received(bytes_received: u64, state: u8) -> u64 {
+    bytes_received.saturating_sub(fin_in(state) as u64)
+}
+
+/// One reading as the kernel gave it: the counters (`bytes_in` still with the FIN, if
+/// it is in) and the state.
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Raw {
+    sample: Sample,
+    state: u8,
+}
+
+#[cfg(target_os = "linux")]
+impl Raw {
+    /// The reading with the FIN taken out of `bytes_in` if its state says it is in.
+    fn payload(self) -> Sample {
+        Sample { bytes_in: self.sample.bytes_in.map(|b| payload_received(b, self.state)), ..self.sample }
+    }
 }
 
 /// The counters of TCP socket `fd`; `None` if it is not a TCP socket or the call fails.
+/// A FIN that arrives during the call can be in `bytes_in` while the state still says
+/// ESTABLISHED (the kernel loads the state before it locks the socket for the counters),
+/// so `bytes_in` may be one too many then: `read_final` is exact.
 #[cfg(target_os = "linux")]
 pub fn read(fd: i32) -> Option<Sample> {
+    read_raw(fd).map(Raw::payload)
+}
+
+/// `read` for the backend's last reading, when the client's FIN is usually on its way
+/// (it closes right after Terminate): a reading whose state does not show the FIN is
+/// confirmed by a second one. See `settle`.
+#[cfg(target_os = "linux")]
+pub fn read_final(fd: i32) -> Option<Sample> {
+    let first = read_raw(fd)?;
+    if fin_in(first.state) {
+        return Some(first.payload());
+    }
+    Some(match read_raw(fd) {
+        Some(second) => settle(first, second),
+        None => first.payload(),
+    })
+}
+
+/// Two readings in a row, the first without the FIN in its state. The kernel loads the
+/// state without the socket lock, then the counters under it; the FIN's byte and state
+/// change are made together under that lock. So if the first reading's counters hold the
+/// FIN, the second's state shows it, and the second reading (FIN taken out) is right;
+/// if the second's state does not show it, the FIN was not in when the first read its
+/// counters, and the first is right.
+#[cfg(target_os = "linux")]
+fn settle(first: Raw, second: Raw) -> Sample {
+    if fin_in(second.state) {
+        second.payload()
+    } else {
+        first.payload()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn read_raw(fd: i32) -> Option<Raw> {
     use std::mem::{offset_of, size_of};
     let mut info = TcpInfo::default();
     let mut len = size_of::<TcpInfo>() as libc::socklen_t;
@@ -115,19 +175,24 @@ pub fn read(fd: i32) -> Option<Sample> {
     }
     let len = len as usize;
     let end = |off: usize, size: usize| has(len, off + size);
-    Some(Sample {
-        bytes_in: end(offset_of!(TcpInfo, bytes_received), 8)
-            .then(|| payload_received(info.bytes_received, info.state)),
+    let sample = Sample {
+        bytes_in: end(offset_of!(TcpInfo, bytes_received), 8).then_some(info.bytes_received),
         bytes_out: end(offset_of!(TcpInfo, bytes_sent), 8).then_some(info.bytes_sent),
         segs_in: end(offset_of!(TcpInfo, segs_in), 4).then_some(info.segs_in),
         segs_out: end(offset_of!(TcpInfo, segs_out), 4).then_some(info.segs_out),
         retrans: end(offset_of!(TcpInfo, total_retrans), 4).then_some(info.total_retrans),
         rtt_us: end(offset_of!(TcpInfo, rtt), 4).then_some(info.rtt),
-    })
+    };
+    Some(Raw { sample, state: info.state })
 }
 
 #[cfg(not(target_os = "linux"))]
 pub fn read(_fd: i32) -> Option<Sample> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read_final(_fd: i32) -> Option<Sample> {
     None
 }
 
@@ -170,6 +235,37 @@ mod tests {
         server.read_to_end(&mut buf).unwrap(); // returns once the FIN is in
         assert_eq!(read(server.as_raw_fd()).unwrap().bytes_in, Some(9));
         assert_eq!(payload_received(10, 1), 10); // ESTABLISHED
+    }
+
+    #[test]
+    fn a_fin_arriving_during_a_reading_is_settled_by_the_next() {
+        const ESTABLISHED: u8 = 1;
+        const CLOSE_WAIT: u8 = 8;
+        let raw = |bytes_in, state| Raw { sample: Sample { bytes_in: Some(bytes_in), ..Sample::default() }, state };
+        // The FIN came in between the first reading's state and its counters: its
+        // counters hold the FIN's byte under ESTABLISHED; the second shows CLOSE_WAIT.
+        assert_eq!(raw(101, ESTABLISHED).payload().bytes_in, Some(101)); // what `read` gives: one too many
+        assert_eq!(settle(raw(101, ESTABLISHED), raw(101, CLOSE_WAIT)).bytes_in, Some(100));
+        // The FIN came after the first reading: the same answer.
+        assert_eq!(settle(raw(100, ESTABLISHED), raw(101, CLOSE_WAIT)).bytes_in, Some(100));
+        // No FIN yet, or during the second reading only: the first is right.
+        assert_eq!(settle(raw(100, ESTABLISHED), raw(100, ESTABLISHED)).bytes_in, Some(100));
+        assert_eq!(settle(raw(100, ESTABLISHED), raw(101, ESTABLISHED)).bytes_in, Some(100));
+    }
+
+    #[test]
+    fn read_final_on_a_real_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        client.write_all(b"Terminate").unwrap();
+        let mut buf = [0u8; 9];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(read_final(server.as_raw_fd()).unwrap().bytes_in, Some(9));
+        drop(client);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).unwrap();
+        assert_eq!(read_final(server.as_raw_fd()).unwrap().bytes_in, Some(9));
     }
 
     #[test]
