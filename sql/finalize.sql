@@ -64,7 +64,7 @@ COMMENT ON VIEW pg_netstat_connections IS 'Traffic and TCP health per connection
 COMMENT ON VIEW pg_netstat_roles IS 'Cumulative traffic per role since pg_netstat_reset(), ended connections included';
 COMMENT ON VIEW pg_netstat_databases IS 'Cumulative traffic per database since pg_netstat_reset(), ended connections included';
 COMMENT ON VIEW pg_netstat_flow_table IS 'Size and use of the connection table (pg_netstat.max_flows)';
-COMMENT ON FUNCTION pg_netstat_reset() IS 'Restarts the cumulative figures (roles, databases, device totals) from zero';
+COMMENT ON FUNCTION pg_netstat_reset() IS 'Restarts the cumulative figures (roles, databases, statements, device totals) from zero';
 
 COMMENT ON VIEW pg_netstat IS 'Packets and bytes in/out on the server port(s), per device and closed interval';
 COMMENT ON VIEW pg_netstat_intervals IS 'Every closed interval with its own length, kernel drops, late packets and TCP health';
@@ -84,3 +84,61 @@ GRANT EXECUTE ON FUNCTION pg_netstat_history(), pg_netstat_interval_history(),
 GRANT SELECT ON pg_netstat, pg_netstat_intervals, pg_netstat_devices, pg_netstat_connections,
                 pg_netstat_roles, pg_netstat_databases, pg_netstat_flow_table TO pg_monitor;
 -- pg_netstat_reset() stays with superusers, like pg_stat_reset(); GRANT EXECUTE to delegate.
+
+-- Network bytes per statement (issue 14): from each backend's own TCP counters, no
+-- capture. The query text comes from pg_stat_statements when it is installed in this
+-- database (same key: role, database, query id); NULL otherwise.
+CREATE FUNCTION pg_netstat_statement_texts() RETURNS TABLE (userid oid, dbid oid, queryid bigint, query text)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    nsp name;
+BEGIN
+    SELECT n.nspname INTO nsp
+      FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'pg_stat_statements';
+    IF nsp IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT userid, dbid, queryid, query FROM %I.pg_stat_statements WHERE toplevel', nsp);
+EXCEPTION
+    -- Installed in the database but not preloaded, or a version without "toplevel".
+    WHEN object_not_in_prerequisite_state OR undefined_column THEN
+        RETURN;
+END
+$$;
+
+CREATE VIEW pg_netstat_statements AS
+    SELECT r.rolname::text AS role,
+           d.datname::text AS database,
+           s.kind,
+           s.queryid,
+           t.query,
+           s.calls,
+           s.bytes_in, s.bytes_out,
+           s.segments_in, s.segments_out,
+           s.retransmits,
+           s.mean_rtt_ms, s.max_rtt_ms,
+           s.first_seen, s.last_seen,
+           s.userid::oid AS userid,
+           s.dbid::oid AS dbid,
+           s.stats_reset
+      FROM pg_netstat_statement_stats() s
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.userid::oid
+      LEFT JOIN pg_catalog.pg_database d ON d.oid = s.dbid::oid
+      LEFT JOIN pg_netstat_statement_texts() t
+        ON t.userid = s.userid::oid AND t.dbid = s.dbid::oid AND t.queryid = s.queryid
+     ORDER BY s.bytes_in + s.bytes_out DESC, s.first_seen;
+
+CREATE VIEW pg_netstat_statement_table AS
+    SELECT * FROM pg_netstat_statement_table_status();
+
+COMMENT ON VIEW pg_netstat_statements IS 'Network bytes and TCP figures per top-level statement (role, database, query id), from each backend''s own socket';
+COMMENT ON VIEW pg_netstat_statement_table IS 'Size and use of the statement table (pg_netstat.max_statements)';
+REVOKE ALL ON FUNCTION pg_netstat_statement_stats(), pg_netstat_statement_table_status(),
+                        pg_netstat_statement_texts() FROM PUBLIC;
+REVOKE ALL ON pg_netstat_statements, pg_netstat_statement_table FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pg_netstat_statement_stats(), pg_netstat_statement_table_status(),
+                          pg_netstat_statement_texts() TO pg_monitor;
+GRANT SELECT ON pg_netstat_statements, pg_netstat_statement_table TO pg_monitor;

@@ -20,6 +20,8 @@ pub static MAX_FLOWS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static FLOW_IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static HISTORY: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static SAVE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
+pub static MAX_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static TRACK_STATEMENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// The raw value of pg_netstat.capture_method (an index into CAPTURE_METHODS).
 static mut CAPTURE_METHOD: std::ffi::c_int = 0;
 
@@ -85,7 +87,7 @@ struct IntSetting {
     restart: bool,
 }
 
-static INT_SETTINGS: [IntSetting; 9] = [
+static INT_SETTINGS: [IntSetting; 10] = [
     IntSetting {
         name: c"pg_netstat.interval",
         short: c"Length of one statistics interval.",
@@ -176,7 +178,20 @@ static INT_SETTINGS: [IntSetting; 9] = [
         unit: Unit::Seconds,
         restart: false,
     },
+    IntSetting {
+        name: c"pg_netstat.max_statements",
+        short: c"Most statements (role, database, query id) counted apart in pg_netstat_statements.",
+        long: c"Sized in shared memory at server start (about 150 bytes each). When full, the statement charged least recently is folded into its role's and database's 'other' row.",
+        value: &MAX_STATEMENTS,
+        min: 10,
+        max: 1_000_000,
+        unit: Unit::None,
+        restart: true,
+    },
 ];
+
+/// The Boolean settings, for the hint on a value PostgreSQL cannot read as one.
+const BOOL_SETTINGS: [&CStr; 2] = [c"pg_netstat.capture_loopback", c"pg_netstat.track_statements"];
 
 const BOOL_ALLOWED: &str = "Allowed values: on, off, true, false, yes, no, 1, 0.";
 
@@ -237,6 +252,16 @@ pub fn init() {
         c"Counts connections made over 127.0.0.1 and ::1 as well.",
         &CAPTURE_LOOPBACK,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    // Superuser-settable like pg_stat_statements.track: a session may turn it off for
+    // itself (what it sends while off is not charged to anything).
+    GucRegistry::define_bool_guc(
+        c"pg_netstat.track_statements",
+        c"Count network bytes per statement from each backend's own TCP socket.",
+        c"One getsockopt(TCP_INFO) per top-level statement in each TCP client backend; Unix-socket connections are never counted.",
+        &TRACK_STATEMENTS,
+        GucContext::Suset,
         GucFlags::default(),
     );
     reserve_prefix();
@@ -395,7 +420,7 @@ fn refusal_hint(message_id: &[u8], message: &str, old_hint: Option<&str>) -> Opt
             // PostgreSQL's only hint here lists the units; then ours need not repeat them.
             int_allowed(s, old_hint.is_none())
         }
-        b"parameter \"%s\" requires a Boolean value" if names(message, c"pg_netstat.capture_loopback") => {
+        b"parameter \"%s\" requires a Boolean value" if BOOL_SETTINGS.iter().any(|n| names(message, n)) => {
             BOOL_ALLOWED.to_string()
         }
         _ => return None,
@@ -599,6 +624,8 @@ mod tests {
     fn a_boolean_gets_the_words_it_takes() {
         let id = b"parameter \"%s\" requires a Boolean value";
         let hint = refusal_hint(id, r#"parameter "pg_netstat.capture_loopback" requires a Boolean value"#, None);
+        assert_eq!(hint.as_deref(), Some(BOOL_ALLOWED));
+        let hint = refusal_hint(id, r#"parameter "pg_netstat.track_statements" requires a Boolean value"#, None);
         assert_eq!(hint.as_deref(), Some(BOOL_ALLOWED));
         assert_eq!(refusal_hint(id, r#"parameter "fsync" requires a Boolean value"#, None), None);
     }

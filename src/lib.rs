@@ -15,7 +15,9 @@ pub mod kernel_counters;
 #[cfg(linux_native)]
 pub mod privileges;
 pub mod savefile;
+pub mod statements;
 pub mod stats;
+pub mod tcpinfo;
 
 mod flowshm;
 mod gucs;
@@ -24,6 +26,8 @@ mod persist;
 mod region;
 mod shmem;
 mod sql;
+mod stmt_hooks;
+mod stmtshm;
 mod worker;
 
 ::pgrx::pg_module_magic!();
@@ -47,6 +51,8 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init(gucs::HISTORY.get().max(1) as usize);
     flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
     owner_hooks::install_log_hook();
+    stmtshm::init(gucs::MAX_STATEMENTS.get().max(1) as usize);
+    stmt_hooks::install();
     worker::register();
     least_privilege();
 }
@@ -90,6 +96,9 @@ unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be
         flows::OwnerStatus::AuthFailed
     };
     owner_hooks::register(port, outcome);
+    if status == pg_sys::STATUS_OK as i32 {
+        stmt_hooks::authenticated(port);
+    }
     // SAFETY: calling the hook that was installed before ours, with the same arguments.
     unsafe {
         if let Some(prev) = PREV_CLIENT_AUTH_HOOK {

@@ -10,7 +10,7 @@ use std::ptr::null_mut;
 
 /// AddinShmemInitLock's place in MainLWLockArray (lwlocklist.h: the same on 15 to 18).
 const ADDIN_SHMEM_INIT_LOCK: usize = 21;
-const MAX_REGIONS: usize = 2;
+const MAX_REGIONS: usize = 3;
 
 #[derive(Clone, Copy)]
 pub struct Spec {

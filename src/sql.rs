@@ -12,6 +12,8 @@ use crate::gucs::Settings;
 use crate::history::Slot;
 use crate::persist;
 use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
+use crate::statements::{Entry, Kind};
+use crate::stmtshm;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
@@ -46,6 +48,10 @@ impl ColumnType for i64 {
 
 impl ColumnType for i32 {
     const OID: pg_sys::Oid = pg_sys::INT4OID;
+}
+
+impl ColumnType for f64 {
+    const OID: pg_sys::Oid = pg_sys::FLOAT8OID;
 }
 
 impl ColumnType for TimestampWithTimeZone {
@@ -470,5 +476,94 @@ rows_fn! {
 /// superusers may call it unless granted.
 #[pg_extern(volatile, parallel_unsafe)]
 fn pg_netstat_reset() {
-    persist::reset_counts(now_us());
+    let now = now_us();
+    stmtshm::write(|t| t.reset(now));
+    persist::reset_counts(now);
+}
+
+rows_fn! {
+    /// Network bytes per top-level statement, from each backend's own TCP counters: one
+    /// row per (role, database, query id), one "setup" row per role and database (what
+    /// connections exchange before their first statement), and "other" rows holding
+    /// statements evicted to make room. Behind the pg_netstat_statements view.
+    fn pg_netstat_statement_stats() -> rows(
+        kind: String,
+        userid: Option<i64>,
+        dbid: Option<i64>,
+        queryid: Option<i64>,
+        calls: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        segments_in: i64,
+        segments_out: i64,
+        retransmits: i64,
+        mean_rtt_ms: Option<f64>,
+        max_rtt_ms: Option<f64>,
+        first_seen: Option<TimestampWithTimeZone>,
+        last_seen: Option<TimestampWithTimeZone>,
+        stats_reset: Option<TimestampWithTimeZone>,
+    ) {
+        // Copied under the shared lock, formatted outside it.
+        let Some((reset, mut entries)) = stmtshm::read(|h, e| {
+            let mut v: Vec<Entry> = e.iter().filter(|x| x.in_use).copied().collect();
+            if !h.overflow.figures.is_zero() {
+                let mut o = h.overflow;
+                o.in_use = false;
+                v.push(o);
+            }
+            (h.stats_reset_us, v)
+        }) else {
+            return TableIterator::new(Vec::new());
+        };
+        entries.sort_by_key(|e| std::cmp::Reverse(e.figures.bytes_in + e.figures.bytes_out));
+        let rows: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                let f = &e.figures;
+                // The table-wide overflow row (not in use as an entry) has no role or database.
+                let kind = if e.in_use { e.key.kind() } else { Kind::Other };
+                let known = e.in_use;
+                (
+                    kind.as_str().to_string(),
+                    known.then_some(e.key.role as i64),
+                    known.then_some(e.key.database as i64),
+                    (kind == Kind::Statement).then_some(e.key.queryid as i64),
+                    as_i64(f.calls),
+                    as_i64(f.bytes_in),
+                    as_i64(f.bytes_out),
+                    as_i64(f.segs_in),
+                    as_i64(f.segs_out),
+                    as_i64(f.retrans),
+                    (f.rtt_samples > 0).then(|| f.rtt_sum_us as f64 / f.rtt_samples as f64 / 1000.0),
+                    (f.rtt_samples > 0).then(|| f.rtt_max_us as f64 / 1000.0),
+                    (e.first_seen_us != 0).then(|| timestamptz(e.first_seen_us)),
+                    (e.last_seen_us != 0).then(|| timestamptz(e.last_seen_us)),
+                    (reset != 0).then(|| timestamptz(reset)),
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+}
+
+rows_fn! {
+    /// The statement table itself: size, use, and what it had to fold.
+    fn pg_netstat_statement_table_status() -> rows(
+        max_statements: i32,
+        statements: i32,
+        evictions: i64,
+        overflow_charges: i64,
+        stats_reset: Option<TimestampWithTimeZone>,
+    ) {
+        let row = stmtshm::read(|h, _| {
+            (
+                h.capacity as i32,
+                h.count as i32,
+                as_i64(h.evictions),
+                as_i64(h.overflow_charges),
+                (h.stats_reset_us != 0).then(|| timestamptz(h.stats_reset_us)),
+            )
+        });
+        TableIterator::new(row.into_iter().collect::<Vec<_>>())
+    }
 }

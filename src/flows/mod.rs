@@ -22,7 +22,7 @@
 mod flow;
 pub mod index;
 mod key;
-mod list;
+pub mod list;
 mod owners;
 mod seq;
 mod totals;

@@ -506,3 +506,64 @@ def pcap_retransmissions(path, server_port):
                 merged.append((rs, rend))
         seen[key] = merged
     return out
+
+
+def pcap_payloads(path, server_port, client_port):
+    """('in'|'out', TCP payload bytes, first payload byte or None) of the packets of one
+    connection (server port, client port) in a pcap; 'in' is toward the server. Counted
+    as the server's kernel counts them (tcp_info), and in the order that decides which
+    statement the server was running when it counted them, for a client that waits for
+    each result before it sends more (psql, pgbench):
+    - out: every transmission, retransmitted payload again (tcpi_bytes_sent). A copy
+      sent again goes right after the first one: the client acknowledges a result
+      before it sends the next statement, so the server can only have resent it while
+      that result's statement was current, however late tcpdump saw it.
+    - in: each byte once (tcpi_bytes_received counts what advances the receive
+      sequence), with the last copy of it the client sent: when a segment is lost on its
+      way in after tcpdump on lo saw it, the copy sent again is the one the server
+      receives (a resent Query message starts its statement only then). Earlier copies
+      count nothing."""
+    frames = []
+    for _, _, f in pcap_frames(path):
+        at = _tcp_at(f)
+        if at is None or len(f) < at[0] + 14:
+            continue
+        l4, ip_end = at
+        sport, dport, seq = struct.unpack(">HHI", f[l4:l4 + 8])
+        if (sport, dport) == (client_port, server_port):
+            direction = "in"
+        elif (sport, dport) == (server_port, client_port):
+            direction = "out"
+        else:
+            continue
+        doff = (f[l4 + 12] >> 4) * 4
+        n = ip_end - l4 - doff
+        if n > 0:
+            frames.append([direction, seq, n, f[l4 + doff] if len(f) > l4 + doff else None, len(frames)])
+    base = {d: next((seq for x, seq, _, _, _ in frames if x == d), 0) for d in ("in", "out")}
+
+    def span(seq, n, d):  # relative sequence range, with room below the first
+        s = (seq - base[d] + (1 << 31)) & 0xFFFFFFFF
+        return s, s + n
+
+    # In, backwards: what of each segment no later copy holds; its first byte only when
+    # no later copy holds that.
+    later = []
+    for fr in reversed(frames):
+        if fr[0] == "in":
+            s, e = span(fr[1], fr[2], "in")
+            covered = sum(max(0, min(e, re) - max(s, rs)) for rs, re in later)
+            if any(rs <= s < re for rs, re in later):
+                fr[3] = None
+            later.append((s, e))
+            fr[2] -= covered
+    # Out, forwards: a copy sent again moves to where the first copy of its start was.
+    earlier = []
+    for fr in frames:
+        if fr[0] == "out":
+            s, e = span(fr[1], fr[2], "out")
+            fr[4] = next((at for rs, re, at in earlier if rs <= s < re), fr[4])
+            earlier.append((s, e, fr[4]))
+    for direction, _, n, first, _ in sorted(frames, key=lambda fr: fr[4]):
+        if n > 0:
+            yield direction, n, first

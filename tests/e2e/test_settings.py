@@ -85,6 +85,14 @@ CASES = [
     ("pg_netstat.flow_idle_timeout", "'30d'", [out_of_range(2592000, "pg_netstat.flow_idle_timeout", 0, 2147483, "s")]),
     ("pg_netstat.flow_idle_timeout", "'forever'", ['invalid value for parameter "pg_netstat.flow_idle_timeout": "forever"',
                                                    whole_numbers(0, 2147483, "s")]),
+    ("pg_netstat.max_statements", "9", [out_of_range(9, "pg_netstat.max_statements", 10, 1000000)]),
+    ("pg_netstat.max_statements", "1000001", [out_of_range(1000001, "pg_netstat.max_statements", 10, 1000000)]),
+    ("pg_netstat.max_statements", "'many'", ['invalid value for parameter "pg_netstat.max_statements": "many"',
+                                             whole_numbers(10, 1000000)]),
+    ("pg_netstat.track_statements", "'sometimes'", ['parameter "pg_netstat.track_statements" requires a Boolean value',
+                                                    "on, off, true, false"]),
+    ("pg_netstat.track_statements", "2", ['parameter "pg_netstat.track_statements" requires a Boolean value',
+                                          "on, off, true, false"]),
 ]
 # The list settings' hint says what a list may hold, whatever was wrong with it.
 LIST_ALLOWED = {"pg_netstat.devices": "Allowed values: up to 16 network device names",
@@ -92,7 +100,7 @@ LIST_ALLOWED = {"pg_netstat.devices": "Allowed values: up to 16 network device n
 CASES = [(name, value, fragments + [LIST_ALLOWED[name]] if name in LIST_ALLOWED else fragments)
          for name, value, fragments in CASES]
 # Settings that take a server restart: only ALTER SYSTEM and server start apply to them.
-RESTART_ONLY = {"pg_netstat.max_flows", "pg_netstat.history"}
+RESTART_ONLY = {"pg_netstat.max_flows", "pg_netstat.history", "pg_netstat.max_statements"}
 
 
 def rounds(cases):

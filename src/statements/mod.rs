@@ -1,0 +1,11 @@
+//! Network bytes per statement, from each backend's own socket counters (issue 14), free
+//! of PostgreSQL: what a backend does with its counter readings (`attrib`) and the
+//! bounded table in shared memory they end up in (`table`). The glue is in
+//! `stmt_hooks.rs` (hooks, getsockopt) and `stmtshm.rs` (the region).
+
+pub mod attrib;
+pub mod nesting;
+pub mod table;
+
+pub use attrib::{Charge, Charges, Figures, Sample, Target, Tracker};
+pub use table::{Entry, Header, Kind, StatementTable, StmtKey};

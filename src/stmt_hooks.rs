@@ -1,0 +1,447 @@
+//! The backend side of per-statement accounting (issue 14): each client backend on a
+//! TCP connection reads its own socket's counters (`tcpinfo`) at top-level statement
+//! boundaries and charges the differences to statements (`statements::attrib` says
+//! how). Boundaries come from hooks, with nesting tracked the way pg_stat_statements
+//! does, so only top-level statements count:
+//! - ExecutorStart at nesting level 0: a planned statement starts (simple protocol;
+//!   Bind of the extended protocol, also of a named statement bound again; the
+//!   statement an SQL-level EXECUTE runs);
+//! - ProcessUtility at level 0, except EXECUTE (its statement is the one above): a
+//!   utility statement starts; after it, a COPY FROM STDIN is read again, as its data
+//!   arrived while it ran;
+//! - an ERROR reaching the top while no statement is running: a statement that failed
+//!   before it started (syntax error, unknown table, planning error) is a statement of
+//!   its own, with the query id parse analysis gave it, if any;
+//! - backend exit (before_shmem_exit): what is left goes to the last statement.
+//!
+//! Unix-socket connections have no TCP counters: they are recognised at authentication
+//! (getsockopt fails once) and cost nothing afterwards.
+
+use crate::statements::nesting::Nesting;
+use crate::statements::{Charges, Kind, StmtKey, Target, Tracker};
+use crate::{gucs, stmtshm, tcpinfo};
+use pgrx::pg_sys;
+use std::ffi::{c_char, c_int};
+
+/// This backend's state; `None` in every process that is not a client backend on TCP.
+struct Local {
+    tracker: Tracker<StmtKey>,
+    sock: c_int,
+    /// A top-level statement has started and not yet ended.
+    in_statement: bool,
+    /// Counting was off at some boundary: the next reading starts afresh from there.
+    stale: bool,
+}
+
+// Backend-local (each process has its own copy) and only touched by this module's
+// hooks, which PostgreSQL calls on its one thread; no reference to them outlives a call
+// into PostgreSQL, so a hook re-entered from a nested statement never aliases one.
+static mut LOCAL: Option<Local> = None;
+static mut NESTING: Option<Nesting> = None;
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+/// Installs the hooks and makes PostgreSQL compute query ids (compute_query_id = auto).
+/// From _PG_init, in the postmaster.
+pub fn install() {
+    // SAFETY: hook chaining in _PG_init, single-threaded, before any backend exists.
+    unsafe {
+        pg_sys::EnableQueryId();
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(on_log);
+    }
+}
+
+fn nesting() -> &'static mut Nesting {
+    // SAFETY: backend-local and single-threaded, see LOCAL.
+    #[allow(static_mut_refs)]
+    unsafe {
+        NESTING.get_or_insert_with(Nesting::default)
+    }
+}
+
+// PostgreSQL's own functions, declared here without pgrx's guard: through pgrx's
+// bindings an ERROR would come back as a Rust panic and be raised again by pgrx with
+// less than it had (no cursor position, message id, table or constraint name). The
+// hooks below hold nothing that needs dropping while these run, so an ERROR's longjmp
+// may pass through them as through C frames.
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorStart"]
+    fn standard_executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int);
+    #[cfg(not(feature = "pg18"))]
+    #[link_name = "standard_ExecutorRun"]
+    fn standard_executor_run(
+        qd: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        once: bool,
+    );
+    #[cfg(feature = "pg18")]
+    #[link_name = "standard_ExecutorRun"]
+    fn standard_executor_run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64);
+    #[link_name = "standard_ExecutorFinish"]
+    fn standard_executor_finish(qd: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ExecutorEnd"]
+    fn standard_executor_end(qd: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE) {
+        nesting().xact_end();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_START_SUB => nesting().sub_start(my_subid),
+        SUBXACT_EVENT_COMMIT_SUB => nesting().sub_commit(my_subid),
+        SUBXACT_EVENT_ABORT_SUB => nesting().sub_abort(my_subid),
+        _ => {}
+    }
+}
+
+/// Called when authentication succeeded: a TCP client backend starts counting; any
+/// other connection (Unix socket, walsender) never does.
+pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
+    // SAFETY: a plain read of a flag set before authentication; `port` is MyProcPort,
+    // valid for the backend's life, and `sock` its first field in every major.
+    let (walsender, sock) = unsafe { (pg_sys::am_walsender, if port.is_null() { -1 } else { (*port).sock }) };
+    if walsender || sock < 0 {
+        return;
+    }
+    let Some(sample) = tcpinfo::read(sock) else { return };
+    let mut tracker = Tracker::new();
+    let on = gucs::TRACK_STATEMENTS.get();
+    if on {
+        tracker.authenticated(sample);
+    }
+    // SAFETY: backend-local, see LOCAL; the exit callback is registered once, here.
+    unsafe {
+        LOCAL = Some(Local { tracker, sock, in_statement: false, stale: !on });
+        pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Reads the socket and lets `f` turn the reading into charges, which go to shared
+/// memory. Nothing when this backend does not count, or counting is off.
+fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>) {
+    boundary_with(tcpinfo::read, f)
+}
+
+/// `boundary` with the reading `read` makes.
+fn boundary_with(
+    read: fn(c_int) -> Option<crate::statements::Sample>,
+    f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>,
+) {
+    let Some(local) = local() else { return };
+    if !gucs::TRACK_STATEMENTS.get() {
+        local.stale = true;
+        return;
+    }
+    let Some(sample) = read(local.sock) else { return };
+    if local.stale {
+        local.stale = false;
+        local.tracker.resync(sample);
+    }
+    let charges = f(&mut local.tracker, sample);
+    apply(charges);
+}
+
+fn set_in_statement(v: bool) {
+    if let Some(l) = local() {
+        l.in_statement = v;
+    }
+}
+
+fn in_statement() -> bool {
+    local().is_some_and(|l| l.in_statement)
+}
+
+fn statement_key(queryid: u64) -> StmtKey {
+    // SAFETY: plain reads of this backend's current role and database.
+    let (role, db) = unsafe { (pg_sys::GetUserId(), pg_sys::MyDatabaseId) };
+    StmtKey::new(Kind::Statement, u32::from(role), u32::from(db), queryid)
+}
+
+/// A top-level statement starts.
+fn start(queryid: u64) {
+    if in_local() {
+        let key = statement_key(queryid);
+        boundary(|t, s| t.start(key, s));
+        set_in_statement(true);
+    }
+}
+
+fn in_local() -> bool {
+    local().is_some()
+}
+
+/// This backend's state. Callers keep the reference only while they make no call into
+/// PostgreSQL that could run a hook of ours (see LOCAL).
+fn local() -> Option<&'static mut Local> {
+    // SAFETY: backend-local and single-threaded, see LOCAL.
+    #[allow(static_mut_refs)]
+    unsafe {
+        LOCAL.as_mut()
+    }
+}
+
+fn apply(charges: Charges<StmtKey>) {
+    if charges.iter().all(Option::is_none) {
+        return;
+    }
+    let now = now_us();
+    // The setup row belongs to the session's role and database (MyProc's, set once the
+    // session exists); a backend that never got one charges no setup.
+    // SAFETY: MyProc is this backend's PGPROC, valid until after before_shmem_exit.
+    let (role, db) = unsafe {
+        let p = pg_sys::MyProc;
+        if p.is_null() {
+            (0, 0)
+        } else {
+            (u32::from((*p).roleId), u32::from((*p).databaseId))
+        }
+    };
+    stmtshm::write(|t| {
+        for c in charges.into_iter().flatten() {
+            let key = match c.target {
+                Target::Statement(k) => k,
+                Target::Setup if role != 0 => StmtKey::new(Kind::Setup, role, db, 0),
+                Target::Setup => continue,
+            };
+            t.charge(key, &c.figures, now);
+        }
+    });
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
+    // The client's FIN follows its Terminate at once: the reading that settles it.
+    boundary_with(tcpinfo::read_final, |t, s| t.exit(s));
+}
+
+/// A top-level statement starts (guarded: an error in our own work is reported by pgrx).
+#[pgrx::pg_guard]
+extern "C-unwind" fn on_start(queryid: u64) {
+    start(queryid);
+}
+
+/// A COPY FROM STDIN ended: its data is its own.
+#[pgrx::pg_guard]
+extern "C-unwind" fn on_copy_in_end() {
+    boundary(|t, s| t.finish(s));
+}
+
+// The hooks are not #[pg_guard]: see the declarations above. What they do themselves
+// before and after the call down the chain cannot panic, or is in a guarded function.
+
+unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int) {
+    if nesting().level() == 0 && in_local() {
+        // u64 in 15 to 17, i64 from 18: the same bits.
+        // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
+        #[allow(clippy::unnecessary_cast)]
+        let queryid = unsafe { (*(*qd).plannedstmt).queryId } as u64;
+        on_start(queryid);
+    }
+    // SAFETY: the previous hook or the standard function, with our arguments.
+    unsafe {
+        match PREV_EXECUTOR_START {
+            Some(prev) => prev(qd, eflags),
+            None => standard_executor_start(qd, eflags),
+        }
+    }
+}
+
+#[cfg(not(feature = "pg18"))]
+unsafe extern "C-unwind" fn executor_run(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    nesting().enter();
+    // SAFETY: as in executor_start.
+    unsafe {
+        match PREV_EXECUTOR_RUN {
+            Some(prev) => prev(qd, direction, count, execute_once),
+            None => standard_executor_run(qd, direction, count, execute_once),
+        }
+    }
+    nesting().leave();
+}
+
+#[cfg(feature = "pg18")]
+unsafe extern "C-unwind" fn executor_run(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+) {
+    nesting().enter();
+    // SAFETY: as in executor_start.
+    unsafe {
+        match PREV_EXECUTOR_RUN {
+            Some(prev) => prev(qd, direction, count),
+            None => standard_executor_run(qd, direction, count),
+        }
+    }
+    nesting().leave();
+}
+
+unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
+    nesting().enter();
+    // SAFETY: as in executor_start.
+    unsafe {
+        match PREV_EXECUTOR_FINISH {
+            Some(prev) => prev(qd),
+            None => standard_executor_finish(qd),
+        }
+    }
+    nesting().leave();
+}
+
+unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
+    if nesting().level() == 0 {
+        set_in_statement(false);
+    }
+    // SAFETY: as in executor_start.
+    unsafe {
+        match PREV_EXECUTOR_END {
+            Some(prev) => prev(qd),
+            None => standard_executor_end(qd),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: PostgreSQL passes a valid PlannedStmt for a utility statement.
+    #[allow(clippy::unnecessary_cast)]
+    let (node, queryid) = unsafe { ((*pstmt).utilityStmt, (*pstmt).queryId as u64) };
+    // SAFETY: a node pointer from the PlannedStmt (NULL-safe).
+    let execute = unsafe { pgrx::is_a(node, pg_sys::NodeTag::T_ExecuteStmt) };
+    let top = nesting().level() == 0 && !execute && in_local();
+    let copy_in = top && is_copy_from_stdin(node);
+    if top {
+        // pg_stat_statements zeroes a utility statement's query id before it calls the
+        // hooks installed before its own (it measures utilities itself); the id parse
+        // analysis reported for pg_stat_activity is the same one. That report is made
+        // once per query string, so with pg_stat_statements listed after pg_netstat in
+        // shared_preload_libraries, a utility statement after the first of a
+        // multi-statement string gets the first one's id.
+        on_start(if queryid != 0 { queryid } else { my_query_id() });
+    }
+    // EXECUTE adds no level: the statement it runs is the top-level one, as in
+    // pg_stat_statements, so the two have the same query id.
+    if !execute {
+        nesting().enter();
+    }
+    // SAFETY: as in executor_start.
+    unsafe {
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        }
+    }
+    if !execute {
+        nesting().leave();
+    }
+    if top {
+        if copy_in {
+            on_copy_in_end();
+        }
+        set_in_statement(false);
+    }
+}
+
+/// The query id this backend reported for its current query string (0 before parse
+/// analysis gave it one).
+fn my_query_id() -> u64 {
+    // SAFETY: a plain read of this backend's own activity entry.
+    #[allow(clippy::unnecessary_cast)]
+    let id = unsafe { pg_sys::pgstat_get_my_query_id() } as u64;
+    id
+}
+
+/// COPY ... FROM STDIN: its data arrives while it runs.
+fn is_copy_from_stdin(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: a utility statement's parse tree; the tag says it is a CopyStmt.
+    unsafe {
+        pgrx::is_a(node, pg_sys::NodeTag::T_CopyStmt) && {
+            let c = node as *const pg_sys::CopyStmt;
+            (*c).is_from && (*c).filename.is_null() && !(*c).is_program
+        }
+    }
+}
+
+/// An ERROR that reaches the top while no statement is running belongs to a statement
+/// that failed before it could start: it becomes one, so its text (in) and its error
+/// message (out) are charged to it and not to its neighbours.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: PostgreSQL passes a valid ErrorData.
+    let error = !edata.is_null() && unsafe { (*edata).elevel } == pg_sys::PGERROR as i32;
+    if error && in_local() {
+        if in_statement() {
+            set_in_statement(false);
+        } else {
+            start(my_query_id());
+            set_in_statement(false);
+        }
+    }
+    // SAFETY: the hook installed before ours, with the same argument.
+    unsafe {
+        if let Some(prev) = PREV_EMIT_LOG_HOOK {
+            prev(edata);
+        }
+    }
+}

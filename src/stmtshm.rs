@@ -1,0 +1,118 @@
+//! The statement table in shared memory: sized from `pg_netstat.max_statements` at server
+//! start, behind an LWLock of its own (backends charge statements; the capture worker
+//! never waits for it).
+
+use crate::flows::index;
+use crate::region::{self, RegionId};
+use crate::statements::{Entry, Header, StatementTable};
+use pgrx::pg_sys;
+use std::mem::{align_of, size_of};
+use std::ptr::null_mut;
+
+const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat statements";
+const TRANCHE: &std::ffi::CStr = c"pg_netstat_statements";
+
+#[derive(Clone, Copy)]
+struct Layout {
+    capacity: usize,
+    index: usize,
+    entries: usize,
+    total: usize,
+}
+
+fn place<T>(at: &mut usize, n: usize) -> usize {
+    let start = at.next_multiple_of(align_of::<T>().max(8));
+    *at = start + n * size_of::<T>();
+    start
+}
+
+fn layout(capacity: usize) -> Layout {
+    let mut at = size_of::<Header>();
+    let index = place::<u32>(&mut at, index::len_for(capacity));
+    let entries = place::<Entry>(&mut at, capacity);
+    Layout { capacity, index, entries, total: at }
+}
+
+// Set once in the postmaster (_PG_init) and inherited by every child.
+static mut LAYOUT: Option<Layout> = None;
+static mut REGION_ID: Option<RegionId> = None;
+
+/// Reserves the table; call from _PG_init.
+pub fn init(capacity: usize) {
+    let l = layout(capacity.max(1));
+    // SAFETY: _PG_init runs once, single-threaded, in the postmaster.
+    unsafe {
+        LAYOUT = Some(l);
+        REGION_ID = Some(region::reserve(region::Spec {
+            name: SHMEM_NAME,
+            size: l.total,
+            tranche: Some(TRANCHE),
+            on_create: set_capacity,
+        }));
+    }
+}
+
+fn set_capacity(base: *mut u8) {
+    if let Some(l) = current_layout() {
+        // SAFETY: `base` is the new region, at least `l.total` bytes, starting with the Header.
+        unsafe { (*(base as *mut Header)).capacity = l.capacity as u32 };
+    }
+}
+
+fn current_layout() -> Option<Layout> {
+    // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
+    unsafe { std::ptr::read(&raw const LAYOUT) }
+}
+
+fn region_id() -> Option<RegionId> {
+    // SAFETY: as above.
+    unsafe { std::ptr::read(&raw const REGION_ID) }
+}
+
+fn region_base() -> *mut u8 {
+    region_id().map_or(null_mut(), region::base)
+}
+
+struct Held(*mut pg_sys::LWLock);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: made right after acquiring this lock; runs on unwinding too, so the lock
+        // is released before PostgreSQL's abort cleanup.
+        unsafe { pg_sys::LWLockRelease(self.0) }
+    }
+}
+
+fn with<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(StatementTable<'_>) -> R) -> Option<R> {
+    let l = current_layout()?;
+    let base = region_base();
+    let lock = region_id().map_or(null_mut(), region::lock);
+    if base.is_null() || lock.is_null() {
+        return None;
+    }
+    // SAFETY: the lock was set up with the region.
+    unsafe { pg_sys::LWLockAcquire(lock, mode) };
+    let _held = Held(lock);
+    // SAFETY: the region holds the layout computed at start. Under the exclusive lock
+    // nobody else touches it; under the shared lock callers only read (`read` hands out
+    // a shared reference).
+    let t = unsafe {
+        StatementTable {
+            header: &mut *(base as *mut Header),
+            index: std::slice::from_raw_parts_mut(base.add(l.index) as *mut u32, index::len_for(l.capacity)),
+            entries: std::slice::from_raw_parts_mut(base.add(l.entries) as *mut Entry, l.capacity),
+        }
+    };
+    Some(f(t))
+}
+
+/// Runs `f` on the table under the exclusive lock; `None` before shared memory exists.
+/// Keep `f` bounded: every backend's statement boundary waits for it.
+pub fn write<R>(f: impl FnOnce(&mut StatementTable<'_>) -> R) -> Option<R> {
+    with(pg_sys::LWLockMode::LW_EXCLUSIVE, |mut t| f(&mut t))
+}
+
+/// Runs `f` on a read-only view under the shared lock.
+pub fn read<R>(f: impl FnOnce(&Header, &[Entry]) -> R) -> Option<R> {
+    with(pg_sys::LWLockMode::LW_SHARED, |t| f(t.header, t.entries))
+}

@@ -1,0 +1,282 @@
+//! The kernel's per-socket TCP counters (`getsockopt(TCP_INFO)`), read into a
+//! `statements::Sample`. No PostgreSQL here: the unit tests read real sockets.
+//!
+//! The struct is our own mirror of `struct tcp_info` in linux/tcp.h (uapi): glibc's
+//! <netinet/tcp.h> copy, and the libc crate's, stop long before `tcpi_bytes_sent`
+//! (kernel 4.19). The kernel copies min(our length, its length) bytes and returns the
+//! length it wrote, so an older kernel leaves the newer fields out and they read as
+//! unavailable, never as zero. Linux only: other systems' TCP_INFO (FreeBSD) or
+//! TCP_CONNECTION_INFO (macOS) are other structs, and there `read` returns `None`, so
+//! the statement view stays empty.
+
+use crate::statements::Sample;
+
+/// linux/tcp.h `struct tcp_info` up to `tcpi_bytes_sent` and the fields after it that
+/// complete its 8-byte alignment.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    flags: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+    data_segs_in: u32,
+    data_segs_out: u32,
+    delivery_rate: u64,
+    busy_time: u64,
+    rwnd_limited: u64,
+    sndbuf_limited: u64,
+    delivered: u32,
+    delivered_ce: u32,
+    bytes_sent: u64,
+}
+
+// The offsets of linux/tcp.h; a mistake here would silently read the wrong counter.
+#[cfg(target_os = "linux")]
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(TcpInfo, rtt) == 68);
+    assert!(offset_of!(TcpInfo, total_retrans) == 100);
+    assert!(offset_of!(TcpInfo, bytes_received) == 128);
+    assert!(offset_of!(TcpInfo, segs_out) == 136);
+    assert!(offset_of!(TcpInfo, segs_in) == 140);
+    assert!(offset_of!(TcpInfo, bytes_sent) == 200);
+    assert!(std::mem::size_of::<TcpInfo>() == 208);
+};
+
+/// Whether the field ending at byte `end` of the struct was written by the kernel.
+#[cfg(target_os = "linux")]
+fn has(len: usize, end: usize) -> bool {
+    len >= end
+}
+
+/// Whether the peer's FIN is in, by the socket's state (linux/tcp_states.h).
+#[cfg(target_os = "linux")]
+fn fin_in(state: u8) -> bool {
+    const TCP_TIME_WAIT: u8 = 6;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    const TCP_LAST_ACK: u8 = 9;
+    const TCP_CLOSING: u8 = 11;
+    matches!(state, TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING)
+}
+
+/// `tcpi_bytes_received` counts the peer's FIN as one byte (it advances the sequence
+/// number like one); the payload is one less once the FIN is in. A backend reads its
+/// socket for the last time when the client has sent Terminate and, often, already
+/// closed: CLOSE_WAIT.
+#[cfg(target_os = "linux")]
+fn payload_received(bytes_received: u64, state: u8) -> u64 {
+    bytes_received.saturating_sub(fin_in(state) as u64)
+}
+
+/// One reading as the kernel gave it: the counters (`bytes_in` still with the FIN, if
+/// it is in) and the state.
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Raw {
+    sample: Sample,
+    state: u8,
+}
+
+#[cfg(target_os = "linux")]
+impl Raw {
+    /// The reading with the FIN taken out of `bytes_in` if its state says it is in.
+    fn payload(self) -> Sample {
+        Sample { bytes_in: self.sample.bytes_in.map(|b| payload_received(b, self.state)), ..self.sample }
+    }
+}
+
+/// The counters of TCP socket `fd`; `None` if it is not a TCP socket or the call fails.
+/// A FIN that arrives during the call can be in `bytes_in` while the state still says
+/// ESTABLISHED (the kernel loads the state before it locks the socket for the counters),
+/// so `bytes_in` may be one too many then: `read_final` is exact.
+#[cfg(target_os = "linux")]
+pub fn read(fd: i32) -> Option<Sample> {
+    read_raw(fd).map(Raw::payload)
+}
+
+/// `read` for the backend's last reading, when the client's FIN is usually on its way
+/// (it closes right after Terminate): a reading whose state does not show the FIN is
+/// confirmed by a second one. See `settle`.
+#[cfg(target_os = "linux")]
+pub fn read_final(fd: i32) -> Option<Sample> {
+    let first = read_raw(fd)?;
+    if fin_in(first.state) {
+        return Some(first.payload());
+    }
+    Some(match read_raw(fd) {
+        Some(second) => settle(first, second),
+        None => first.payload(),
+    })
+}
+
+/// Two readings in a row, the first without the FIN in its state. The kernel loads the
+/// state without the socket lock, then the counters under it; the FIN's byte and state
+/// change are made together under that lock. So if the first reading's counters hold the
+/// FIN, the second's state shows it, and the second reading (FIN taken out) is right;
+/// if the second's state does not show it, the FIN was not in when the first read its
+/// counters, and the first is right.
+#[cfg(target_os = "linux")]
+fn settle(first: Raw, second: Raw) -> Sample {
+    if fin_in(second.state) {
+        second.payload()
+    } else {
+        first.payload()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn read_raw(fd: i32) -> Option<Raw> {
+    use std::mem::{offset_of, size_of};
+    let mut info = TcpInfo::default();
+    let mut len = size_of::<TcpInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes; the kernel writes at most that
+    // many and stores the count in `len`.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    if rc != 0 {
+        return None;
+    }
+    let len = len as usize;
+    let end = |off: usize, size: usize| has(len, off + size);
+    let sample = Sample {
+        bytes_in: end(offset_of!(TcpInfo, bytes_received), 8).then_some(info.bytes_received),
+        bytes_out: end(offset_of!(TcpInfo, bytes_sent), 8).then_some(info.bytes_sent),
+        segs_in: end(offset_of!(TcpInfo, segs_in), 4).then_some(info.segs_in),
+        segs_out: end(offset_of!(TcpInfo, segs_out), 4).then_some(info.segs_out),
+        retrans: end(offset_of!(TcpInfo, total_retrans), 4).then_some(info.total_retrans),
+        rtt_us: end(offset_of!(TcpInfo, rtt), 4).then_some(info.rtt),
+    };
+    Some(Raw { sample, state: info.state })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read(_fd: i32) -> Option<Sample> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read_final(_fd: i32) -> Option<Sample> {
+    None
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn counts_what_crossed_a_real_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let before = read(server.as_raw_fd()).unwrap();
+        assert_eq!((before.bytes_in, before.bytes_out), (Some(0), Some(0)));
+        client.write_all(&[7u8; 100_000]).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"hello").unwrap();
+        client.read_exact(&mut buf[..5]).unwrap();
+        let s = read(server.as_raw_fd()).unwrap();
+        assert_eq!((s.bytes_in, s.bytes_out), (Some(100_000), Some(5)));
+        assert!(s.segs_in.unwrap() >= 2 && s.segs_out.unwrap() >= 1, "{s:?}");
+        assert_eq!(s.retrans, Some(0));
+        assert!(s.rtt_us.unwrap() > 0);
+        let c = read(client.as_raw_fd()).unwrap();
+        assert_eq!((c.bytes_in, c.bytes_out), (Some(5), Some(100_000)));
+    }
+
+    #[test]
+    fn the_peers_fin_is_not_payload() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        client.write_all(b"Terminate").unwrap();
+        drop(client);
+        let mut buf = Vec::new();
+        server.read_to_end(&mut buf).unwrap(); // returns once the FIN is in
+        assert_eq!(read(server.as_raw_fd()).unwrap().bytes_in, Some(9));
+        assert_eq!(payload_received(10, 1), 10); // ESTABLISHED
+    }
+
+    #[test]
+    fn a_fin_arriving_during_a_reading_is_settled_by_the_next() {
+        const ESTABLISHED: u8 = 1;
+        const CLOSE_WAIT: u8 = 8;
+        let raw = |bytes_in, state| Raw { sample: Sample { bytes_in: Some(bytes_in), ..Sample::default() }, state };
+        // The FIN came in between the first reading's state and its counters: its
+        // counters hold the FIN's byte under ESTABLISHED; the second shows CLOSE_WAIT.
+        assert_eq!(raw(101, ESTABLISHED).payload().bytes_in, Some(101)); // what `read` gives: one too many
+        assert_eq!(settle(raw(101, ESTABLISHED), raw(101, CLOSE_WAIT)).bytes_in, Some(100));
+        // The FIN came after the first reading: the same answer.
+        assert_eq!(settle(raw(100, ESTABLISHED), raw(101, CLOSE_WAIT)).bytes_in, Some(100));
+        // No FIN yet, or during the second reading only: the first is right.
+        assert_eq!(settle(raw(100, ESTABLISHED), raw(100, ESTABLISHED)).bytes_in, Some(100));
+        assert_eq!(settle(raw(100, ESTABLISHED), raw(101, ESTABLISHED)).bytes_in, Some(100));
+    }
+
+    #[test]
+    fn read_final_on_a_real_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        client.write_all(b"Terminate").unwrap();
+        let mut buf = [0u8; 9];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(read_final(server.as_raw_fd()).unwrap().bytes_in, Some(9));
+        drop(client);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).unwrap();
+        assert_eq!(read_final(server.as_raw_fd()).unwrap().bytes_in, Some(9));
+    }
+
+    #[test]
+    fn a_short_struct_leaves_the_newer_fields_unavailable() {
+        assert!(has(208, 208));
+        assert!(!has(200, 208));
+    }
+
+    #[test]
+    fn not_a_tcp_socket() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(read(a.as_raw_fd()), None);
+    }
+}

@@ -1,0 +1,263 @@
+"""Network bytes per statement (pg_netstat_statements), from each backend's own TCP
+counters, proven against tcpdump: per statement and per connection, exactly. The
+cluster here runs without CAP_NET_RAW (the capture cannot start; statements need no
+privilege) and with pg_stat_statements, whose query texts the view shows."""
+import contextlib
+import subprocess
+
+import pytest
+from conftest import CAPTURE_METHOD
+from harness import (PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, pcap_retransmissions, run,
+                     wait_for)
+
+PSQL = str(PGBIN / "psql")
+MAX_STATEMENTS = 20
+
+
+@pytest.fixture(scope="module")
+def stmts():
+    c = Cluster(free_port(), conf=["shared_preload_libraries = 'pg_netstat,pg_stat_statements'",
+                                   f"pg_netstat.max_statements = {MAX_STATEMENTS}",
+                                   "pg_netstat.capture_loopback = on",
+                                   f"pg_netstat.capture_method = {CAPTURE_METHOD}"])
+    c.start(cap_net_raw=False)
+    try:
+        c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
+        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench"):
+            c.sql(f"CREATE ROLE {role} LOGIN")
+        c.sql("CREATE TABLE pgn_copy_target (n int); GRANT INSERT ON pgn_copy_target TO pgn_copy")
+        run([str(PGBIN / "pgbench"), "-i", "-q", "-s", "1", "-h", str(c.dir), "-p", str(c.port), "-U", "postgres",
+             "postgres"])
+        c.sql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO pgn_bench")
+        yield c
+    finally:
+        c.stop()
+        c.remove()
+
+
+def run_script(cluster, user, statements, host="127.0.0.1"):
+    """Runs the statements one by one on one connection (psql sends each as its own
+    Query message and waits for its result); errors do not stop the script."""
+    r = subprocess.run([PSQL, "-X", "-qAt", "-h", host, "-p", str(cluster.port), "-U", user, "-d", "postgres",
+                        "-f", "-"], input="".join(s + ";\n" for s in statements),
+                       capture_output=True, text=True, check=False)
+    return r
+
+
+def reference(path, server_port, client_port):
+    """What tcpdump saw of one connection, cut at each Query message ('Q') the client
+    sent: [setup, statement 1, ...], each {'in': payload bytes, 'out': payload bytes}.
+    Bytes in from one Query up to the next are that statement's; so are bytes out
+    between them (psql waits for ReadyForQuery before it sends the next)."""
+    parts = [dict(bytes_in=0, bytes_out=0)]
+    for direction, n, first in pcap_payloads(path, server_port, client_port):
+        if direction == "in" and first == ord("Q"):
+            parts.append(dict(bytes_in=0, bytes_out=0))
+        parts[-1]["bytes_" + direction] += n
+    return parts
+
+
+def rows_of(cluster, role):
+    cols = "kind, coalesce(queryid, 0), calls, bytes_in, bytes_out, coalesce(query, '')"
+    return [dict(kind=k, queryid=int(q), calls=int(c), bytes_in=int(i), bytes_out=int(o), query=t)
+            for k, q, c, i, o, t in cluster.rows(
+                f"SELECT {cols} FROM pg_netstat_statements WHERE role = '{role}' ORDER BY bytes_out")]
+
+
+def backend_gone(cluster, role):
+    """Waits until the role's TCP backends have exited (their exit callbacks have charged
+    what was left)."""
+    wait_for(f"{role}'s backend to exit", lambda: cluster.sql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND client_addr IS NOT NULL") == "0")
+
+
+def query_id(cluster, statement):
+    """The query id PostgreSQL gives a statement, from EXPLAIN VERBOSE over the Unix socket
+    (not counted)."""
+    plan = cluster.sql(f"EXPLAIN (VERBOSE, COSTS OFF) {statement}")
+    return int(next(line for line in plan.splitlines() if "Query Identifier" in line).split(":")[1])
+
+
+def test_each_statement_and_the_connection_equal_tcpdump_without_cap_net_raw(stmts, tmp_path):
+    statements = [
+        "SELECT inet_client_port()",
+        "SELECT repeat('x', 3000000)",             # several MB out
+        "SELECT repeat('y', 4000), 1",             # a few kB
+        "SELECT 42",                                # a handful of bytes
+        "COPY (SELECT generate_series(1, 20000)) TO STDOUT",
+        "SELECT * FROM pgn_no_such_table",         # fails before it has a plan (no query id)
+        "SELECT 1 / (random() * 0)::int",          # fails while it runs
+        "SELECT 'last', 2",                         # the Terminate message goes to it
+    ]
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        r = run_script(stmts, "pgn_stmt", statements)
+        assert "pgn_no_such_table" in r.stderr and "division by zero" in r.stderr, r.stderr
+        client_port = int(r.stdout.splitlines()[0])
+        td.wait_closed()
+    ref = reference(td.path, stmts.port, client_port)
+    assert len(ref) == len(statements) + 1, ref
+    # The capture worker could not start: this is not from it.
+    assert stmts.sql("SELECT DISTINCT state FROM pg_netstat_devices") == "no_permission"
+
+    backend_gone(stmts, "pgn_stmt")
+    rows = rows_of(stmts, "pgn_stmt")
+    ids = {s: query_id(stmts, s) for s in statements if "pgn_no_such" not in s and not s.startswith("COPY")}
+    ids["SELECT * FROM pgn_no_such_table"] = 0
+    ids[statements[4]] = int(stmts.sql("SELECT queryid FROM pg_stat_statements WHERE toplevel AND query LIKE 'COPY%generate_series%'"))
+    by_id = {r["queryid"]: r for r in rows if r["kind"] == "statement"}
+    setup = [r for r in rows if r["kind"] == "setup"]
+    assert len(setup) == 1 and setup[0]["calls"] == 1, rows
+    got = [dict(bytes_in=setup[0]["bytes_in"], bytes_out=setup[0]["bytes_out"])]
+    for s in statements:
+        assert ids[s] in by_id, (s, rows)
+        assert by_id[ids[s]]["calls"] == 1, (s, by_id[ids[s]])
+        got.append(dict(bytes_in=by_id[ids[s]]["bytes_in"], bytes_out=by_id[ids[s]]["bytes_out"]))
+    assert got == ref, "\n".join(f"{s:50} got {g} tcpdump {e}" for s, g, e in zip(["setup"] + statements, got, ref))
+    assert len(rows) == len(statements) + 1, rows
+    # The sizes are what the statements asked for.
+    big = by_id[ids[statements[1]]]["bytes_out"]
+    assert 3_000_000 < big < 3_001_000, big
+    # The text comes from pg_stat_statements.
+    assert by_id[ids[statements[1]]]["query"] == "SELECT repeat($1, $2)"
+
+
+def test_eviction_folds_into_other_and_totals_still_equal_tcpdump(stmts, tmp_path):
+    # More distinct statements (different column counts: different query ids) than the table holds.
+    statements = ["SELECT inet_client_port()"] + [
+        "SELECT " + ", ".join(["repeat('e', 50)"] * n) for n in range(1, 3 * MAX_STATEMENTS)]
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        r = run_script(stmts, "pgn_evict", statements)
+        assert r.returncode == 0, r.stderr
+        client_port = int(r.stdout.splitlines()[0])
+        td.wait_closed()
+    ref = reference(td.path, stmts.port, client_port)
+    total = {k: sum(p[k] for p in ref) for k in ("bytes_in", "bytes_out")}
+
+    def totals():
+        rows = rows_of(stmts, "pgn_evict")
+        return {k: sum(r[k] for r in rows) for k in ("bytes_in", "bytes_out")}
+    backend_gone(stmts, "pgn_evict")
+    assert totals() == total
+    rows = rows_of(stmts, "pgn_evict")
+    assert len(rows) <= MAX_STATEMENTS, rows
+    other = [r for r in rows if r["kind"] == "other"]
+    assert len(other) == 1 and other[0]["calls"] > len(statements) - MAX_STATEMENTS, rows
+    # Every statement's call, and the connection's setup (a row of its own, or folded too).
+    assert sum(r["calls"] for r in rows) == len(statements) + 1
+    cap, used, evictions = map(int, stmts.rows(
+        "SELECT max_statements, statements, evictions FROM pg_netstat_statement_table")[0])
+    assert (cap, used) == (MAX_STATEMENTS, MAX_STATEMENTS) and evictions >= len(statements) - MAX_STATEMENTS
+
+
+def test_unix_socket_connections_are_not_counted(stmts):
+    stmts.sql("SELECT pg_netstat_reset()")
+    r = run_script(stmts, "pgn_unix", ["SELECT repeat('u', 100000)"], host=str(stmts.dir))
+    assert r.returncode == 0, r.stderr
+    assert rows_of(stmts, "pgn_unix") == []
+
+
+def test_track_statements_off_counts_nothing(stmts, tmp_path):
+    stmts.sql("SELECT pg_netstat_reset()")
+    r = run_script(stmts, "postgres", ["SET pg_netstat.track_statements = off", "SELECT repeat('o', 100000)"])
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(stmts, "postgres")
+    # Only the setup and the SET itself (its bytes in arrived while counting was on).
+    assert all(r["bytes_out"] < 10_000 for r in rows), rows
+
+
+@contextlib.contextmanager
+def client_segments_lost(port, every):
+    """Drops every `every`-th segment the client sends to `port` on its way into the
+    server (nftables input hook on this host: after tcpdump on lo has seen it), so the
+    client sends it again, as a loaded host's loopback does now and then when a backlog
+    overflows."""
+    table = f"pgn_stmt_loss_{port}"
+    run(["nft", "add", "table", "inet", table])
+    try:
+        run(["nft", *f"add chain inet {table} in {{ type filter hook input priority 0 ; }}".split()])
+        run(["nft", *f"add rule inet {table} in tcp dport {port} numgen inc mod {every} == 0 drop".split()])
+        yield
+    finally:
+        run(["nft", "delete", "table", "inet", table])
+
+
+@pytest.mark.parametrize("loss", [False, True], ids=["clean", "client_retransmits"])
+def test_copy_from_stdin_data_is_charged_to_the_copy(stmts, tmp_path, loss):
+    """The COPY's data is its own, exactly; segments the client had to send again are
+    received, and counted, once (tcpdump on lo sees them twice)."""
+    rows = "".join(f"{n}\n" for n in range(200_000))
+    stmts.sql("SELECT pg_netstat_reset()")
+    lossy = client_segments_lost(stmts.port, 7) if loss else contextlib.nullcontext()
+    with Tcpdump("lo", stmts.port, tmp_path) as td, lossy:
+        r = subprocess.run([PSQL, "-X", "-qAt", "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_copy",
+                            "-d", "postgres", "-c", "SELECT inet_client_port()",
+                            "-c", "COPY pgn_copy_target FROM STDIN", "-c", "SELECT 'after'"],
+                           input=rows, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        client_port = int(r.stdout.splitlines()[0])
+        td.wait_closed()
+    ref = reference(td.path, stmts.port, client_port)
+    assert len(ref) == 4, ref
+    if loss:  # the client did send segments again (the statements' own among them)
+        assert pcap_retransmissions(td.path, stmts.port)[client_port][0] > 0
+    backend_gone(stmts, "pgn_copy")
+    copy = [x for x in rows_of(stmts, "pgn_copy") if x["query"].startswith("COPY")]
+    assert len(copy) == 1, rows_of(stmts, "pgn_copy")
+    assert (copy[0]["bytes_in"], copy[0]["bytes_out"]) == (ref[2]["bytes_in"], ref[2]["bytes_out"])
+    assert copy[0]["bytes_in"] > len(rows)
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench_each_protocol_totals_equal_tcpdump(stmts, tmp_path, mode):
+    """Every byte of every connection is charged once, whatever the protocol: the role's
+    rows add up to tcpdump's payload bytes, and each transaction's SELECT is one call."""
+    transactions = 300
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path) as td:
+        run([str(PGBIN / "pgbench"), "-n", "-S", "-M", mode, "-c", "2", "-t", str(transactions),
+             "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_bench", "postgres"])
+        td.wait_closed()
+    ref = {"bytes_in": 0, "bytes_out": 0}
+    clients = {p for d, _, p in td_clients(td.path, stmts.port)}
+    for p in clients:
+        for direction, n, _ in pcap_payloads(td.path, stmts.port, p):
+            ref["bytes_" + direction] += n
+    backend_gone(stmts, "pgn_bench")
+    rows = rows_of(stmts, "pgn_bench")
+    assert {k: sum(r[k] for r in rows) for k in ref} == ref, rows
+    select = [r for r in rows if "pgbench_accounts" in r["query"]]
+    assert len(select) == 1 and select[0]["calls"] == 2 * transactions, rows
+
+
+def td_clients(path, server_port):
+    from harness import pcap_packets  # noqa: F401 (same parser)
+    from harness import _tcp_ports, pcap_frames
+    for _, _, f in pcap_frames(path):
+        ports = _tcp_ports(f)
+        if ports and server_port in ports:
+            yield None, None, ports[0] if ports[1] == server_port else ports[1]
+
+
+def test_errors_pass_through_untouched_and_caught_errors_keep_statements_top_level(stmts, tmp_path):
+    """The hooks let PostgreSQL's errors through as they are (an error re-raised by Rust
+    code would lose its location, constraint name and more), and an error caught in a
+    PL/pgSQL EXCEPTION block, deep in nested statements, leaves the next statement
+    top-level."""
+    stmts.sql("SELECT pg_netstat_reset()")
+    statements = [
+        "SELECT inet_client_port()",
+        "DO $$ BEGIN PERFORM 1 / (random() * 0)::int; EXCEPTION WHEN division_by_zero THEN NULL; END $$",
+        "SELECT repeat('n', 5000), 2, 3",
+        "CREATE TEMP TABLE pgn_checked (n int CONSTRAINT pgn_positive CHECK (n > 0))",
+        "INSERT INTO pgn_checked VALUES (-1)",
+    ]
+    r = subprocess.run([PSQL, "-X", "-qAt", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1", "-p", str(stmts.port),
+                        "-U", "postgres", "-d", "postgres", "-f", "-"],
+                       input="".join(s + ";\n" for s in statements), capture_output=True, text=True, check=False)
+    assert "LOCATION:  ExecConstraints, execMain.c" in r.stderr, r.stderr
+    backend_gone(stmts, "postgres")
+    rows = rows_of(stmts, "postgres")
+    n = [x for x in rows if x["query"] == "SELECT repeat($1, $2), $3, $4"]
+    assert len(n) == 1 and n[0]["calls"] == 1 and 5000 < n[0]["bytes_out"] < 5200, rows
