@@ -114,15 +114,82 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'pg_netstat_reset_wrapper';
 
+-- What the connection views read besides pg_netstat_flows() (issue 14).
+CREATE FUNCTION pg_netstat_flow_owners() RETURNS TABLE (
+	"device" TEXT,
+	"client_addr" TEXT,
+	"client_port" INT,
+	"server_addr" TEXT,
+	"server_port" INT,
+	"application" TEXT,
+	"backend_type" TEXT,
+	"peer_class" TEXT
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_flow_owners_wrapper';
+CREATE FUNCTION pg_netstat_egress_totals() RETURNS TABLE (
+	"peer_class" TEXT,
+	"backend_type" TEXT,
+	"connections" bigint,
+	"packets_in" bigint,
+	"packets_out" bigint,
+	"bytes_in" bigint,
+	"bytes_out" bigint,
+	"retransmits_in" bigint,
+	"retransmits_out" bigint,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_egress_totals_wrapper';
+CREATE FUNCTION pg_netstat_backend_connections() RETURNS TABLE (
+	"pid" INT,
+	"client_addr" TEXT,
+	"client_port" INT,
+	"role" TEXT,
+	"database" TEXT,
+	"application" TEXT,
+	"backend_type" TEXT,
+	"peer_class" TEXT,
+	"bytes_in" bigint,
+	"bytes_out" bigint,
+	"segments_in" bigint,
+	"segments_out" bigint,
+	"retransmits" bigint,
+	"rtt_ms" double precision,
+	"backend_start" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_backend_connections_wrapper';
+CREATE FUNCTION pg_netstat_application_totals() RETURNS TABLE (
+	"role" TEXT,
+	"database" TEXT,
+	"application" TEXT,
+	"peer_class" TEXT,
+	"backend_type" TEXT,
+	"connections" bigint,
+	"bytes_in" bigint,
+	"bytes_out" bigint,
+	"segments_in" bigint,
+	"segments_out" bigint,
+	"retransmits" bigint,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_netstat_application_totals_wrapper';
+
 CREATE VIEW pg_netstat_connections AS
-    SELECT coalesce(a.pid, f.pid) AS pid,
-           coalesce(a.usename::text, f.role) AS usename,
-           coalesce(a.datname::text, f.database) AS datname,
-           a.application_name,
-           a.backend_type,
+    SELECT coalesce(a.pid, f.pid, b.pid) AS pid,
+           coalesce(a.usename::text, f.role, b.role) AS usename,
+           coalesce(a.datname::text, f.database, b.database) AS datname,
+           coalesce(a.application_name, o.application, b.application) AS application_name,
+           coalesce(a.backend_type, o.backend_type, b.backend_type) AS backend_type,
            f.auth,
-           f.client_addr::inet AS client_addr,
-           f.client_port,
+           coalesce(f.client_addr, b.client_addr)::inet AS client_addr,
+           coalesce(f.client_port, b.client_port) AS client_port,
            f.server_addr::inet AS server_addr,
            f.server_port,
            f.device,
@@ -136,11 +203,22 @@ CREATE VIEW pg_netstat_connections AS
            f.fins_in, f.fins_out,
            f.zero_windows_in, f.zero_windows_out,
            f.out_of_order_in, f.out_of_order_out,
-           f.first_seen, f.last_seen, f.closed_at
+           f.first_seen, f.last_seen, f.closed_at,
+           coalesce(o.peer_class, b.peer_class) AS peer_class,
+           b.bytes_in AS socket_bytes_in, b.bytes_out AS socket_bytes_out,
+           b.segments_in AS socket_segments_in, b.segments_out AS socket_segments_out,
+           b.retransmits AS socket_retransmits, b.rtt_ms AS socket_rtt_ms
       FROM pg_netstat_flows() f
+      LEFT JOIN pg_netstat_flow_owners() o
+        ON o.device = f.device AND o.client_addr = f.client_addr AND o.client_port = f.client_port
+       AND o.server_addr = f.server_addr AND o.server_port = f.server_port
+      -- The backend's own socket counters: the same connection on whichever device it
+      -- was captured, or alone when nothing was captured (no CAP_NET_RAW).
+      FULL JOIN pg_netstat_backend_connections() b
+        ON b.pid = f.pid AND b.client_port = f.client_port AND b.client_addr = f.client_addr
       LEFT JOIN pg_stat_activity a
-        ON a.pid = f.pid AND a.client_port = f.client_port
-     ORDER BY f.bytes_in + f.bytes_out DESC, f.first_seen;
+        ON a.pid = coalesce(f.pid, b.pid) AND a.client_port = coalesce(f.client_port, b.client_port)
+     ORDER BY coalesce(f.bytes_in + f.bytes_out, b.bytes_in + b.bytes_out) DESC, f.first_seen;
 
 CREATE VIEW pg_netstat_roles AS
     SELECT name AS role, connections, packets_in, packets_out, bytes_in, bytes_out,
@@ -200,7 +278,12 @@ CREATE FUNCTION pg_netstat_statement_table_status() RETURNS TABLE (
 	"statements" INT,
 	"evictions" bigint,
 	"overflow_charges" bigint,
-	"stats_reset" timestamp with time zone
+	"stats_reset" timestamp with time zone,
+	"connection_slots" INT,
+	"connections" INT,
+	"slot_overflow" bigint,
+	"application_rows" INT,
+	"application_overflow" bigint
 )
 STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
@@ -263,3 +346,45 @@ REVOKE ALL ON pg_netstat_statements, pg_netstat_statement_table FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pg_netstat_statement_stats(), pg_netstat_statement_table_status(),
                           pg_netstat_statement_texts() TO pg_monitor;
 GRANT SELECT ON pg_netstat_statements, pg_netstat_statement_table TO pg_monitor;
+
+-- Per-connection figures from the backends themselves, their totals per role, database
+-- and application, and the egress summary (issue 14): the socket_* figures need no
+-- capture (TCP payload bytes, from each backend's own tcp_info).
+CREATE VIEW pg_netstat_applications AS
+    SELECT role, database, application,
+           sum(connections)::bigint AS connections,
+           sum(bytes_in)::bigint AS bytes_in, sum(bytes_out)::bigint AS bytes_out,
+           sum(segments_in)::bigint AS segments_in, sum(segments_out)::bigint AS segments_out,
+           sum(retransmits)::bigint AS retransmits,
+           max(stats_reset) AS stats_reset
+      FROM pg_netstat_application_totals()
+     GROUP BY role, database, application
+     ORDER BY sum(bytes_out) DESC, role, database, application;
+
+CREATE VIEW pg_netstat_egress AS
+    SELECT coalesce(c.peer_class, s.peer_class) AS peer_class,
+           coalesce(c.backend_type, s.backend_type) AS backend_type,
+           c.connections, c.bytes_out, c.bytes_in, c.packets_out, c.packets_in,
+           c.retransmits_out, c.retransmits_in,
+           s.connections AS socket_connections,
+           s.bytes_out AS socket_bytes_out, s.bytes_in AS socket_bytes_in,
+           coalesce(c.stats_reset, s.stats_reset) AS stats_reset
+      FROM pg_netstat_egress_totals() c
+      FULL JOIN (SELECT peer_class, backend_type,
+                        sum(connections)::bigint AS connections,
+                        sum(bytes_out)::bigint AS bytes_out, sum(bytes_in)::bigint AS bytes_in,
+                        max(stats_reset) AS stats_reset
+                   FROM pg_netstat_application_totals()
+                  GROUP BY peer_class, backend_type) s
+        ON coalesce(s.peer_class, '') = c.peer_class
+       AND coalesce(s.backend_type, '') = coalesce(c.backend_type, '')
+     ORDER BY coalesce(c.bytes_out, s.bytes_out) DESC NULLS LAST;
+
+COMMENT ON VIEW pg_netstat_applications IS 'Network bytes per role, database and application name, from each backend''s own socket (no capture), ended connections included';
+COMMENT ON VIEW pg_netstat_egress IS 'Bytes out and in per class of client address (loopback, private, link-local, public) and backend type: captured, and from the backends'' own sockets';
+REVOKE ALL ON FUNCTION pg_netstat_flow_owners(), pg_netstat_egress_totals(), pg_netstat_backend_connections(),
+                        pg_netstat_application_totals() FROM PUBLIC;
+REVOKE ALL ON pg_netstat_applications, pg_netstat_egress FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pg_netstat_flow_owners(), pg_netstat_egress_totals(), pg_netstat_backend_connections(),
+                          pg_netstat_application_totals() TO pg_monitor;
+GRANT SELECT ON pg_netstat_applications, pg_netstat_egress TO pg_monitor;

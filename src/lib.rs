@@ -12,6 +12,7 @@ pub mod flows;
 pub mod handover;
 pub mod history;
 pub mod kernel_counters;
+pub mod peer;
 #[cfg(linux_native)]
 pub mod privileges;
 pub mod savefile;
@@ -51,7 +52,9 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init(gucs::HISTORY.get().max(1) as usize);
     flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
     owner_hooks::install_log_hook();
-    stmtshm::init(gucs::MAX_STATEMENTS.get().max(1) as usize);
+    // SAFETY: plain reads of settings the postmaster has loaded before preload libraries.
+    let connections = unsafe { pg_sys::MaxConnections + pg_sys::max_wal_senders }.max(1) as usize;
+    stmtshm::init(gucs::MAX_STATEMENTS.get().max(1) as usize, connections);
     stmt_hooks::install();
     worker::register();
     least_privilege();

@@ -7,6 +7,7 @@
 
 use crate::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
 use crate::flowshm;
+use crate::peer::BackendKind;
 use pgrx::pg_sys;
 use pgrx::pg_sys::libpq::be::Port;
 use std::ffi::{c_char, c_int, CStr};
@@ -41,6 +42,10 @@ struct PortHead {
     local_host: [c_char; 64],
     database_name: *mut c_char,
     user_name: *mut c_char,
+    cmdline_options: *mut c_char,
+    guc_options: *mut pg_sys::List,
+    /// application_name as the startup packet gave it (the same place in 15 to 18).
+    application_name: *mut c_char,
 }
 
 /// Address family, address (IPv4 in the first 4 bytes; IPv4-mapped IPv6 as IPv4, which
@@ -83,6 +88,36 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
+/// The names and client address of a TCP connection as its startup packet and socket
+/// gave them (the backends' own per-connection figures key on these); `None` for Unix
+/// sockets.
+pub(crate) fn describe(port: *const Port) -> Option<AppKeyParts> {
+    if port.is_null() {
+        return None;
+    }
+    // SAFETY: MyProcPort / the hook's port, valid for the backend's life; PortHead is the
+    // layout of its first fields in the major this library was built for.
+    let port = unsafe { &*(port as *const PortHead) };
+    let (client_addr, client_port, ipv6) = inet(&port.raddr)?;
+    Some(AppKeyParts {
+        role: name_bytes(cstr_bytes(port.user_name)),
+        database: name_bytes(cstr_bytes(port.database_name)),
+        application: name_bytes(cstr_bytes(port.application_name)),
+        client_addr,
+        client_port,
+        ipv6,
+    })
+}
+
+pub(crate) struct AppKeyParts {
+    pub role: [u8; crate::flows::NAME_LEN],
+    pub database: [u8; crate::flows::NAME_LEN],
+    pub application: [u8; crate::flows::NAME_LEN],
+    pub client_addr: [u8; 16],
+    pub client_port: u16,
+    pub ipv6: bool,
+}
+
 /// Records this backend's connection, once. Called from the ClientAuthentication hook
 /// with the outcome of authentication.
 pub fn register(port: *const Port, status: OwnerStatus) {
@@ -118,6 +153,9 @@ fn record(port: *const Port, status: OwnerStatus) {
         pid: unsafe { pg_sys::MyProcPid },
         role: name_bytes(cstr_bytes(port.user_name)),
         database: name_bytes(cstr_bytes(port.database_name)),
+        application: name_bytes(cstr_bytes(port.application_name)),
+        // SAFETY: a plain read of a flag set from the startup packet, before authentication.
+        kind: if unsafe { pg_sys::am_walsender } { BackendKind::WalSender } else { BackendKind::Client },
         started_us: now,
         // A refused backend is about to exit.
         ended_us: if ended { now } else { 0 },

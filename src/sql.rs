@@ -10,8 +10,10 @@ use crate::flows::{name_str, Flow, Totals};
 use crate::flowshm;
 use crate::gucs::Settings;
 use crate::history::Slot;
+use crate::peer::{self, BackendKind};
 use crate::persist;
 use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
+use crate::statements::conns::{self, AppKey, Conn};
 use crate::statements::{Entry, Kind};
 use crate::stmtshm;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -387,6 +389,80 @@ rows_fn! {
     }
 }
 
+rows_fn! {
+    /// What pg_netstat_flows() has no room left for (a result has at most 32 columns in
+    /// pgrx): each flow's key with the application name and backend type its backend
+    /// registered, which stay after the backend is gone. Behind pg_netstat_connections.
+    fn pg_netstat_flow_owners() -> rows(
+        device: String,
+        client_addr: String,
+        client_port: i32,
+        server_addr: String,
+        server_port: i32,
+        application: Option<String>,
+        backend_type: Option<String>,
+        peer_class: String,
+    ) {
+        let rows: Vec<_> = flowshm::snapshot_flows()
+            .iter()
+            .map(|f| {
+                (
+                    name_str(&f.key.device).to_string(),
+                    addr_text(&f.key.client_addr, f.key.ipv6),
+                    f.key.client_port as i32,
+                    addr_text(&f.key.server_addr, f.key.ipv6),
+                    f.key.server_port as i32,
+                    // An application that gave no name has "" in pg_stat_activity too.
+                    (f.kind != BackendKind::Unknown).then(|| name_str(&f.application).to_string()),
+                    f.kind.as_str().map(str::to_string),
+                    peer::classify(&f.key.client_addr, f.key.ipv6).as_str().to_string(),
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+}
+
+rows_fn! {
+    /// Captured traffic since the last reset per class of client address (loopback,
+    /// private, link-local, public) and backend type (NULL: no backend claimed the
+    /// connection), ended connections included. Behind pg_netstat_egress.
+    fn pg_netstat_egress_totals() -> rows(
+        peer_class: String,
+        backend_type: Option<String>,
+        connections: i64,
+        packets_in: i64,
+        packets_out: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        retransmits_in: i64,
+        retransmits_out: i64,
+        stats_reset: Option<TimestampWithTimeZone>,
+    ) {
+        let Some((reset, rows)) = flowshm::read(|v| (v.header.stats_reset_us, v.egress())) else {
+            return TableIterator::new(Vec::new());
+        };
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(class, kind, r)| {
+                (
+                    class.as_str().to_string(),
+                    kind.as_str().map(str::to_string),
+                    as_i64(r.connections),
+                    as_i64(r.counters.packets_in),
+                    as_i64(r.counters.packets_out),
+                    as_i64(r.counters.bytes_in),
+                    as_i64(r.counters.bytes_out),
+                    as_i64(r.tcp.retrans_in),
+                    as_i64(r.tcp.retrans_out),
+                    (reset != 0).then(|| timestamptz(reset)),
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+}
+
 type TotalsRow = (Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, Option<TimestampWithTimeZone>);
 
 fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
@@ -477,7 +553,10 @@ rows_fn! {
 #[pg_extern(volatile, parallel_unsafe)]
 fn pg_netstat_reset() {
     let now = now_us();
-    stmtshm::write(|t| t.reset(now));
+    stmtshm::write_all(|t, c| {
+        t.reset(now);
+        c.reset(now);
+    });
     persist::reset_counts(now);
 }
 
@@ -554,7 +633,18 @@ rows_fn! {
         evictions: i64,
         overflow_charges: i64,
         stats_reset: Option<TimestampWithTimeZone>,
+        connection_slots: i32,
+        connections: i32,
+        slot_overflow: i64,
+        application_rows: i32,
+        application_overflow: i64,
     ) {
+        let Some(conns) = stmtshm::read_conns(|h, slots, apps| {
+            (slots.len() as i32, slots.iter().filter(|c| c.in_use).count() as i32, as_i64(h.slot_overflow),
+             apps.len() as i32, as_i64(h.app_overflow))
+        }) else {
+            return TableIterator::new(Vec::new());
+        };
         let row = stmtshm::read(|h, _| {
             (
                 h.capacity as i32,
@@ -562,8 +652,125 @@ rows_fn! {
                 as_i64(h.evictions),
                 as_i64(h.overflow_charges),
                 (h.stats_reset_us != 0).then(|| timestamptz(h.stats_reset_us)),
+                conns.0,
+                conns.1,
+                conns.2,
+                conns.3,
+                conns.4,
             )
         });
         TableIterator::new(row.into_iter().collect::<Vec<_>>())
+    }
+}
+
+/// A key's texts; the overflow row's are all NULL (it gathers every class and type).
+fn app_key_texts(k: &AppKey) -> (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>) {
+    let overflow = k.is_overflow();
+    let text = |n: &[u8]| (!overflow).then(|| name_str(n).to_string());
+    (
+        text(&k.role),
+        text(&k.database),
+        text(&k.application),
+        (!overflow).then(|| peer::PeerClass::from_u8(k.peer_class).as_str().to_string()),
+        (!overflow).then(|| BackendKind::from_u8(k.kind).as_str().map(str::to_string)).flatten(),
+    )
+}
+
+rows_fn! {
+    /// Each live TCP connection's own socket counters, as its backend last read them
+    /// (at its last statement; a walsender at its start): payload bytes and segments
+    /// since the connection was accepted. Behind pg_netstat_connections' socket_* columns.
+    fn pg_netstat_backend_connections() -> rows(
+        pid: i32,
+        client_addr: String,
+        client_port: i32,
+        role: String,
+        database: String,
+        application: String,
+        backend_type: Option<String>,
+        peer_class: Option<String>,
+        bytes_in: i64,
+        bytes_out: i64,
+        segments_in: i64,
+        segments_out: i64,
+        retransmits: i64,
+        rtt_ms: f64,
+        backend_start: TimestampWithTimeZone,
+    ) {
+        let slots: Vec<Conn> = stmtshm::read_conns(|_, slots, _| slots.iter().filter(|c| c.in_use).copied().collect())
+            .unwrap_or_default();
+        let rows: Vec<_> = slots
+            .iter()
+            .map(|c| {
+                let (role, database, application, class, kind) = app_key_texts(&c.key);
+                (
+                    c.pid,
+                    addr_text(&c.client_addr, c.ipv6),
+                    c.client_port as i32,
+                    role.unwrap_or_default(),
+                    database.unwrap_or_default(),
+                    application.unwrap_or_default(),
+                    kind,
+                    class,
+                    as_i64(c.socket.bytes_in),
+                    as_i64(c.socket.bytes_out),
+                    as_i64(c.socket.segments_in),
+                    as_i64(c.socket.segments_out),
+                    as_i64(c.socket.retransmits),
+                    c.socket.rtt_us as f64 / 1000.0,
+                    timestamptz(c.started_us),
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+}
+
+rows_fn! {
+    /// Totals since the last reset per role, database, application name (from the
+    /// startup packet), peer class and backend type, from the backends' own sockets:
+    /// ended connections and live ones (up to their last reading). The row with NULL
+    /// names holds connections whose key found every row taken. Behind
+    /// pg_netstat_applications and pg_netstat_egress.
+    fn pg_netstat_application_totals() -> rows(
+        role: Option<String>,
+        database: Option<String>,
+        application: Option<String>,
+        peer_class: Option<String>,
+        backend_type: Option<String>,
+        connections: i64,
+        bytes_in: i64,
+        bytes_out: i64,
+        segments_in: i64,
+        segments_out: i64,
+        retransmits: i64,
+        stats_reset: Option<TimestampWithTimeZone>,
+    ) {
+        let Some((reset, rows)) =
+            stmtshm::read_conns(|h, slots, apps| (h.stats_reset_us, conns::totals(apps, slots)))
+        else {
+            return TableIterator::new(Vec::new());
+        };
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let (role, database, application, class, kind) = app_key_texts(&r.key);
+                (
+                    role,
+                    database,
+                    application,
+                    class,
+                    kind,
+                    as_i64(r.connections),
+                    as_i64(r.socket.bytes_in),
+                    as_i64(r.socket.bytes_out),
+                    as_i64(r.socket.segments_in),
+                    as_i64(r.socket.segments_out),
+                    as_i64(r.socket.retransmits),
+                    (reset != 0).then(|| timestamptz(reset)),
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
     }
 }

@@ -17,9 +17,11 @@
 //! Unix-socket connections have no TCP counters: they are recognised at authentication
 //! (getsockopt fails once) and cost nothing afterwards.
 
+use crate::peer::{self, BackendKind};
+use crate::statements::conns::{AppKey, Conn, SlotId, Socket};
 use crate::statements::nesting::Nesting;
-use crate::statements::{Charges, Kind, StmtKey, Target, Tracker};
-use crate::{gucs, stmtshm, tcpinfo};
+use crate::statements::{Charges, Kind, Sample, StmtKey, Target, Tracker};
+use crate::{gucs, owner_hooks, stmtshm, tcpinfo};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_int};
 
@@ -37,6 +39,17 @@ struct Local {
 // hooks, which PostgreSQL calls on its one thread; no reference to them outlives a call
 // into PostgreSQL, so a hook re-entered from a nested statement never aliases one.
 static mut LOCAL: Option<Local> = None;
+/// This backend's connection in the per-connection figures (client backends and
+/// walsenders on TCP); `None` elsewhere. Same rules as LOCAL.
+static mut CONN: Option<ConnLocal> = None;
+
+#[derive(Clone, Copy)]
+struct ConnLocal {
+    key: AppKey,
+    sock: c_int,
+    /// `None` when every slot was taken: the figures reach the totals at exit only.
+    slot: Option<SlotId>,
+}
 static mut NESTING: Option<Nesting> = None;
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
@@ -141,10 +154,14 @@ pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
     // SAFETY: a plain read of a flag set before authentication; `port` is MyProcPort,
     // valid for the backend's life, and `sock` its first field in every major.
     let (walsender, sock) = unsafe { (pg_sys::am_walsender, if port.is_null() { -1 } else { (*port).sock }) };
-    if walsender || sock < 0 {
+    if sock < 0 {
         return;
     }
     let Some(sample) = tcpinfo::read(sock) else { return };
+    open_connection(port, sock, walsender, &sample);
+    if walsender {
+        return;
+    }
     let mut tracker = Tracker::new();
     let on = gucs::TRACK_STATEMENTS.get();
     if on {
@@ -159,6 +176,62 @@ pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
     }
 }
 
+/// Takes this connection's slot in the per-connection figures, with its first reading.
+fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender: bool, sample: &Sample) {
+    if !gucs::TRACK_STATEMENTS.get() {
+        return;
+    }
+    let Some(p) = owner_hooks::describe(port as *const _) else { return };
+    let kind = if walsender { BackendKind::WalSender } else { BackendKind::Client };
+    let key = AppKey {
+        role: p.role,
+        database: p.database,
+        application: p.application,
+        peer_class: peer::classify(&p.client_addr, p.ipv6) as u8,
+        kind: kind as u8,
+    };
+    let conn = Conn {
+        // SAFETY: a plain read of this process's PID.
+        pid: unsafe { pg_sys::MyProcPid },
+        key,
+        client_addr: p.client_addr,
+        ipv6: p.ipv6,
+        client_port: p.client_port,
+        started_us: now_us(),
+        socket: Socket::from_sample(sample),
+        ..Conn::default()
+    };
+    let slot = stmtshm::write_all(|_, c| c.open(conn)).flatten();
+    // SAFETY: backend-local, see CONN; set once, before the callback that reads it.
+    unsafe {
+        CONN = Some(ConnLocal { key, sock, slot });
+        if walsender {
+            // Client backends close theirs in `on_exit`, after the last statement's charge.
+            pg_sys::before_shmem_exit(Some(on_walsender_exit), pg_sys::Datum::from(0));
+        }
+    }
+}
+
+fn conn_local() -> Option<ConnLocal> {
+    // SAFETY: backend-local and single-threaded, see CONN.
+    unsafe { std::ptr::read(&raw const CONN) }
+}
+
+/// The connection ends: its figures go to the totals. `last` is the final reading, if one
+/// was taken (counting off: the latest in the slot stands).
+fn close_connection(last: Option<Sample>) {
+    let Some(c) = conn_local() else { return };
+    let last = last.map(|s| Socket::from_sample(&s));
+    stmtshm::write_all(|_, conns| conns.close(c.slot, &c.key, last));
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_walsender_exit(_code: c_int, _arg: pg_sys::Datum) {
+    let Some(c) = conn_local() else { return };
+    let last = if gucs::TRACK_STATEMENTS.get() { tcpinfo::read_final(c.sock) } else { None };
+    close_connection(last);
+}
+
 fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
@@ -166,26 +239,27 @@ fn now_us() -> i64 {
 /// Reads the socket and lets `f` turn the reading into charges, which go to shared
 /// memory. Nothing when this backend does not count, or counting is off.
 fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>) {
-    boundary_with(tcpinfo::read, f)
+    boundary_with(tcpinfo::read, f);
 }
 
-/// `boundary` with the reading `read` makes.
+/// `boundary` with the reading `read` makes; returns the reading.
 fn boundary_with(
     read: fn(c_int) -> Option<crate::statements::Sample>,
     f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>,
-) {
-    let Some(local) = local() else { return };
+) -> Option<Sample> {
+    let local = local()?;
     if !gucs::TRACK_STATEMENTS.get() {
         local.stale = true;
-        return;
+        return None;
     }
-    let Some(sample) = read(local.sock) else { return };
+    let sample = read(local.sock)?;
     if local.stale {
         local.stale = false;
         local.tracker.resync(sample);
     }
     let charges = f(&mut local.tracker, sample);
-    apply(charges);
+    apply(charges, &sample);
+    Some(sample)
 }
 
 fn set_in_statement(v: bool) {
@@ -227,10 +301,11 @@ fn local() -> Option<&'static mut Local> {
     }
 }
 
-fn apply(charges: Charges<StmtKey>) {
+fn apply(charges: Charges<StmtKey>, sample: &Sample) {
     if charges.iter().all(Option::is_none) {
         return;
     }
+    let slot = conn_local().and_then(|c| c.slot);
     let now = now_us();
     // The setup row belongs to the session's role and database (MyProc's, set once the
     // session exists); a backend that never got one charges no setup.
@@ -243,7 +318,10 @@ fn apply(charges: Charges<StmtKey>) {
             (u32::from((*p).roleId), u32::from((*p).databaseId))
         }
     };
-    stmtshm::write(|t| {
+    stmtshm::write_all(|t, conns| {
+        if let Some(id) = slot {
+            conns.update(id, Socket::from_sample(sample));
+        }
         for c in charges.into_iter().flatten() {
             let key = match c.target {
                 Target::Statement(k) => k,
@@ -258,7 +336,8 @@ fn apply(charges: Charges<StmtKey>) {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
     // The client's FIN follows its Terminate at once: the reading that settles it.
-    boundary_with(tcpinfo::read_final, |t, s| t.exit(s));
+    let last = boundary_with(tcpinfo::read_final, |t, s| t.exit(s));
+    close_connection(last);
 }
 
 /// A top-level statement starts (guarded: an error in our own work is reported by pgrx).

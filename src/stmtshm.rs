@@ -4,6 +4,7 @@
 
 use crate::flows::index;
 use crate::region::{self, RegionId};
+use crate::statements::conns::{AppRow, Conn, ConnHeader, Conns, APP_ROWS};
 use crate::statements::{Entry, Header, StatementTable};
 use pgrx::pg_sys;
 use std::mem::{align_of, size_of};
@@ -17,6 +18,11 @@ struct Layout {
     capacity: usize,
     index: usize,
     entries: usize,
+    /// The backends' own per-connection figures (`statements::conns`), under the same lock.
+    conn_header: usize,
+    slots: usize,
+    slot_count: usize,
+    apps: usize,
     total: usize,
 }
 
@@ -26,20 +32,24 @@ fn place<T>(at: &mut usize, n: usize) -> usize {
     start
 }
 
-fn layout(capacity: usize) -> Layout {
+fn layout(capacity: usize, slot_count: usize) -> Layout {
     let mut at = size_of::<Header>();
     let index = place::<u32>(&mut at, index::len_for(capacity));
     let entries = place::<Entry>(&mut at, capacity);
-    Layout { capacity, index, entries, total: at }
+    let conn_header = place::<ConnHeader>(&mut at, 1);
+    let slots = place::<Conn>(&mut at, slot_count);
+    let apps = place::<AppRow>(&mut at, APP_ROWS);
+    Layout { capacity, index, entries, conn_header, slots, slot_count, apps, total: at }
 }
 
 // Set once in the postmaster (_PG_init) and inherited by every child.
 static mut LAYOUT: Option<Layout> = None;
 static mut REGION_ID: Option<RegionId> = None;
 
-/// Reserves the table; call from _PG_init.
-pub fn init(capacity: usize) {
-    let l = layout(capacity.max(1));
+/// Reserves the table, with `connections` slots for live TCP backends (max_connections
+/// + max_wal_senders: no more can authenticate); call from _PG_init.
+pub fn init(capacity: usize, connections: usize) {
+    let l = layout(capacity.max(1), connections.max(1));
     // SAFETY: _PG_init runs once, single-threaded, in the postmaster.
     unsafe {
         LAYOUT = Some(l);
@@ -83,7 +93,7 @@ impl Drop for Held {
     }
 }
 
-fn with<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(StatementTable<'_>) -> R) -> Option<R> {
+fn with<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(StatementTable<'_>, Conns<'_>) -> R) -> Option<R> {
     let l = current_layout()?;
     let base = region_base();
     let lock = region_id().map_or(null_mut(), region::lock);
@@ -103,16 +113,30 @@ fn with<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(StatementTable<'_>) ->
             entries: std::slice::from_raw_parts_mut(base.add(l.entries) as *mut Entry, l.capacity),
         }
     };
-    Some(f(t))
+    // SAFETY: as above; the three parts do not overlap (`layout`).
+    let c = unsafe {
+        Conns {
+            header: &mut *(base.add(l.conn_header) as *mut ConnHeader),
+            slots: std::slice::from_raw_parts_mut(base.add(l.slots) as *mut Conn, l.slot_count),
+            apps: std::slice::from_raw_parts_mut(base.add(l.apps) as *mut AppRow, APP_ROWS),
+        }
+    };
+    Some(f(t, c))
 }
 
-/// Runs `f` on the table under the exclusive lock; `None` before shared memory exists.
-/// Keep `f` bounded: every backend's statement boundary waits for it.
-pub fn write<R>(f: impl FnOnce(&mut StatementTable<'_>) -> R) -> Option<R> {
-    with(pg_sys::LWLockMode::LW_EXCLUSIVE, |mut t| f(&mut t))
+/// Runs `f` on the table and the per-connection figures under the exclusive lock (one
+/// lock for both); `None` before shared memory exists. Keep `f` bounded: every backend's
+/// statement boundary waits for it.
+pub fn write_all<R>(f: impl FnOnce(&mut StatementTable<'_>, &mut Conns<'_>) -> R) -> Option<R> {
+    with(pg_sys::LWLockMode::LW_EXCLUSIVE, |mut t, mut c| f(&mut t, &mut c))
 }
 
 /// Runs `f` on a read-only view under the shared lock.
 pub fn read<R>(f: impl FnOnce(&Header, &[Entry]) -> R) -> Option<R> {
-    with(pg_sys::LWLockMode::LW_SHARED, |t| f(t.header, t.entries))
+    with(pg_sys::LWLockMode::LW_SHARED, |t, _| f(t.header, t.entries))
+}
+
+/// Runs `f` on the per-connection figures, read-only, under the shared lock.
+pub fn read_conns<R>(f: impl FnOnce(&ConnHeader, &[Conn], &[AppRow]) -> R) -> Option<R> {
+    with(pg_sys::LWLockMode::LW_SHARED, |_, c| f(c.header, c.slots, c.apps))
 }

@@ -6,6 +6,7 @@ use super::owners::OwnerStatus;
 use super::seq::SeqTrack;
 use super::totals::Contribution;
 use crate::counters::{Counters, TcpCounters};
+use crate::peer::BackendKind;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -18,6 +19,10 @@ pub struct Flow {
     pub pid: i32,
     pub role: [u8; NAME_LEN],
     pub database: [u8; NAME_LEN],
+    pub application: [u8; NAME_LEN],
+    pub kind: BackendKind,
+    /// The row of the egress totals this flow counts into (`peer::egress_row`).
+    pub egress_row: u8,
     /// The per-role and per-database totals rows this flow counts into (0 = unknown).
     pub role_row: u16,
     pub db_row: u16,
@@ -59,6 +64,9 @@ impl Default for Flow {
             pid: 0,
             role: [0; NAME_LEN],
             database: [0; NAME_LEN],
+            application: [0; NAME_LEN],
+            kind: BackendKind::Unknown,
+            egress_row: 0,
             role_row: 0,
             db_row: 0,
             total: Counters::default(),

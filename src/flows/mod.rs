@@ -35,6 +35,7 @@ pub use totals::{Totals, TOTALS_ROWS};
 use crate::capture::packet::{TcpFields, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::capture::{Direction, MAX_DEVICES};
 use crate::counters::{align, Counters, TcpEvents};
+use crate::peer::{self, BackendKind, EGRESS_ROWS};
 use list::List;
 
 /// Fixed-size bookkeeping at the head of the table. All-zero bytes are an empty table.
@@ -68,6 +69,9 @@ pub struct Header {
     /// The devices being captured, so a backend can find its flows on each.
     devices: [[u8; 16]; MAX_DEVICES],
     device_count: u32,
+    /// Totals per peer class and backend kind (`peer::egress_row`), kept packet by packet
+    /// like the role and database rows: the egress summary.
+    pub egress: [Totals; EGRESS_ROWS],
 }
 
 /// The table over its storage. `index` has length `index::len_for(flows.len())`,
@@ -95,6 +99,16 @@ impl FlowView<'_> {
     /// alike, since the last reset.
     pub fn totals(&self, by_role: bool) -> Vec<Totals> {
         totals::visible(if by_role { self.roles } else { self.databases })
+    }
+
+    /// The egress rows that hold anything, with their peer class and backend kind.
+    pub fn egress(&self) -> Vec<(peer::PeerClass, BackendKind, Totals)> {
+        let rows = self.header.egress.iter().enumerate().filter(|(_, r)| !r.is_empty());
+        rows.map(|(i, r)| {
+            let (c, k) = peer::egress_labels(i);
+            (c, k, *r)
+        })
+        .collect()
     }
 }
 
@@ -187,13 +201,17 @@ impl FlowTable<'_> {
         }
         let (role_row, db_row) = (totals::row_for(self.roles, &o.role), totals::row_for(self.databases, &o.database));
         let f = &mut self.flows[pos];
-        (f.status, f.pid, f.role, f.database) = (o.status, o.pid, o.role, o.database);
+        (f.status, f.pid, f.role, f.database, f.application, f.kind) =
+            (o.status, o.pid, o.role, o.database, o.application, o.kind);
+        let egress_row = peer::egress_row(peer::classify(&f.key.client_addr, f.key.ipv6), o.kind);
         let c = f.contribution();
         self.roles[f.role_row as usize].remove(&c);
         self.databases[f.db_row as usize].remove(&c);
-        (f.role_row, f.db_row) = (role_row, db_row);
+        self.header.egress[f.egress_row as usize].remove(&c);
+        (f.role_row, f.db_row, f.egress_row) = (role_row, db_row, egress_row);
         self.roles[role_row as usize].add(&c);
         self.databases[db_row as usize].add(&c);
+        self.header.egress[egress_row as usize].add(&c);
     }
 
     /// Forgets the flow at `pos` and frees its place. Its figures are already in the
@@ -247,7 +265,8 @@ impl FlowTable<'_> {
                 self.header.never_used as usize - 1
             }
         };
-        self.flows[pos] = Flow { in_use: true, key: *key, first_seen_us: now_us, ..Flow::default() };
+        let egress_row = peer::egress_row(peer::classify(&key.client_addr, key.ipv6), BackendKind::Unknown);
+        self.flows[pos] = Flow { in_use: true, key: *key, first_seen_us: now_us, egress_row, ..Flow::default() };
         let (i, _) = self.slot(key);
         self.index[i] = pos as u32 + 1;
         self.header.open.push_back(self.flows, pos);
@@ -308,9 +327,10 @@ impl FlowTable<'_> {
         f.total.add(dir, wire_len as u64);
         f.cur.add(dir, wire_len as u64);
         f.last_seen_us = f.last_seen_us.max(clock.ts_us);
-        let (rr, dr) = (f.role_row as usize, f.db_row as usize);
+        let (rr, dr, er) = (f.role_row as usize, f.db_row as usize, f.egress_row as usize);
         self.roles[rr].counters.add(dir, wire_len as u64);
         self.databases[dr].counters.add(dir, wire_len as u64);
+        self.header.egress[er].counters.add(dir, wire_len as u64);
         // The last packet's flow is already the open list's last by construction; the
         // check is cheap and keeps the list right should that ever change.
         if self.header.open.back() != Some(pos) {
@@ -368,8 +388,8 @@ impl FlowTable<'_> {
         // The role and database rows follow packet by packet.
         let first_syn = ev.contains(TcpEvents::SYN) && f.tcp.syn == f.base_tcp.syn;
         f.tcp.add_events(ev);
-        let (rr, dr, closed) = (f.role_row as usize, f.db_row as usize, f.closed_us != 0);
-        for row in [&mut self.roles[rr], &mut self.databases[dr]] {
+        let (rr, dr, er, closed) = (f.role_row as usize, f.db_row as usize, f.egress_row as usize, f.closed_us != 0);
+        for row in [&mut self.roles[rr], &mut self.databases[dr], &mut self.header.egress[er]] {
             row.counters.add(dir, wire_len as u64);
             if !ev.is_empty() {
                 row.tcp.add_events(ev);
@@ -417,7 +437,7 @@ impl FlowTable<'_> {
     /// keep their own figures but count towards the totals only from here. (Walks the
     /// table once: called by a user, never on the capture path.)
     pub fn reset(&mut self, now_us: i64) {
-        for r in self.roles.iter_mut().chain(self.databases.iter_mut()) {
+        for r in self.roles.iter_mut().chain(self.databases.iter_mut()).chain(self.header.egress.iter_mut()) {
             r.clear();
         }
         for f in self.flows.iter_mut().filter(|f| f.in_use) {
@@ -837,6 +857,45 @@ mod tests {
         assert_eq!((name_str(&f.role), f.pid), ("carol", 7));
         let carol = t.view().totals(true).into_iter().find(|r| name_str(&r.name) == "carol").unwrap();
         assert_eq!((carol.connections, carol.counters.bytes_in), (1, 74));
+    }
+
+    #[test]
+    fn egress_rows_follow_the_peer_class_and_the_owners_backend_kind() {
+        use crate::peer::{BackendKind, PeerClass};
+        let mut s = Storage::new(8, 8);
+        let mut t = s.table();
+        t.set_devices(&[String::new()]);
+        // 10.0.0.2 (private): unknown until its walsender registers, then moved whole.
+        t.rec(&key(40040), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.rec(&key(40040), Direction::Out, None, 1000, at(1));
+        assert_eq!(t.view().egress().iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+                   vec![(PeerClass::Private, BackendKind::Unknown)]);
+        let mut o = owner(40040, 9, "replicator", "");
+        o.kind = BackendKind::WalSender;
+        o.application = name_bytes(b"standby1");
+        t.register_owner(o, SERVER);
+        t.rec(&key(40040), Direction::Out, None, 500, at(2));
+        // A public client (8.8.4.4) whose client backend registered first.
+        let mut public = key(40041);
+        public.client_addr[..4].copy_from_slice(&[8, 8, 4, 4]);
+        let mut o = owner(40041, 10, "app", "shop");
+        o.key.client_addr = public.client_addr;
+        o.kind = BackendKind::Client;
+        t.rec(&public, Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+        t.register_owner(o, SERVER);
+        t.rec(&public, Direction::Out, None, 3000, at(2));
+        let egress = t.view().egress();
+        let got: Vec<_> = egress.iter().map(|(c, k, r)| (*c, *k, r.connections, r.counters.bytes_out)).collect();
+        assert_eq!(got, vec![(PeerClass::Private, BackendKind::WalSender, 1, 1500),
+                             (PeerClass::Public, BackendKind::Client, 1, 3000)]);
+        assert_eq!(name_str(&t.get(&key(40040)).unwrap().application), "standby1");
+        // The egress rows always add up to the role rows.
+        let sum = |rows: Vec<Totals>| rows.iter().map(|r| r.counters.bytes_in + r.counters.bytes_out).sum::<u64>();
+        assert_eq!(sum(egress.into_iter().map(|e| e.2).collect()), sum(t.view().totals(true)));
+        t.reset(5);
+        assert!(t.view().egress().is_empty());
+        t.rec(&public, Direction::Out, None, 40, at(3));
+        assert_eq!(t.view().egress()[0].2.counters.bytes_out, 40);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::index;
 use super::key::{FlowKey, OwnerKey, NAME_LEN};
 use super::list::{Linked, Links};
 use super::FlowTable;
+use crate::peer::BackendKind;
 
 /// How long the record of an ended backend is kept for flows captured after it ended.
 pub const ENDED_KEPT_US: i64 = 60_000_000;
@@ -50,6 +51,9 @@ pub struct Owner {
     pub pid: i32,
     pub role: [u8; NAME_LEN],
     pub database: [u8; NAME_LEN],
+    /// application_name from the startup packet (a later SET is not seen here).
+    pub application: [u8; NAME_LEN],
+    pub kind: BackendKind,
     pub started_us: i64,
     /// 0 while the backend lives.
     pub ended_us: i64,
@@ -66,6 +70,8 @@ impl Default for Owner {
             pid: 0,
             role: [0; NAME_LEN],
             database: [0; NAME_LEN],
+            application: [0; NAME_LEN],
+            kind: BackendKind::Unknown,
             started_us: 0,
             ended_us: 0,
             links: Links::default(),

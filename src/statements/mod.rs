@@ -4,6 +4,7 @@
 //! `stmt_hooks.rs` (hooks, getsockopt) and `stmtshm.rs` (the region).
 
 pub mod attrib;
+pub mod conns;
 pub mod nesting;
 pub mod table;
 
