@@ -319,6 +319,12 @@ mod tests {
     }
 
     #[test]
+    fn sizes_are_the_documented_ones() {
+        // docs/how-it-works.md gives these (shared memory per slot and per row).
+        assert_eq!((std::mem::size_of::<Conn>(), std::mem::size_of::<AppRow>()), (336, 256));
+    }
+
+    #[test]
     fn live_and_ended_connections_add_up_per_key() {
         let mut o = Owned::new(4, 8);
         let a = o.t().open(conn(1, key("alice", "web"))).unwrap();
