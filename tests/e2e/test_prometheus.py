@@ -1,6 +1,7 @@
 """The monitoring path end to end: prometheus-postgres-exporter with
 monitoring/postgres_exporter_queries.yaml against the test cluster, Prometheus scraping the
-exporter on loopback, and PromQL answers through Prometheus' HTTP API equal to the views."""
+exporter on loopback, and PromQL answers through Prometheus' HTTP API equal to the views;
+the Grafana dashboard's queries against that Prometheus."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import INTERVAL
-from dashboard import metric_names, plain_promql, queries
+from dashboard import convention_problems, metric_names, panels, plain_promql, queries
 from harness import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +70,12 @@ def start_monitoring(cluster, tmp_path):
             p.terminate()
             p.wait(timeout=20)
     return prom_port, stop
+
+
+def test_the_dashboard_follows_its_conventions():
+    """The datasource and server variables everywhere, rates of counters only and over
+    $__rate_interval, no overlapping panels (static: needs no Prometheus)."""
+    assert convention_problems() == []
 
 
 @needs_prometheus
@@ -132,6 +139,9 @@ def test_prometheus_reports_the_views(cluster, tmp_path):
 TOP = 20
 COUNTERS = ("calls", "bytes_in", "bytes_out", "segments_in", "segments_out", "retransmits")
 STATEMENTS_DB = "pgn_prom_stmts"
+STATEMENT_PANELS = ("Top statements by egress", "Bytes per call, top statements",
+                    "Statement egress per role and database", "Statement table fill",
+                    "Statement table evictions per second")
 
 
 def statement_rows(cluster):
@@ -160,7 +170,7 @@ def test_prometheus_reports_the_top_statements(cluster, tmp_path):
     """Statements of two roles over TCP, a big and a small result each, among more
     statements than the exporter's top 20 of a database holds: the exported series equal
     pg_netstat_statements for each statement, the cut is by bytes out, the per-role sums
-    cover what the top leaves out."""
+    cover what the top leaves out, and the dashboard's statement panels have series."""
     big, small = "SELECT repeat('b', 200000)", "SELECT 42"
     roles = ("pgn_prom_a", "pgn_prom_b", "pgn_prom_many")
     cluster.sql(f"DROP DATABASE IF EXISTS {STATEMENTS_DB}")
@@ -221,13 +231,28 @@ def test_prometheus_reports_the_top_statements(cluster, tmp_path):
         assert promql(prom_port, "pg_netstat_statement_table_statements") == {(): int(in_use)}
         assert promql(prom_port, "pg_netstat_statement_table_evictions")
 
-        # More of the big statement while Prometheus watches: its series follows the view.
+        # More of the big statement while Prometheus watches: its series follows the
+        # view, and the dashboard's statement panels (rates over the last minute) show it.
         run_as("pgn_prom_a", [big] * 2)
         key = next(k for k in ours if k[0] == "pgn_prom_a" and ours[k]["calls"] == 3)
         want_big = statement_rows(cluster)[key]
         assert want_big["calls"] == 5, want_big
         wait_for("the big statement's new figures in Prometheus",
                  lambda: scraped_statements(prom_port).get(key) == want_big, timeout=30, every=0.5)
+        exprs, by_title = dict(queries()), {p["title"]: p for p in panels()}
+        for title in STATEMENT_PANELS:
+            assert title in by_title, f"no panel {title!r} in the dashboard"
+            for t in by_title[title]["targets"]:
+                result = api(prom_port, "query", query=plain_promql(t["expr"]))["result"]
+                assert result, (title, t["expr"])
+        top_panel = api(prom_port, "query", query=plain_promql(exprs["Top statements by egress"]))["result"]
+        first = max(top_panel, key=lambda s: float(s["value"][1]))["metric"]
+        assert (first["role"], first["database"], first["kind"], first["queryid"]) == (
+            "pgn_prom_a", STATEMENTS_DB, "statement", key[2]), top_panel
+        # Bytes per call over the window: the two new calls' bytes out over two.
+        per_call = promql(prom_port, plain_promql(exprs["Bytes per call, top statements"]), value=float)
+        labels = (("database", STATEMENTS_DB), ("kind", "statement"), ("queryid", key[2]), ("role", "pgn_prom_a"))
+        assert 200_000 < per_call[labels] < 201_000, per_call
     finally:
         stop()
         cluster.sql(f"DROP DATABASE IF EXISTS {STATEMENTS_DB}")
