@@ -143,7 +143,8 @@ pub struct TableCounters {
 /// the lock and turned into rows after it): every entry in use, then the overflow row
 /// when it holds anything.
 pub fn snapshot(header: &Header, entries: &[Entry]) -> (Vec<Row>, TableCounters) {
-    let row = |e: &Entry, key| Row { key, figures: e.figures, first_seen_us: e.first_seen_us, last_seen_us: e.last_seen_us };
+    let row =
+        |e: &Entry, key| Row { key, figures: e.figures, first_seen_us: e.first_seen_us, last_seen_us: e.last_seen_us };
     let mut rows: Vec<Row> = entries.iter().filter(|e| e.in_use).map(|e| row(e, Some(e.key))).collect();
     if !header.overflow.figures.is_zero() {
         rows.push(row(&header.overflow, None));
@@ -525,7 +526,8 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            let f = Figures { rtt_sum_us: 300, rtt_samples: 2, rtt_max_us: 250, segs_in: 3, retrans: 1, ..out(10 << i) };
+            let f =
+                Figures { rtt_sum_us: 300, rtt_samples: 2, rtt_max_us: 250, segs_in: 3, retrans: 1, ..out(10 << i) };
             o.t().charge(key, &f, 100 + i as i64);
         }
         o.header.overflow = Entry { figures: out(77), first_seen_us: 50, last_seen_us: 60, ..Entry::default() };
@@ -580,7 +582,12 @@ mod tests {
         o.header.stats_reset_us = 0;
         let saved = [
             Row { key: Some(stmt(1, 1)), figures: out(100), first_seen_us: 900, last_seen_us: 950 },
-            Row { key: Some(StmtKey::new(Kind::Other, 1, 5, 0)), figures: out(30), first_seen_us: 10, last_seen_us: 20 },
+            Row {
+                key: Some(StmtKey::new(Kind::Other, 1, 5, 0)),
+                figures: out(30),
+                first_seen_us: 10,
+                last_seen_us: 20,
+            },
             Row { key: None, figures: out(4), first_seen_us: 0, last_seen_us: 0 },
         ];
         let c = TableCounters { evictions: 3, overflow_charges: 2, stats_reset_us: 7 };
