@@ -4,6 +4,7 @@
 
 use crate::flows::index;
 use crate::region::{self, RegionId};
+use crate::statements::table::{self, Row, TableCounters};
 use crate::statements::{Entry, Header, StatementTable};
 use pgrx::pg_sys;
 use std::mem::{align_of, size_of};
@@ -115,4 +116,18 @@ pub fn write<R>(f: impl FnOnce(&mut StatementTable<'_>) -> R) -> Option<R> {
 /// Runs `f` on a read-only view under the shared lock.
 pub fn read<R>(f: impl FnOnce(&Header, &[Entry]) -> R) -> Option<R> {
     with(pg_sys::LWLockMode::LW_SHARED, |t| f(t.header, t.entries))
+}
+
+/// The table's rows and counters, for the saved file: the entries in use are copied
+/// under the shared lock (a plain copy, nothing else), and turned into rows after it.
+pub fn snapshot() -> Option<(Vec<Row>, TableCounters)> {
+    let (header, entries) = read(|h, e| (*h, e.iter().filter(|x| x.in_use).copied().collect::<Vec<Entry>>()))?;
+    Some(table::snapshot(&header, &entries))
+}
+
+/// Puts saved rows and counters back (sorted here, before the lock is taken); returns how
+/// many rows were folded into "other" rows because the table is now smaller.
+pub fn restore(mut rows: Vec<Row>, counters: &TableCounters) -> Option<u64> {
+    table::restore_order(&mut rows);
+    write(|t| t.restore(&rows, counters))
 }
