@@ -495,7 +495,7 @@ mod tests {
 
     /// Rows in a fixed order, to compare tables whose places differ.
     fn sorted(mut rows: Vec<Row>) -> Vec<Row> {
-        rows.sort_by_key(|r| r.key.map(|k| (k.kind as u8, k.role, k.database, k.queryid)));
+        rows.sort_by_key(|r| r.key.map(|k| (k.kind, k.role, k.database, k.queryid)));
         rows
     }
 
