@@ -1,7 +1,8 @@
 //! What pg_netstat counted, kept across server restarts: the worker loads the saved file
 //! once per life of shared memory (a worker restarted after an error carries on from
 //! shared memory instead), saves it when it stops and every `pg_netstat.save_interval`,
-//! and after `pg_netstat_reset()`. The format and the atomic write are in `savefile`;
+//! and after `pg_netstat_reset()`. The statement table (pg_netstat_statements) is saved
+//! and loaded with the rest. The format and the atomic write are in `savefile`;
 //! this file moves state between it and shared memory, and keeps the write off the
 //! capture loop: for a periodic save the collector only copies the state under the locks;
 //! a thread of its own, which calls nothing of PostgreSQL, encodes, writes and fsyncs it.
@@ -9,6 +10,8 @@
 use crate::flowshm;
 use crate::savefile::{self, SavedDevice, SavedState, DIR, FILE_NAME};
 use crate::shmem::{self, SAVE_REQUESTED};
+use crate::statements::table::Row;
+use crate::stmtshm;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::path::{Path, PathBuf};
@@ -60,6 +63,10 @@ pub fn collect(at_exit: bool) -> SavedState {
             folded: h.folded,
             owner_overflow: h.owner_overflow,
         };
+    }
+    if let Some((rows, counters)) = stmtshm::snapshot() {
+        s.statements = rows;
+        s.statement_table = counters;
     }
     s
 }
@@ -128,11 +135,12 @@ pub fn load_once() {
         Ok(None) => return,
         Err(e) => format!("it could not be read: {e}"),
         Ok(Some(bytes)) => match savefile::decode(&bytes) {
-            Ok(s) => match not_for_us(&s) {
+            Ok(mut s) => match not_for_us(&s) {
                 None => {
                     let started = Instant::now();
-                    let (devices, rows) = apply(&s);
-                    log_loaded(&s, devices, rows, bytes.len(), started.elapsed());
+                    let statements = std::mem::take(&mut s.statements);
+                    let loaded = apply(&s, statements);
+                    log_loaded(&s, &loaded, bytes.len(), started.elapsed());
                     return;
                 }
                 Some(why) => why,
@@ -154,7 +162,16 @@ pub fn load_once() {
     }
 }
 
-fn log_loaded(s: &SavedState, devices: usize, rows: usize, bytes: usize, took: Duration) {
+/// What a load put into shared memory.
+struct Loaded {
+    devices: usize,
+    rows: usize,
+    statements: usize,
+    /// Statement rows folded into "other" rows: the table is smaller than the saved one.
+    folded: u64,
+}
+
+fn log_loaded(s: &SavedState, l: &Loaded, bytes: usize, took: Duration) {
     let age_s = now_us().saturating_sub(s.saved_at_us) as f64 / 1e6;
     let when = if s.at_exit {
         "when the collector stopped".to_string()
@@ -164,19 +181,29 @@ fn log_loaded(s: &SavedState, devices: usize, rows: usize, bytes: usize, took: D
         )
     };
     let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let folded = if l.folded > 0 {
+        format!(
+            " ({} folded into 'other' rows to fit pg_netstat.max_statements = {})",
+            l.folded,
+            stmtshm::read(|h, _| h.capacity).unwrap_or(0)
+        )
+    } else {
+        String::new()
+    };
     log!(
-        "pg_netstat: loaded {} of {}, device totals and {} and {} from \"{}\" ({bytes} bytes in {:.1} ms), saved {age_s:.0} s ago {when}",
-        plural(rows, "interval", "intervals"),
-        plural(devices, "device", "devices"),
+        "pg_netstat: loaded {} of {}, device totals, {}, {} and {}{folded} from \"{}\" ({bytes} bytes in {:.1} ms), saved {age_s:.0} s ago {when}",
+        plural(l.rows, "interval", "intervals"),
+        plural(l.devices, "device", "devices"),
         plural(s.roles.len(), "role total", "role totals"),
         plural(s.databases.len(), "database total", "database totals"),
+        plural(l.statements, "statement row", "statement rows"),
         path().display(),
         took.as_secs_f64() * 1000.0
     );
 }
 
-/// Puts a loaded state into shared memory; returns the devices and rows taken.
-fn apply(s: &SavedState) -> (usize, usize) {
+/// Puts a loaded state, and its statement rows, into shared memory.
+fn apply(s: &SavedState, statements: Vec<Row>) -> Loaded {
     let (mut devices, mut rows) = (0, 0);
     {
         let mut shared = shmem::exclusive();
@@ -200,18 +227,25 @@ fn apply(s: &SavedState) -> (usize, usize) {
     flowshm::write(|t| {
         t.restore_totals(&roles, &databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us)
     });
+    let n = statements.len();
+    let folded = stmtshm::restore(statements, &s.statement_table).unwrap_or(0);
     // pg_netstat_reset() called between the server's start and this load: what it reset
     // includes what was just loaded.
     if SAVE_REQUESTED.get().load(Ordering::Acquire) {
         reset_counts(now_us());
     }
-    (devices, rows)
+    Loaded { devices, rows, statements: n, folded }
 }
 
-/// What pg_netstat_reset() resets: role and database totals, the flow table's
-/// counters, and the device totals the views show; then the file is saved soon.
+/// What pg_netstat_reset() resets: role, database and egress totals, the flow table's
+/// counters, the device totals the views show, the statement table and the per-application
+/// totals; then the file is saved soon.
 pub fn reset_counts(now_us: i64) {
     flowshm::write(|t| t.reset(now_us));
+    stmtshm::write_all(|t, c| {
+        t.reset(now_us);
+        c.reset(now_us);
+    });
     let mut shared = shmem::exclusive();
     for d in shared.devices.iter_mut().filter(|d| d.in_use) {
         d.total_base = d.total;

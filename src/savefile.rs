@@ -10,6 +10,16 @@
 //! body:             sections, each: tag u32 | record_len u32 | count u32 | count records
 //! ```
 //!
+//! Sections (tag: record): 1 meta, 2 device, 3 interval, 4 role totals, 5 database
+//! totals, 6 flow table counters, 7 statement row (pg_netstat_statements: kind u32 (1
+//! statement, 2 setup, 3 other, 4 the table-wide overflow row) | userid u32 | dbid u32 |
+//! 0 u32 | queryid u64 | calls, bytes_in, bytes_out, segments_in, segments_out,
+//! retransmits, RTT sum (µs), RTT samples, RTT max (µs) u64 | first_seen, last_seen i64
+//! (Unix µs)), 8 statement table counters (evictions u64 | overflow_charges u64 |
+//! stats_reset i64). Sections 7 and 8 came after the first release; its readers skip
+//! them. A later kind of statement row goes in a section of its own: a reader refuses
+//! a kind it does not know.
+//!
 //! How versions read each other's files: a section's records carry their own length, so
 //! a later version may append fields to a record (an older reader skips them; a newer
 //! reader reading an older file sees the missing fields as 0) and add sections (readers
@@ -21,6 +31,8 @@ use crate::capture::{valid_device_name, MAX_DEVICES};
 use crate::counters::{Counters, TcpCounters};
 use crate::flows::{Totals, NAME_LEN, TOTALS_ROWS};
 use crate::history::{Slot, MAX_HISTORY};
+use crate::statements::table::{Row, TableCounters, MOST_ENTRIES};
+use crate::statements::{Figures, Kind, StmtKey};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -31,8 +43,9 @@ use std::path::{Path, PathBuf};
 pub const DIR: &str = "pg_stat";
 pub const FILE_NAME: &str = "pg_netstat.stat";
 const MAGIC: [u8; 8] = *b"PGNETST\0";
-/// The format this build writes, and the newest whose files it can read.
-pub const FORMAT: u32 = 1;
+/// The format this build writes, and the newest whose files it can read (2: the
+/// statement sections added).
+pub const FORMAT: u32 = 2;
 /// The oldest reader that can read what this build writes.
 const OLDEST_READER: u32 = 1;
 const HEADER_LEN: usize = 32;
@@ -46,6 +59,8 @@ const ROW: u32 = 3;
 const ROLE: u32 = 4;
 const DATABASE: u32 = 5;
 const FLOW_STATS: u32 = 6;
+const STATEMENT: u32 = 7;
+const STATEMENT_TABLE: u32 = 8;
 
 /// The shortest record and the most records a known section may have: no version writes
 /// more than can exist, and no field is shorter than 8 bytes. A hostile file (its
@@ -53,7 +68,8 @@ const FLOW_STATS: u32 = 6;
 /// allocate beyond what a real file of the largest configuration needs.
 fn limits(tag: u32) -> Option<(usize, usize)> {
     match tag {
-        META | FLOW_STATS => Some((8, 1)),
+        META | FLOW_STATS | STATEMENT_TABLE => Some((8, 1)),
+        STATEMENT => Some((8, MOST_ENTRIES + 1)),
         DEVICE => Some((8, MAX_DEVICES)),
         ROW => Some((8, MAX_DEVICES * MAX_HISTORY)),
         ROLE | DATABASE => Some((8, TOTALS_ROWS)),
@@ -61,8 +77,8 @@ fn limits(tag: u32) -> Option<(usize, usize)> {
     }
 }
 
-/// Larger than any file pg_netstat writes (16 devices of full history: 221 MB): such a
-/// file is not read at all.
+/// Larger than any file pg_netstat writes (16 devices of full history: 221 MB, and a
+/// million statement rows: 112 MB): such a file is not read at all.
 pub const MAX_FILE_BYTES: u64 = 512 << 20;
 
 /// Everything saved.
@@ -87,6 +103,9 @@ pub struct SavedState {
     pub roles: Vec<(u16, Totals)>,
     pub databases: Vec<(u16, Totals)>,
     pub flow_stats: FlowStats,
+    /// The rows of pg_netstat_statements, and the statement table's counters.
+    pub statements: Vec<Row>,
+    pub statement_table: TableCounters,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -205,11 +224,20 @@ const DEVICE_LEN: usize = DEVICE_NAME_LEN + 2 * COUNTERS_LEN + 16;
 const ROW_LEN: usize = 16 + COUNTERS_LEN + 24 + TCP_LEN;
 const TOTALS_LEN: usize = 8 + NAME_LEN + 8 + COUNTERS_LEN + TCP_LEN;
 const FLOW_STATS_LEN: usize = 32;
+const STATEMENT_LEN: usize = 24 + 9 * 8 + 16;
+const STATEMENT_TABLE_LEN: usize = 24;
+/// Kind of the table-wide overflow row in a statement record.
+const OVERFLOW_ROW: u32 = 4;
 
 /// The file's bytes.
 pub fn encode(s: &SavedState) -> Vec<u8> {
-    let mut o =
-        Out(Vec::with_capacity(HEADER_LEN + 256 + s.devices.iter().map(|d| d.rows.len()).sum::<usize>() * ROW_LEN));
+    let mut o = Out(Vec::with_capacity(
+        HEADER_LEN
+            + 256
+            + s.devices.iter().map(|d| d.rows.len()).sum::<usize>() * ROW_LEN
+            + (s.roles.len() + s.databases.len()) * TOTALS_LEN
+            + s.statements.len() * STATEMENT_LEN,
+    ));
     o.0.resize(HEADER_LEN, 0);
     o.section(META, META_LEN, &[s], |o, s| {
         o.i64(s.saved_at_us);
@@ -253,6 +281,45 @@ pub fn encode(s: &SavedState) -> Vec<u8> {
         o.u64(f.evictions);
         o.u64(f.folded);
         o.u64(f.owner_overflow);
+    });
+    o.section(STATEMENT, STATEMENT_LEN, &s.statements, |o, r| {
+        match r.key {
+            Some(k) => {
+                o.u32(k.kind() as u32);
+                o.u32(k.role);
+                o.u32(k.database);
+                o.u32(0);
+                o.u64(k.queryid);
+            }
+            None => {
+                o.u32(OVERFLOW_ROW);
+                o.u32(0);
+                o.u32(0);
+                o.u32(0);
+                o.u64(0);
+            }
+        }
+        let f = &r.figures;
+        for v in [
+            f.calls,
+            f.bytes_in,
+            f.bytes_out,
+            f.segs_in,
+            f.segs_out,
+            f.retrans,
+            f.rtt_sum_us,
+            f.rtt_samples,
+            f.rtt_max_us,
+        ] {
+            o.u64(v);
+        }
+        o.i64(r.first_seen_us);
+        o.i64(r.last_seen_us);
+    });
+    o.section(STATEMENT_TABLE, STATEMENT_TABLE_LEN, &[s.statement_table], |o, t| {
+        o.u64(t.evictions);
+        o.u64(t.overflow_charges);
+        o.i64(t.stats_reset_us);
     });
     let body_len = (o.0.len() - HEADER_LEN) as u64;
     let crc = crc32(&o.0[HEADER_LEN..]);
@@ -451,6 +518,38 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
                     };
                 }
             }
+            STATEMENT => {
+                s.statements.reserve(count);
+                for mut r in records {
+                    let (kind, role, database, _) = (r.u32(), r.u32(), r.u32(), r.u32());
+                    let queryid = r.u64();
+                    let key = match kind {
+                        1 => Some(StmtKey::new(Kind::Statement, role, database, queryid)),
+                        2 => Some(StmtKey::new(Kind::Setup, role, database, queryid)),
+                        3 => Some(StmtKey::new(Kind::Other, role, database, queryid)),
+                        OVERFLOW_ROW => None,
+                        _ => return Err(BadFile::Malformed(format!("a statement row of kind {kind}"))),
+                    };
+                    let figures = Figures {
+                        calls: r.u64(),
+                        bytes_in: r.u64(),
+                        bytes_out: r.u64(),
+                        segs_in: r.u64(),
+                        segs_out: r.u64(),
+                        retrans: r.u64(),
+                        rtt_sum_us: r.u64(),
+                        rtt_samples: r.u64(),
+                        rtt_max_us: r.u64(),
+                    };
+                    s.statements.push(Row { key, figures, first_seen_us: r.i64(), last_seen_us: r.i64() });
+                }
+            }
+            STATEMENT_TABLE => {
+                for mut r in records {
+                    s.statement_table =
+                        TableCounters { evictions: r.u64(), overflow_charges: r.u64(), stats_reset_us: r.i64() };
+                }
+            }
             _ => {} // a later version's section: not ours to read
         }
     }
@@ -595,7 +694,115 @@ mod tests {
                 folded: 11,
                 owner_overflow: 1,
             },
+            statements: vec![
+                Row {
+                    key: Some(StmtKey::new(Kind::Statement, 16384, 5, 0x8000_0000_0000_0001)),
+                    figures: Figures {
+                        calls: 3,
+                        bytes_in: 120,
+                        bytes_out: 3_000_000,
+                        segs_in: 3,
+                        segs_out: 70,
+                        retrans: 2,
+                        rtt_sum_us: 150,
+                        rtt_samples: 3,
+                        rtt_max_us: 90,
+                    },
+                    first_seen_us: 1_764_649_000_000_001,
+                    last_seen_us: 1_764_649_999_000_002,
+                },
+                Row {
+                    key: Some(StmtKey::new(Kind::Setup, 16384, 5, 0)),
+                    figures: Figures { calls: 1, bytes_in: 300, bytes_out: 400, ..Figures::default() },
+                    first_seen_us: 1_764_649_000_000_000,
+                    last_seen_us: 1_764_649_000_000_000,
+                },
+                Row {
+                    key: Some(StmtKey::new(Kind::Other, 10, 1, 0)),
+                    figures: Figures { calls: 9, bytes_out: 77, ..Figures::default() },
+                    first_seen_us: 5,
+                    last_seen_us: 6,
+                },
+                Row {
+                    key: None,
+                    figures: Figures { calls: 1, bytes_in: 1, ..Figures::default() },
+                    first_seen_us: 7,
+                    last_seen_us: 8,
+                },
+            ],
+            statement_table: TableCounters {
+                evictions: 12,
+                overflow_charges: 1,
+                stats_reset_us: 1_764_000_000_000_000,
+            },
         }
+    }
+
+    /// `file` with each section's tag mapped by `tag` (`None`: the section left out), and
+    /// the header's format set to `format`, length and checksum made right.
+    fn resectioned(file: &[u8], tag: impl Fn(u32) -> Option<u32>, format: u32) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut at = HEADER_LEN;
+        while at < file.len() {
+            let h = |i: usize| u32::from_le_bytes(file[at + i..at + i + 4].try_into().unwrap());
+            let end = at + SECTION_HEADER_LEN + h(4) as usize * h(8) as usize;
+            if let Some(t) = tag(h(0)) {
+                body.extend_from_slice(&t.to_le_bytes());
+                body.extend_from_slice(&file[at + 4..end]);
+            }
+            at = end;
+        }
+        let mut out = Vec::from(&file[..HEADER_LEN]);
+        out[8..12].copy_from_slice(&format.to_le_bytes());
+        out[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        out[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// The statement sections are new in format 2, and readers of format 1 (which know
+    /// sections 1 to 6 and skip the others) must still read everything else: the file
+    /// still says it is readable from format 1 on, and the same file with the statement
+    /// sections' tags unknown to the reader reads as the state without statements.
+    #[test]
+    fn a_reader_of_format_1_skips_the_statement_sections() {
+        let s = sample();
+        let file = encode(&s);
+        assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(file[12..16].try_into().unwrap()), 1, "oldest reader");
+        let unknown = |t: u32| Some(if t == STATEMENT || t == STATEMENT_TABLE { t + 1000 } else { t });
+        let as_v1_sees_it = decode(&resectioned(&file, unknown, FORMAT)).unwrap();
+        assert_eq!(as_v1_sees_it, SavedState { statements: vec![], statement_table: TableCounters::default(), ..s });
+    }
+
+    /// A file of format 1 (no statement sections) reads with no statement rows.
+    #[test]
+    fn a_format_1_file_reads_with_no_statements() {
+        let s = sample();
+        let old = |t: u32| (t != STATEMENT && t != STATEMENT_TABLE).then_some(t);
+        let state = decode(&resectioned(&encode(&s), old, 1)).unwrap();
+        assert_eq!(state, SavedState { statements: vec![], statement_table: TableCounters::default(), ..s });
+    }
+
+    #[test]
+    fn a_statement_row_of_an_unknown_kind_is_malformed() {
+        let s = SavedState { statements: vec![Row::default()], ..SavedState::default() }; // key of kind 1
+        let kind5 = |tag: u32, r: &[u8]| {
+            if tag == STATEMENT {
+                [&5u32.to_le_bytes()[..], &r[4..]].concat()
+            } else {
+                r.to_vec()
+            }
+        };
+        assert!(matches!(decode(&rewritten(&encode(&s), kind5, &[], FORMAT)), Err(BadFile::Malformed(_))));
+        let kind4 = |tag: u32, r: &[u8]| {
+            if tag == STATEMENT {
+                [&4u32.to_le_bytes()[..], &r[4..]].concat()
+            } else {
+                r.to_vec()
+            }
+        };
+        assert_eq!(decode(&rewritten(&encode(&s), kind4, &[], FORMAT)).unwrap().statements[0].key, None);
     }
 
     #[test]
@@ -735,6 +942,9 @@ mod tests {
             (DEVICE, DEVICE_LEN as u32, 17),
             (META, META_LEN as u32, 2),
             (ROLE, TOTALS_LEN as u32, TOTALS_ROWS as u32 + 1),
+            (STATEMENT, 0, u32::MAX),
+            (STATEMENT, STATEMENT_LEN as u32, MOST_ENTRIES as u32 + 2),
+            (STATEMENT_TABLE, STATEMENT_TABLE_LEN as u32, 2),
         ] {
             assert!(matches!(decode(&one_section(tag, len, count)), Err(BadFile::Malformed(_))), "{tag} {len} {count}");
         }

@@ -552,12 +552,7 @@ rows_fn! {
 /// superusers may call it unless granted.
 #[pg_extern(volatile, parallel_unsafe)]
 fn pg_netstat_reset() {
-    let now = now_us();
-    stmtshm::write_all(|t, c| {
-        t.reset(now);
-        c.reset(now);
-    });
-    persist::reset_counts(now);
+    persist::reset_counts(now_us());
 }
 
 rows_fn! {

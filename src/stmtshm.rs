@@ -1,10 +1,13 @@
-//! The statement table in shared memory: sized from `pg_netstat.max_statements` at server
-//! start, behind an LWLock of its own (backends charge statements; the capture worker
-//! never waits for it).
+//! The statement table and the backends' per-connection figures in shared memory: sized
+//! from `pg_netstat.max_statements` and `max_connections` + `max_wal_senders` at server
+//! start, behind an LWLock of their own. Backends take it at statement boundaries; the
+//! capture worker only to copy the table for a save and once to load it, never while it
+//! captures.
 
 use crate::flows::index;
 use crate::region::{self, RegionId};
 use crate::statements::conns::{AppRow, Conn, ConnHeader, Conns, APP_ROWS};
+use crate::statements::table::{self, Row, TableCounters};
 use crate::statements::{Entry, Header, StatementTable};
 use pgrx::pg_sys;
 use std::mem::{align_of, size_of};
@@ -139,4 +142,18 @@ pub fn read<R>(f: impl FnOnce(&Header, &[Entry]) -> R) -> Option<R> {
 /// Runs `f` on the per-connection figures, read-only, under the shared lock.
 pub fn read_conns<R>(f: impl FnOnce(&ConnHeader, &[Conn], &[AppRow]) -> R) -> Option<R> {
     with(pg_sys::LWLockMode::LW_SHARED, |_, c| f(c.header, c.slots, c.apps))
+}
+
+/// The table's rows and counters, for the saved file: the entries in use are copied
+/// under the shared lock (a plain copy, nothing else), and turned into rows after it.
+pub fn snapshot() -> Option<(Vec<Row>, TableCounters)> {
+    let (header, entries) = read(|h, e| (*h, e.iter().filter(|x| x.in_use).copied().collect::<Vec<Entry>>()))?;
+    Some(table::snapshot(&header, &entries))
+}
+
+/// Puts saved rows and counters back (sorted here, before the lock is taken); returns how
+/// many rows were folded into "other" rows because the table is now smaller.
+pub fn restore(mut rows: Vec<Row>, counters: &TableCounters) -> Option<u64> {
+    table::restore_order(&mut rows);
+    write_all(|t, _| t.restore(&rows, counters))
 }

@@ -2,7 +2,9 @@
 pg_netstat.save_interval to pg_stat/pg_netstat.stat, loaded at the next start. A crash
 keeps what the last periodic save held; bad files are set aside with one log line and the
 server starts counting afresh; pg_netstat.history sizes the history in shared memory.
-Each test runs its own server, since each restarts it."""
+pg_netstat_statements is saved too (issue 14), and a table made smaller than the saved
+one folds the surplus into 'other' rows. Each test runs its own server, since each
+restarts it."""
 
 import re
 import struct
@@ -13,6 +15,7 @@ import pytest
 from conftest import CAPTURE_METHOD
 from harness import PGBIN, Cluster, free_port, run, wait_for
 from savefile_format import saved_file as saved_file_bytes
+from savefile_format import statement_row
 
 BASE_CONF = ["pg_netstat.interval = 1", "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
              "pg_netstat.devices = 'lo'", "pg_netstat.capture_loopback = on",
@@ -25,6 +28,8 @@ DEVICES = ("SELECT device, packets_in, packets_out, bytes_in, bytes_out, kernel_
            "FROM pg_netstat_devices ORDER BY device")
 ROLES = "SELECT * FROM pg_netstat_roles ORDER BY role"
 DATABASES = "SELECT * FROM pg_netstat_databases ORDER BY database"
+STATEMENTS = "SELECT * FROM pg_netstat_statements ORDER BY role, database, kind, queryid"
+STATEMENT_TABLE = "SELECT * FROM pg_netstat_statement_table"
 
 
 @pytest.fixture
@@ -124,6 +129,111 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
         "SELECT bytes_out FROM pg_netstat_devices")) > dev_before + 100 * 1024, timeout=20)
 
 
+def statements_settled(c, role):
+    """The statement rows once `role`'s TCP backends have exited (their exit callbacks
+    have charged what was left) and two reads agree."""
+    wait_for(f"{role}'s backends to exit", lambda: c.sql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND client_addr IS NOT NULL") == "0")
+
+    def same():
+        a = c.rows(STATEMENTS)
+        time.sleep(0.3)
+        return a == c.rows(STATEMENTS)
+    wait_for("the statement rows to settle", same)
+    return c.rows(STATEMENTS)
+
+
+def test_a_fast_restart_keeps_the_statement_rows_and_counting_goes_on(server):
+    c = server
+    script = "SELECT repeat('x', 200000); SELECT 1; SELECT count(*) FROM pg_class; SELECT 1;"
+    c.sql(script, host="127.0.0.1", user="alice")
+    c.sql("SELECT repeat('y', 3000)", host="127.0.0.1", user="bob")
+    statements_settled(c, "bob")
+    before = statements_settled(c, "alice")
+    kinds = {(r[0], r[2]) for r in before}
+    assert kinds >= {("alice", "setup"), ("alice", "statement"), ("bob", "setup"), ("bob", "statement")}, before
+    big = [r for r in before if r[0] == "alice" and int(r[7]) > 200000]
+    assert len(big) == 1 and big[0][5] == "1", before
+    table_before = c.rows(STATEMENT_TABLE)
+
+    mark = len(c.log())
+    c.stop("fast")
+    start_and_wait(c)
+    # The same rows with the same values: every column (calls, bytes, segments, RTT,
+    # first/last seen, stats_reset), the role and database names resolved again.
+    assert c.rows(STATEMENTS) == before
+    assert c.rows(STATEMENT_TABLE) == table_before
+    assert re.search(rf"pg_netstat: loaded .* and {len(before)} statement rows from", c.log()[mark:]), c.log()[mark:]
+
+    # Counting goes on into the loaded rows.
+    c.sql("SELECT repeat('x', 200000)", host="127.0.0.1", user="alice")
+    after = statements_settled(c, "alice")
+    again = [r for r in after if r[0] == "alice" and r[3] == big[0][3] and r[2] == "statement"]
+    assert len(again) == 1 and again[0][5] == "2" and int(again[0][7]) > 2 * 200000, after
+    assert again[0][13] == big[0][13], "first_seen kept"
+
+
+def test_a_saved_table_larger_than_max_statements_is_folded_into_other_rows():
+    """A file written with more statement rows than pg_netstat.max_statements now allows
+    (by the independent encoder): the most recently charged rows keep their own rows, the
+    rest are folded into their role's and database's 'other' row, as eviction does; not a
+    byte or call is lost."""
+    c = Cluster(free_port(), conf=CONF + ["pg_netstat.max_statements = 10"])
+    c.start()
+    try:
+        c.sql("CREATE EXTENSION pg_netstat; CREATE ROLE alice LOGIN")
+        sysid = int(c.sql("SELECT system_identifier FROM pg_control_system()"))
+        alice = int(c.sql("SELECT oid FROM pg_roles WHERE rolname = 'alice'"))
+        db = int(c.sql("SELECT oid FROM pg_database WHERE datname = 'postgres'"))
+        c.stop("fast")
+        t0 = (int(time.time()) - 3600) * 1_000_000
+        # 30 statements charged once each, a second apart, then a connection's setup:
+        # 31 rows for 10 places.
+        stmts = [dict(kind="statement", queryid=1000 + q, calls=q, bytes_in=10 * q, bytes_out=1000 * q,
+                      segments_in=q, segments_out=2 * q, retransmits=q % 3, rtt_sum_us=50 * q, rtt_samples=q,
+                      rtt_max_us=70 + q, first_seen_us=t0 + q * 1_000_000, last_seen_us=t0 + q * 1_000_000 + 5)
+                 for q in range(1, 31)]
+        setup = dict(kind="setup", calls=4, bytes_in=400, bytes_out=900, first_seen_us=t0, last_seen_us=t0 + 31_000_000)
+        records = [statement_row(userid=alice, dbid=db, **r) for r in stmts + [setup]]
+        path = saved_file(c)
+        path.write_bytes(saved_file_bytes(sysid, ["lo"], int(time.time()) - 60, 0, statements=records,
+                                          statement_table=(5, 0, t0)))
+        run(["chown", "postgres:postgres", str(path)])
+        mark = len(c.log())
+        start_and_wait(c)
+        log = c.log()[mark:]
+        # The first 10 took the places; each later one evicted the least recent (the
+        # first evicted became alice's 'other' row): 22 folded, 9 kept on their own.
+        assert "and 31 statement rows (22 folded into 'other' rows to fit pg_netstat.max_statements = 10)" in log, log
+        assert c.rows("SELECT max_statements, statements, evictions, overflow_charges, "
+                      "(extract(epoch FROM stats_reset) * 1000000)::bigint FROM pg_netstat_statement_table") == [
+            ["10", "10", str(5 + 22), "0", str(t0)]]
+        cols = ("kind, coalesce(queryid, 0), calls, bytes_in, bytes_out, segments_in, segments_out, retransmits, "
+                "round(mean_rtt_ms::numeric, 6), max_rtt_ms, (extract(epoch FROM first_seen) * 1000000)::bigint, "
+                "(extract(epoch FROM last_seen) * 1000000)::bigint")
+        rows = c.rows(f"SELECT {cols} FROM pg_netstat_statements WHERE role = 'alice' AND database = 'postgres' "
+                      "ORDER BY kind, queryid")
+
+        def expect(kind, queryid, group):
+            n = lambda k: sum(r.get(k, 0) for r in group)
+            rtt = "%.6f" % (n("rtt_sum_us") / n("rtt_samples") / 1000) if n("rtt_samples") else ""
+            rtt_max = max(r.get("rtt_max_us", 0) for r in group)
+            return [kind, str(queryid), str(n("calls")), str(n("bytes_in")), str(n("bytes_out")),
+                    str(n("segments_in")), str(n("segments_out")), str(n("retransmits")), rtt,
+                    (str(rtt_max / 1000) if rtt else ""), str(min(r["first_seen_us"] for r in group)),
+                    str(max(r["last_seen_us"] for r in group))]
+        want = ([expect("other", 0, stmts[:22]), expect("setup", 0, [setup])]
+                + [expect("statement", r["queryid"], [r]) for r in stmts[22:]])
+        assert rows == want
+        # Nothing lost from the totals.
+        assert c.rows("SELECT sum(calls), sum(bytes_in), sum(bytes_out) FROM pg_netstat_statements") == [
+            [str(sum(r["calls"] for r in stmts) + 4), str(sum(r["bytes_in"] for r in stmts) + 400),
+             str(sum(r["bytes_out"] for r in stmts) + 900)]]
+    finally:
+        c.stop()
+        c.remove()
+
+
 def test_an_immediate_stop_keeps_what_the_last_periodic_save_held(server):
     c = server
     c.change_settings("ALTER SYSTEM SET pg_netstat.save_interval = 1")
@@ -202,8 +312,8 @@ def test_bad_files_never_stop_the_server_and_are_set_aside(server):
         c.stop("fast")
 
 
-def file_with_history(system_identifier, device, rows, now, timeline=1):
-    return saved_file_bytes(system_identifier, [device], now, rows, timeline)
+def file_with_history(system_identifier, device, rows, now, timeline=1, statements=None):
+    return saved_file_bytes(system_identifier, [device], now, rows, timeline, statements=statements)
 
 
 def test_an_hour_of_one_second_rows_with_history_3600():
@@ -244,10 +354,14 @@ def test_another_clusters_file_and_a_file_from_another_timeline_are_set_aside(se
     c.stop("fast")
     path = saved_file(c)
     t0 = int(time.time())
+    # Statement rows go with the file: refused with it, loaded with it.
+    stmts = [statement_row("statement", userid=10, dbid=5, queryid=q, calls=1, bytes_out=100,
+                           first_seen_us=(t0 - 200) * 1_000_000, last_seen_us=(t0 - 150) * 1_000_000)
+             for q in range(3)]
     for wrong, reason in ((dict(system_identifier=12345), "it was written by another cluster (system identifier 12345"),
                           (dict(timeline=7), "it was written by a primary on timeline 7 and this server is on timeline 1")):
         bad = file_with_history(wrong.get("system_identifier", SYSID[c.port]), "lo", 10, t0 - 100,
-                                timeline=wrong.get("timeline", 1))
+                                timeline=wrong.get("timeline", 1), statements=stmts)
         path.write_bytes(bad)
         run(["chown", "postgres:postgres", str(path)])
         mark = len(c.log())
@@ -255,15 +369,17 @@ def test_another_clusters_file_and_a_file_from_another_timeline_are_set_aside(se
         wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
         assert reason in c.log()[mark:]
         assert int(c.sql(f"SELECT count(*) FROM pg_netstat_intervals WHERE ts < to_timestamp({t0 - 50})")) == 0
+        assert c.sql("SELECT count(*) FROM pg_netstat_statements") == "0"
         aside = sorted(path.parent.glob("pg_netstat.stat.bad-*"))
         assert aside and aside[-1].read_bytes() == bad
         c.stop("fast")
     # The same file with this cluster's identifier and timeline is loaded.
-    path.write_bytes(file_with_history(SYSID[c.port], "lo", 10, t0 - 100))
+    path.write_bytes(file_with_history(SYSID[c.port], "lo", 10, t0 - 100, statements=stmts))
     run(["chown", "postgres:postgres", str(path)])
     c.start()
     wait_for("lo capturing", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing")
     assert int(c.sql(f"SELECT count(*) FROM pg_netstat_intervals WHERE ts < to_timestamp({t0 - 50})")) == 10
+    assert c.rows("SELECT count(*), sum(bytes_out) FROM pg_netstat_statements") == [["3", "300"]]
 
 
 def test_a_standby_made_by_a_base_backup_does_not_take_the_primarys_file(server):
@@ -302,6 +418,7 @@ def test_reset_reaches_the_saved_file_at_once(server):
     c.stop("fast")
     start_and_wait(c)
     assert int(c.sql("SELECT bytes_out FROM pg_netstat_roles WHERE role = 'alice'")) > 50 * 1024
+    assert int(c.sql("SELECT sum(bytes_out) FROM pg_netstat_statements WHERE role = 'alice'")) > 50 * 1024
     before = saved_file(c).stat().st_mtime
     c.sql("SELECT pg_netstat_reset()")
     wait_for("a save after the reset", lambda: saved_file(c).stat().st_mtime > before, timeout=15)
@@ -311,6 +428,9 @@ def test_reset_reaches_the_saved_file_at_once(server):
     # (A name whose figures are all zero is not carried over a restart.)
     assert c.sql("SELECT coalesce(sum(bytes_out), 0) FROM pg_netstat_roles") == "0"
     assert c.sql("SELECT sum(bytes_out) FROM pg_netstat_devices") == "0"
+    # The statement table too: empty, and its stats_reset the reset's.
+    assert c.sql("SELECT count(*) FROM pg_netstat_statements") == "0"
+    assert c.sql("SELECT stats_reset IS NOT NULL AND statements = 0 FROM pg_netstat_statement_table") == "t"
 
 
 def test_alter_extension_update_with_a_saved_file_present():
