@@ -21,7 +21,8 @@ pub enum PeerClass {
     Public = 3,
 }
 
-pub const PEER_CLASSES: [PeerClass; 4] = [PeerClass::Loopback, PeerClass::Private, PeerClass::LinkLocal, PeerClass::Public];
+pub const PEER_CLASSES: [PeerClass; 4] =
+    [PeerClass::Loopback, PeerClass::Private, PeerClass::LinkLocal, PeerClass::Public];
 
 impl PeerClass {
     pub fn as_str(self) -> &'static str {

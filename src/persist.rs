@@ -10,6 +10,7 @@
 use crate::flowshm;
 use crate::savefile::{self, SavedDevice, SavedState, DIR, FILE_NAME};
 use crate::shmem::{self, SAVE_REQUESTED};
+use crate::statements::conns;
 use crate::statements::table::Row;
 use crate::stmtshm;
 use pgrx::pg_sys;
@@ -67,6 +68,20 @@ pub fn collect(at_exit: bool) -> SavedState {
     if let Some((rows, counters)) = stmtshm::snapshot() {
         s.statements = rows;
         s.statement_table = counters;
+    }
+    if let Some(egress) = flowshm::read(|v| v.saved_egress()) {
+        s.egress = egress;
+    }
+    // Ended connections' rows and the live ones as of their latest reading: each
+    // connection is in exactly one of the two at any moment, never in both.
+    if let Some((apps, counters)) = stmtshm::read_conns(|h, slots, apps| {
+        (
+            conns::totals(apps, slots),
+            savefile::AppTableCounters { stats_reset_us: h.stats_reset_us, app_overflow: h.app_overflow },
+        )
+    }) {
+        s.applications = apps;
+        s.application_table = counters;
     }
     s
 }
@@ -225,8 +240,11 @@ fn apply(s: &SavedState, statements: Vec<Row>) -> Loaded {
     let (roles, databases): (Vec<_>, Vec<_>) =
         (s.roles.iter().map(|r| r.1).collect(), s.databases.iter().map(|r| r.1).collect());
     flowshm::write(|t| {
-        t.restore_totals(&roles, &databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us)
+        t.restore_totals(&roles, &databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us);
+        t.restore_egress(&s.egress);
     });
+    let a = s.application_table;
+    stmtshm::write_all(|_, c| c.restore(&s.applications, a.app_overflow, a.stats_reset_us));
     let n = statements.len();
     let folded = stmtshm::restore(statements, &s.statement_table).unwrap_or(0);
     // pg_netstat_reset() called between the server's start and this load: what it reset

@@ -16,9 +16,14 @@
 //! 0 u32 | queryid u64 | calls, bytes_in, bytes_out, segments_in, segments_out,
 //! retransmits, RTT sum (µs), RTT samples, RTT max (µs) u64 | first_seen, last_seen i64
 //! (Unix µs)), 8 statement table counters (evictions u64 | overflow_charges u64 |
-//! stats_reset i64). Sections 7 and 8 came after the first release; its readers skip
-//! them. A later kind of statement row goes in a section of its own: a reader refuses
-//! a kind it does not know.
+//! stats_reset i64), 9 egress totals (row u32 (`peer::egress_row`: peer class × 3 +
+//! backend kind) | 0 u32 | connections u64 | counters | TCP counters), 10 application
+//! totals (role, database, application: 64 bytes each | peer class u32 | backend kind u32
+//! | connections, bytes_in, bytes_out, segments_in, segments_out, retransmits u64; all
+//! names empty: the overflow row), 11 application table counters (stats_reset i64 |
+//! application_overflow u64). Sections 7 to 11 came after the first release; its
+//! readers skip them. A later kind of statement row goes in a section of its own: a
+//! reader refuses a kind it does not know.
 //!
 //! How versions read each other's files: a section's records carry their own length, so
 //! a later version may append fields to a record (an older reader skips them; a newer
@@ -31,6 +36,8 @@ use crate::capture::{valid_device_name, MAX_DEVICES};
 use crate::counters::{Counters, TcpCounters};
 use crate::flows::{Totals, NAME_LEN, TOTALS_ROWS};
 use crate::history::{Slot, MAX_HISTORY};
+use crate::peer::{BACKEND_KINDS, EGRESS_ROWS, PEER_CLASSES};
+use crate::statements::conns::{AppKey, AppRow, Socket, APP_ROWS};
 use crate::statements::table::{Row, TableCounters, MOST_ENTRIES};
 use crate::statements::{Figures, Kind, StmtKey};
 use std::fmt;
@@ -61,6 +68,9 @@ const DATABASE: u32 = 5;
 const FLOW_STATS: u32 = 6;
 const STATEMENT: u32 = 7;
 const STATEMENT_TABLE: u32 = 8;
+const EGRESS: u32 = 9;
+const APPLICATION: u32 = 10;
+const APPLICATION_TABLE: u32 = 11;
 
 /// The shortest record and the most records a known section may have: no version writes
 /// more than can exist, and no field is shorter than 8 bytes. A hostile file (its
@@ -68,7 +78,9 @@ const STATEMENT_TABLE: u32 = 8;
 /// allocate beyond what a real file of the largest configuration needs.
 fn limits(tag: u32) -> Option<(usize, usize)> {
     match tag {
-        META | FLOW_STATS | STATEMENT_TABLE => Some((8, 1)),
+        META | FLOW_STATS | STATEMENT_TABLE | APPLICATION_TABLE => Some((8, 1)),
+        EGRESS => Some((8, EGRESS_ROWS)),
+        APPLICATION => Some((8, APP_ROWS)),
         STATEMENT => Some((8, MOST_ENTRIES + 1)),
         DEVICE => Some((8, MAX_DEVICES)),
         ROW => Some((8, MAX_DEVICES * MAX_HISTORY)),
@@ -106,6 +118,18 @@ pub struct SavedState {
     /// The rows of pg_netstat_statements, and the statement table's counters.
     pub statements: Vec<Row>,
     pub statement_table: TableCounters,
+    /// The captured egress totals by row (`peer::egress_row`).
+    pub egress: Vec<(u8, Totals)>,
+    /// The backends' totals per role, database, application, peer class and backend kind
+    /// (ended and live connections alike, as the view shows them), and their counters.
+    pub applications: Vec<AppRow>,
+    pub application_table: AppTableCounters,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppTableCounters {
+    pub stats_reset_us: i64,
+    pub app_overflow: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -226,6 +250,9 @@ const TOTALS_LEN: usize = 8 + NAME_LEN + 8 + COUNTERS_LEN + TCP_LEN;
 const FLOW_STATS_LEN: usize = 32;
 const STATEMENT_LEN: usize = 24 + 9 * 8 + 16;
 const STATEMENT_TABLE_LEN: usize = 24;
+const EGRESS_LEN: usize = 8 + 8 + COUNTERS_LEN + TCP_LEN;
+const APPLICATION_LEN: usize = 3 * NAME_LEN + 8 + 6 * 8;
+const APPLICATION_TABLE_LEN: usize = 16;
 /// Kind of the table-wide overflow row in a statement record.
 const OVERFLOW_ROW: u32 = 4;
 
@@ -320,6 +347,34 @@ pub fn encode(s: &SavedState) -> Vec<u8> {
         o.u64(t.evictions);
         o.u64(t.overflow_charges);
         o.i64(t.stats_reset_us);
+    });
+    o.section(EGRESS, EGRESS_LEN, &s.egress, |o, (row, t)| {
+        o.u32(*row as u32);
+        o.u32(0);
+        o.u64(t.connections);
+        o.counters(&t.counters);
+        o.tcp(&t.tcp);
+    });
+    o.section(APPLICATION, APPLICATION_LEN, &s.applications, |o, a| {
+        o.text(&a.key.role, NAME_LEN);
+        o.text(&a.key.database, NAME_LEN);
+        o.text(&a.key.application, NAME_LEN);
+        o.u32(a.key.peer_class as u32);
+        o.u32(a.key.kind as u32);
+        for v in [
+            a.connections,
+            a.socket.bytes_in,
+            a.socket.bytes_out,
+            a.socket.segments_in,
+            a.socket.segments_out,
+            a.socket.retransmits,
+        ] {
+            o.u64(v);
+        }
+    });
+    o.section(APPLICATION_TABLE, APPLICATION_TABLE_LEN, &[s.application_table], |o, t| {
+        o.i64(t.stats_reset_us);
+        o.u64(t.app_overflow);
     });
     let body_len = (o.0.len() - HEADER_LEN) as u64;
     let crc = crc32(&o.0[HEADER_LEN..]);
@@ -550,6 +605,51 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
                         TableCounters { evictions: r.u64(), overflow_charges: r.u64(), stats_reset_us: r.i64() };
                 }
             }
+            EGRESS => {
+                for mut r in records {
+                    let row = r.u32();
+                    let _ = r.u32();
+                    if row as usize >= EGRESS_ROWS {
+                        return Err(BadFile::Malformed(format!("egress row {row}")));
+                    }
+                    let t = Totals {
+                        in_use: true,
+                        connections: r.u64(),
+                        counters: r.counters(),
+                        tcp: r.tcp(),
+                        ..Totals::default()
+                    };
+                    s.egress.push((row as u8, t));
+                }
+            }
+            APPLICATION => {
+                for mut r in records {
+                    let (role, database, application) =
+                        (r.take::<NAME_LEN>(), r.take::<NAME_LEN>(), r.take::<NAME_LEN>());
+                    let (peer_class, kind) = (r.u32(), r.u32());
+                    if peer_class as usize >= PEER_CLASSES.len() || kind as usize >= BACKEND_KINDS.len() {
+                        return Err(BadFile::Malformed(format!(
+                            "an application row of class {peer_class}, kind {kind}"
+                        )));
+                    }
+                    let key = AppKey { role, database, application, peer_class: peer_class as u8, kind: kind as u8 };
+                    let connections = r.u64();
+                    let socket = Socket {
+                        bytes_in: r.u64(),
+                        bytes_out: r.u64(),
+                        segments_in: r.u64(),
+                        segments_out: r.u64(),
+                        retransmits: r.u64(),
+                        rtt_us: 0,
+                    };
+                    s.applications.push(AppRow { in_use: true, key, connections, socket });
+                }
+            }
+            APPLICATION_TABLE => {
+                for mut r in records {
+                    s.application_table = AppTableCounters { stats_reset_us: r.i64(), app_overflow: r.u64() };
+                }
+            }
             _ => {} // a later version's section: not ours to read
         }
     }
@@ -735,7 +835,47 @@ mod tests {
                 overflow_charges: 1,
                 stats_reset_us: 1_764_000_000_000_000,
             },
+            egress: vec![(0, totals("", 3)), (11, totals("", 8))],
+            applications: vec![
+                AppRow {
+                    in_use: true,
+                    key: AppKey {
+                        role: name_bytes(b"app"),
+                        database: name_bytes(b"shop"),
+                        application: name_bytes(b"storefront"),
+                        peer_class: 3,
+                        kind: 1,
+                    },
+                    connections: 200,
+                    socket: Socket {
+                        bytes_in: 1,
+                        bytes_out: 2,
+                        segments_in: 3,
+                        segments_out: 4,
+                        retransmits: 5,
+                        rtt_us: 0,
+                    },
+                },
+                AppRow { in_use: true, connections: 1, ..AppRow::default() },
+            ],
+            application_table: AppTableCounters { stats_reset_us: 9, app_overflow: 1 },
         }
+    }
+
+    /// Without the sections that came after the first release (what its reader keeps).
+    fn without_later_sections(s: SavedState) -> SavedState {
+        SavedState {
+            statements: vec![],
+            statement_table: TableCounters::default(),
+            egress: vec![],
+            applications: vec![],
+            application_table: AppTableCounters::default(),
+            ..s
+        }
+    }
+
+    fn later_section(t: u32) -> bool {
+        (STATEMENT..=APPLICATION_TABLE).contains(&t)
     }
 
     /// `file` with each section's tag mapped by `tag` (`None`: the section left out), and
@@ -770,18 +910,38 @@ mod tests {
         let file = encode(&s);
         assert_eq!(u32::from_le_bytes(file[8..12].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(file[12..16].try_into().unwrap()), 1, "oldest reader");
-        let unknown = |t: u32| Some(if t == STATEMENT || t == STATEMENT_TABLE { t + 1000 } else { t });
+        let unknown = |t: u32| Some(if later_section(t) { t + 1000 } else { t });
         let as_v1_sees_it = decode(&resectioned(&file, unknown, FORMAT)).unwrap();
-        assert_eq!(as_v1_sees_it, SavedState { statements: vec![], statement_table: TableCounters::default(), ..s });
+        assert_eq!(as_v1_sees_it, without_later_sections(s));
     }
 
     /// A file of format 1 (no statement sections) reads with no statement rows.
     #[test]
     fn a_format_1_file_reads_with_no_statements() {
         let s = sample();
-        let old = |t: u32| (t != STATEMENT && t != STATEMENT_TABLE).then_some(t);
+        let old = |t: u32| (!later_section(t)).then_some(t);
         let state = decode(&resectioned(&encode(&s), old, 1)).unwrap();
-        assert_eq!(state, SavedState { statements: vec![], statement_table: TableCounters::default(), ..s });
+        assert_eq!(state, without_later_sections(s));
+    }
+
+    #[test]
+    fn an_egress_row_or_application_key_out_of_range_is_malformed() {
+        let s = sample();
+        for (section, at, value) in
+            [(EGRESS, 0, EGRESS_ROWS as u32), (APPLICATION, 3 * NAME_LEN, 4), (APPLICATION, 3 * NAME_LEN + 4, 3)]
+        {
+            let bad = |tag: u32, r: &[u8]| {
+                let mut r = r.to_vec();
+                if tag == section {
+                    r[at..at + 4].copy_from_slice(&value.to_le_bytes());
+                }
+                r
+            };
+            assert!(
+                matches!(decode(&rewritten(&encode(&s), bad, &[], FORMAT)), Err(BadFile::Malformed(_))),
+                "{section} {at}"
+            );
+        }
     }
 
     #[test]

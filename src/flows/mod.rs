@@ -472,7 +472,24 @@ impl FlowTable<'_> {
     }
 }
 
+impl FlowTable<'_> {
+    /// Adds the egress rows saved before a restart, each to its own row.
+    pub fn restore_egress(&mut self, rows: &[(u8, Totals)]) {
+        for (row, t) in rows {
+            if let Some(r) = self.header.egress.get_mut(*row as usize) {
+                r.merge(t);
+            }
+        }
+    }
+}
+
 impl FlowView<'_> {
+    /// The egress rows that hold anything, by position, for the saved file.
+    pub fn saved_egress(&self) -> Vec<(u8, Totals)> {
+        let rows = self.header.egress.iter().enumerate().filter(|(_, r)| !r.is_empty());
+        rows.map(|(i, r)| (i as u8, *r)).collect()
+    }
+
     /// The role or database rows worth saving, with their positions: those that hold
     /// anything (a name whose figures are all zero is not carried over a restart, so the
     /// rows never fill up for good).
@@ -868,8 +885,10 @@ mod tests {
         // 10.0.0.2 (private): unknown until its walsender registers, then moved whole.
         t.rec(&key(40040), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
         t.rec(&key(40040), Direction::Out, None, 1000, at(1));
-        assert_eq!(t.view().egress().iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
-                   vec![(PeerClass::Private, BackendKind::Unknown)]);
+        assert_eq!(
+            t.view().egress().iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+            vec![(PeerClass::Private, BackendKind::Unknown)]
+        );
         let mut o = owner(40040, 9, "replicator", "");
         o.kind = BackendKind::WalSender;
         o.application = name_bytes(b"standby1");
@@ -886,8 +905,13 @@ mod tests {
         t.rec(&public, Direction::Out, None, 3000, at(2));
         let egress = t.view().egress();
         let got: Vec<_> = egress.iter().map(|(c, k, r)| (*c, *k, r.connections, r.counters.bytes_out)).collect();
-        assert_eq!(got, vec![(PeerClass::Private, BackendKind::WalSender, 1, 1500),
-                             (PeerClass::Public, BackendKind::Client, 1, 3000)]);
+        assert_eq!(
+            got,
+            vec![
+                (PeerClass::Private, BackendKind::WalSender, 1, 1500),
+                (PeerClass::Public, BackendKind::Client, 1, 3000)
+            ]
+        );
         assert_eq!(name_str(&t.get(&key(40040)).unwrap().application), "standby1");
         // The egress rows always add up to the role rows.
         let sum = |rows: Vec<Totals>| rows.iter().map(|r| r.counters.bytes_in + r.counters.bytes_out).sum::<u64>();

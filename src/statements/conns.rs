@@ -236,12 +236,17 @@ impl Conns<'_> {
         self.header.stats_reset_us = now_us;
     }
 
-    /// Puts back totals saved before a restart (each to the row of its key).
-    pub fn restore(&mut self, rows: &[AppRow]) {
+    /// Puts back totals saved before a restart (each to the row of its key; the
+    /// overflow row and keys that find no row to row 0) and the table's counters.
+    pub fn restore(&mut self, rows: &[AppRow], app_overflow: u64, stats_reset_us: i64) {
         for r in rows {
             let at = self.row_for(&r.key);
             self.apps[at].connections += r.connections;
             self.apps[at].socket.add(&r.socket);
+        }
+        self.header.app_overflow += app_overflow;
+        if stats_reset_us != 0 {
+            self.header.stats_reset_us = stats_reset_us;
         }
     }
 }
@@ -286,7 +291,11 @@ mod tests {
 
     impl Owned {
         fn new(slots: usize, apps: usize) -> Owned {
-            Owned { header: ConnHeader::default(), slots: vec![Conn::default(); slots], apps: vec![AppRow::default(); apps] }
+            Owned {
+                header: ConnHeader::default(),
+                slots: vec![Conn::default(); slots],
+                apps: vec![AppRow::default(); apps],
+            }
         }
         fn t(&mut self) -> Conns<'_> {
             Conns { header: &mut self.header, slots: &mut self.slots, apps: &mut self.apps }
@@ -403,7 +412,11 @@ mod tests {
                 1 | 2 if !live.is_empty() => {
                     let i = (rng() as usize) % live.len();
                     let (id, _, s) = &mut live[i];
-                    *s = Socket { bytes_in: s.bytes_in + (rng() % 100) as u64, bytes_out: s.bytes_out + (rng() % 1000) as u64, ..*s };
+                    *s = Socket {
+                        bytes_in: s.bytes_in + (rng() % 100) as u64,
+                        bytes_out: s.bytes_out + (rng() % 1000) as u64,
+                        ..*s
+                    };
                     let (id, s) = (*id, *s);
                     o.t().update(id, s);
                 }

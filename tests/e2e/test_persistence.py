@@ -28,6 +28,8 @@ DEVICES = ("SELECT device, packets_in, packets_out, bytes_in, bytes_out, kernel_
            "FROM pg_netstat_devices ORDER BY device")
 ROLES = "SELECT * FROM pg_netstat_roles ORDER BY role"
 DATABASES = "SELECT * FROM pg_netstat_databases ORDER BY database"
+EGRESS = "SELECT * FROM pg_netstat_egress ORDER BY peer_class, backend_type"
+APPLICATIONS = "SELECT * FROM pg_netstat_applications ORDER BY role, database, application"
 STATEMENTS = "SELECT * FROM pg_netstat_statements ORDER BY role, database, kind, queryid"
 STATEMENT_TABLE = "SELECT * FROM pg_netstat_statement_table"
 
@@ -63,7 +65,7 @@ def tcp_traffic(c, user, kib):
 
 def everything(c):
     return {"history": c.rows(HISTORY), "devices": c.rows(DEVICES), "roles": c.rows(ROLES),
-            "databases": c.rows(DATABASES)}
+            "databases": c.rows(DATABASES), "egress": c.rows(EGRESS), "applications": c.rows(APPLICATIONS)}
 
 
 def totals(snapshot):
@@ -92,6 +94,8 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
     before = settled(c)
     assert {r[0] for r in before["roles"]} >= {"alice", "bob"}
     assert len(before["history"]) >= 3
+    assert [r[:2] for r in before["egress"]] == [["loopback", "client backend"]], before["egress"]
+    assert {(r[0], r[3]) for r in before["applications"]} == {("alice", "2"), ("bob", "1")}, before["applications"]
 
     mark = len(c.log())
     c.stop("fast")
@@ -116,7 +120,7 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
                   f"AND ts + make_interval(secs => interval_seconds) <= to_timestamp({started})")
     assert down == [], f"rows for the time the server was down: {down}"
     # No TCP traffic since: the totals are exactly those from before the restart.
-    for what in ("devices", "roles", "databases"):
+    for what in ("devices", "roles", "databases", "egress", "applications"):
         assert after[what] == before[what], what
 
     # Counting continues into them.
