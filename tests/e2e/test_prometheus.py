@@ -87,13 +87,15 @@ def test_prometheus_reports_the_views(cluster, tmp_path):
         cluster.sql("SELECT repeat('p', 50000)", user="pgn_prom", host="127.0.0.1")
     devices_sql = "SELECT device, capture_method, state, bytes_in FROM pg_netstat_devices"
     roles_sql = "SELECT coalesce(role, ''), bytes_out FROM pg_netstat_roles"
+    egress_sql = ("SELECT peer_class, coalesce(backend_type, ''), coalesce(bytes_out, 0), coalesce(socket_bytes_out, 0) "
+                  "FROM pg_netstat_egress")
 
     def settled():
-        a = (view(cluster, devices_sql), view(cluster, roles_sql))
+        a = (view(cluster, devices_sql), view(cluster, roles_sql), view(cluster, egress_sql))
         # The span the figures must stand still over (longer than an interval plus the
         # packet wait, so a publication would show), not a guess at when they settle.
         time.sleep(INTERVAL + 1.5)
-        return a if a == (view(cluster, devices_sql), view(cluster, roles_sql)) else None
+        return a if a == (view(cluster, devices_sql), view(cluster, roles_sql), view(cluster, egress_sql)) else None
     wait_for("the figures to settle", settled, timeout=60, every=0)
 
     prom_port, stop = start_monitoring(cluster, tmp_path)
@@ -118,6 +120,13 @@ def test_prometheus_reports_the_views(cluster, tmp_path):
         assert r == {((("role", role),) if role else ()): v for (role,), v in want_roles.items()}, (r, want_roles)
         # The other families are there too.
         assert promql(prom_port, 'pg_netstat_database_connections{database="postgres"}')
+        # Egress by peer class and backend type, both sources, as the view has them.
+        rows = cluster.rows(egress_sql)
+        want_out = {((("backend_type", b),) if b else ()) + (("peer_class", c),): int(o) for c, b, o, _ in rows}
+        want_socket = {((("backend_type", b),) if b else ()) + (("peer_class", c),): int(s) for c, b, _, s in rows}
+        assert ("loopback", "client backend") in {(c, b) for c, b, _, _ in rows}, rows
+        assert promql(prom_port, "pg_netstat_egress_bytes_out") == want_out
+        assert promql(prom_port, "pg_netstat_egress_socket_bytes_out") == want_socket
 
         # The Grafana dashboard: every metric it names exists in Prometheus, every query
         # is PromQL Prometheus accepts, and the server variable finds this server.
