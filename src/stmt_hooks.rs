@@ -257,8 +257,49 @@ fn apply(charges: Charges<StmtKey>) {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
-    // The client's FIN follows its Terminate at once: the reading that settles it.
-    boundary_with(tcpinfo::read_final, |t, s| t.exit(s));
+    boundary_with(read_at_exit, |t, s| t.exit(s));
+}
+
+/// The last reading. The client's FIN follows its Terminate at once: `read_final`
+/// settles it. Then the TLS session ends here, not later: PostgreSQL's socket_close
+/// would send the server's close_notify alert (24 bytes with TLS 1.3) from an
+/// on_proc_exit callback, after this reading, when shared memory is gone, so a TLS
+/// connection's rows came out 24 bytes short of what it sent. That is done only when
+/// nothing more can go to the client (it sent Terminate or closed: whereToSendOutput is
+/// no longer DestRemote); after a FATAL error (pg_terminate_backend, a timeout) messages
+/// may still go out during exit, and the alert is left to socket_close, uncounted.
+/// The bytes in stay those of the first reading: a client that has closed answers the
+/// alert with a reset, and a socket reset after the FIN no longer shows the FIN in its
+/// state, so a reading after it would count the FIN as a byte received.
+fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
+    let first = tcpinfo::read_final(fd)?;
+    // SAFETY: MyProcPort is this backend's Port, valid until the process ends;
+    // secure_close only ends its TLS session (nothing without one), and socket_close's
+    // own call is then a no-op.
+    unsafe {
+        let port = pg_sys::libpq::be::MyProcPort;
+        if port.is_null() || pg_sys::whereToSendOutput == pg_sys::CommandDest::DestRemote {
+            return Some(first);
+        }
+        secure_close(port);
+    }
+    Some(match tcpinfo::read(fd) {
+        Some(after) => crate::statements::Sample {
+            bytes_out: after.bytes_out,
+            segs_out: after.segs_out,
+            retrans: after.retrans,
+            rtt_us: after.rtt_us,
+            ..first
+        },
+        None => first,
+    })
+}
+
+unsafe extern "C-unwind" {
+    /// PostgreSQL's own end of a TLS session (SSL_shutdown, which sends the close_notify
+    /// alert, then SSL_free); nothing without TLS, nothing when called again.
+    #[link_name = "secure_close"]
+    fn secure_close(port: *mut pg_sys::libpq::be::Port);
 }
 
 /// A top-level statement starts (guarded: an error in our own work is reported by pgrx).

@@ -3,6 +3,9 @@ counters, proven against tcpdump: per statement and per connection, exactly. The
 cluster here runs without CAP_NET_RAW (the capture cannot start; statements need no
 privilege) and with pg_stat_statements, whose query texts the view shows."""
 import contextlib
+import math
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -35,12 +38,13 @@ def stmts():
         c.remove()
 
 
-def run_script(cluster, user, statements, host="127.0.0.1"):
+def run_script(cluster, user, statements, host="127.0.0.1", sslmode=None):
     """Runs the statements one by one on one connection (psql sends each as its own
     Query message and waits for its result); errors do not stop the script."""
+    env = dict(os.environ, PGSSLMODE=sslmode) if sslmode else None
     r = subprocess.run([PSQL, "-X", "-qAt", "-h", host, "-p", str(cluster.port), "-U", user, "-d", "postgres",
                         "-f", "-"], input="".join(s + ";\n" for s in statements),
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, env=env)
     return r
 
 
@@ -261,3 +265,154 @@ def test_errors_pass_through_untouched_and_caught_errors_keep_statements_top_lev
     rows = rows_of(stmts, "postgres")
     n = [x for x in rows if x["query"] == "SELECT repeat($1, $2), $3, $4"]
     assert len(n) == 1 and n[0]["calls"] == 1 and 5000 < n[0]["bytes_out"] < 5200, rows
+
+
+# What the TLS test runs, once in plain text and once under TLS: results of very
+# different sizes, COPY, failures. The first names the client port for tcpdump.
+TLS_SCRIPT = [
+    "SELECT inet_client_port()",
+    "SELECT repeat('t', 3000000)",             # several MB out
+    "SELECT repeat('k', 4000), 1",             # a few kB
+    "SELECT 7",                                 # a handful of bytes
+    "COPY (SELECT generate_series(1, 20000)) TO STDOUT",
+    "SELECT * FROM pgn_no_such_table",         # fails before it has a plan
+    "SELECT 1 / (random() * 0)::int",          # fails while it runs
+    "SELECT 'last', 2",
+]
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """A cluster with ssl = on and a self-signed certificate made here; plain-text
+    connections (sslmode=disable) are still allowed (pg_hba "host" lines)."""
+    c = Cluster(free_port(), conf=["shared_preload_libraries = 'pg_netstat,pg_stat_statements'", "ssl = on",
+                                   "ssl_min_protocol_version = 'TLSv1.3'",  # the record overhead below
+                                   "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"])
+    data = c.dir / "data"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", str(data / "server.key"), "-out", str(data / "server.crt")])
+    for name in ("server.key", "server.crt"):
+        shutil.chown(data / name, "postgres", "postgres")
+    os.chmod(data / "server.key", 0o600)
+    c.start(cap_net_raw=False)
+    try:
+        c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
+        for role in ("pgn_plain", "pgn_tls"):
+            c.sql(f"CREATE ROLE {role} LOGIN")
+        yield c
+    finally:
+        c.stop()
+        c.remove()
+
+
+def turns(path, server_port, client_port):
+    """What tcpdump saw of one connection, cut where the client speaks after the server
+    (it waits for each result before it sends the next statement, so under TLS, where
+    the Query messages cannot be read, each statement is one turn): [{'bytes_in',
+    'bytes_out'}, ...]. The first turns are the TLS handshake and the startup; the last
+    is the client's Terminate and TLS close, and the server's close."""
+    parts, last = [], None
+    for direction, n, _ in pcap_payloads(path, server_port, client_port):
+        if not parts or (direction == "in" and last == "out"):
+            parts.append(dict(bytes_in=0, bytes_out=0))
+        parts[-1]["bytes_" + direction] += n
+        last = direction
+    return parts
+
+
+def script_rows(cluster, role, statements):
+    """[setup, statement 1, ...] of one role's connection that ran `statements` once
+    each, as {'bytes_in', 'bytes_out'}; the query ids from EXPLAIN, 0 for the statement
+    on a missing table, the COPY's from pg_stat_statements."""
+    rows = rows_of(cluster, role)
+    by_id = {r["queryid"]: r for r in rows if r["kind"] == "statement"}
+    setup = [r for r in rows if r["kind"] == "setup"]
+    assert len(setup) == 1 and setup[0]["calls"] == 1, rows
+    assert len(rows) == len(statements) + 1, rows
+    got = [dict(bytes_in=setup[0]["bytes_in"], bytes_out=setup[0]["bytes_out"])]
+    for s in statements:
+        if "pgn_no_such" in s:
+            qid = 0
+        elif s.startswith("COPY"):
+            qid = int(cluster.sql("SELECT DISTINCT queryid FROM pg_stat_statements WHERE toplevel "
+                                  "AND query LIKE 'COPY%generate_series%'"))
+        else:
+            qid = query_id(cluster, s)
+        assert qid in by_id and by_id[qid]["calls"] == 1, (s, rows)
+        got.append(dict(bytes_in=by_id[qid]["bytes_in"], bytes_out=by_id[qid]["bytes_out"]))
+    return got
+
+
+def test_tls_connection_equals_tcpdump_and_statements_pay_the_record_overhead(tls, tmp_path):
+    """Under TLS the rows of a connection add up to tcpdump's payload bytes, exactly, and
+    each statement is exact too, cut at the client's turns (TLS hides the Query
+    messages). Against the same script in plain text, a statement pays TLS 1.3's 22 bytes
+    (5 of record header, 1 of inner content type, 16 of AEAD tag) per record, one record
+    per write of PostgreSQL's 8 kB send buffer, and the setup the handshake."""
+    n = len(TLS_SCRIPT)
+    tls.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", tls.port, tmp_path) as td:
+        plain = run_script(tls, "pgn_plain", TLS_SCRIPT, sslmode="disable")
+        secure = run_script(tls, "pgn_tls", TLS_SCRIPT, sslmode="require")
+        for r in (plain, secure):
+            assert "pgn_no_such_table" in r.stderr and "division by zero" in r.stderr, r.stderr
+        ports = {"plain": int(plain.stdout.splitlines()[0]), "tls": int(secure.stdout.splitlines()[0])}
+        td.wait_closed()
+    # The TLS run began with an SSLRequest (8 bytes) that the server accepted ('S', 1 byte).
+    first = [(d, nbytes, b) for d, nbytes, b in pcap_payloads(td.path, tls.port, ports["tls"])][:2]
+    assert first == [("in", 8, 0), ("out", 1, ord("S"))], first
+    backend_gone(tls, "pgn_plain")
+    backend_gone(tls, "pgn_tls")
+    got = {"plain": script_rows(tls, "pgn_plain", TLS_SCRIPT), "tls": script_rows(tls, "pgn_tls", TLS_SCRIPT)}
+    names = ["setup"] + TLS_SCRIPT
+    # Plain text: exact per statement, cut at the Query messages.
+    ref_plain = reference(td.path, tls.port, ports["plain"])
+    assert got["plain"] == ref_plain, "\n".join(f"{s:50} got {g} tcpdump {e}"
+                                                for s, g, e in zip(names, got["plain"], ref_plain))
+    # TLS: the connection's rows add up to tcpdump's payload bytes, in and out.
+    total = {"bytes_in": 0, "bytes_out": 0}
+    for direction, nbytes, _ in pcap_payloads(td.path, tls.port, ports["tls"]):
+        total["bytes_" + direction] += nbytes
+    assert {k: sum(g[k] for g in got["tls"]) for k in total} == total, got["tls"]
+    # ... and per statement, cut at the turns: the last n + 1 turns are the statements
+    # and the exit (charged to the last statement), the ones before them the setup.
+    t = turns(td.path, tls.port, ports["tls"])
+    assert len(t) > n + 1, t
+    ref_tls = [{k: sum(p[k] for p in t[:-(n + 1)]) for k in total}] + t[-(n + 1):-2] + [
+        {k: t[-2][k] + t[-1][k] for k in total}]
+    assert got["tls"] == ref_tls, "\n".join(f"{s:50} got {g} tcpdump {e}"
+                                            for s, g, e in zip(names, got["tls"], ref_tls))
+    # The overhead per statement, against the plain run: 22 bytes a record, a record
+    # for each flush of PostgreSQL's 8 kB send buffer (an error and the ReadyForQuery
+    # after it are flushed apart); the last statement's out has the server's
+    # close_notify (24 bytes), its in the Terminate's record and the client's close_notify.
+    report = []
+    for i, (name, p, s) in enumerate(zip(names, got["plain"], got["tls"])):
+        extra = s["bytes_out"] - p["bytes_out"]
+        report.append(f"{name:52} plain {p['bytes_out']:>9} tls {s['bytes_out']:>9} +{extra:>6} "
+                      f"x{s['bytes_out'] / max(p['bytes_out'], 1):.4f} "
+                      f"in plain {p['bytes_in']:>5} tls {s['bytes_in']:>5}")
+        if i == 0:
+            continue
+        close = 24 if i == n else 0
+        records, rest = divmod(extra - close, TLS_RECORD)
+        assert rest == 0 and 0 < math.ceil(p["bytes_out"] / 8192) <= records <= math.ceil(p["bytes_out"] / 8192) + 1, \
+            report[-1]
+        assert s["bytes_in"] - p["bytes_in"] == TLS_RECORD + (TLS_RECORD + 24 if i == n else 0), report[-1]
+    print("\n".join(report))
+    big = got["tls"][2]["bytes_out"] / got["plain"][2]["bytes_out"]
+    assert 1 < big <= 1 + TLS_RECORD / 8192 + 1e-5, big
+    # The setup carries the handshake: the certificate, the RSA signature, key shares,
+    # session tickets; and the client's hello and key share.
+    der = len(subprocess.run(["openssl", "x509", "-in", str(tls.dir / "data" / "server.crt"), "-outform", "DER"],
+                             check=True, capture_output=True).stdout)
+    setup_out = got["tls"][0]["bytes_out"] - got["plain"][0]["bytes_out"]
+    setup_in = got["tls"][0]["bytes_in"] - got["plain"][0]["bytes_in"]
+    assert der + 256 < setup_out < der + 2048, (der, report[0])
+    assert 300 < setup_in < 2048, report[0]
+
+
+# TLS 1.3 (AES-GCM or ChaCha20-Poly1305): 5 bytes of record header, 1 of inner content
+# type, 16 of AEAD tag.
+TLS_RECORD = 22
+
