@@ -28,7 +28,7 @@ def stmts():
     c.start(cap_net_raw=False)
     try:
         c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
-        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench", "pgn_ext"):
+        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench", "pgn_ext", "pgn_pipe"):
             c.sql(f"CREATE ROLE {role} LOGIN")
         c.sql("CREATE TABLE pgn_copy_target (n int); GRANT INSERT ON pgn_copy_target TO pgn_copy")
         run([str(PGBIN / "pgbench"), "-i", "-q", "-s", "1", "-h", str(c.dir), "-p", str(c.port), "-U", "postgres",
@@ -539,3 +539,112 @@ def test_extended_protocol_each_statement_equals_tcpdump(stmts, tmp_path):
     assert {k: sum(g[k] for g in got.values()) for k in total} == total
     assert got["named"]["calls"] == 3 and got["big"]["bytes_out"] > 1_000_000
 
+
+# A pipeline of statements of different sizes, in this order (pgbench script).
+PIPELINE = [
+    ("tiny", "SELECT 1, 2", "SELECT $1, $2"),
+    ("big", "SELECT repeat('p', 30000)", "SELECT repeat($1, $2)"),
+    ("kB", "SELECT repeat('q', 5000), 1, 2, 3", "SELECT repeat($1, $2), $3, $4, $5"),
+    ("last", "SELECT 'x', 'y', 'z', 'w', 'v'", "SELECT $1, $2, $3, $4, $5"),
+]
+# PostgreSQL's send buffer (PQ_SEND_BUFFER_SIZE): output waits there until it is full,
+# or until a Sync (the end of a pipeline) flushes it.
+SEND_BUFFER = 8192
+
+
+def pipeline_reference(st, labels):
+    """Each statement's own bytes in a pgbench pipeline (extended protocol, P/B/D/E per
+    statement, one Sync at the end), from the protocol messages of one connection's
+    streams: in, its Parse, Bind, Describe and Execute; out, ParseComplete, BindComplete,
+    RowDescription, DataRow and CommandComplete. The Sync and its ReadyForQuery, and the
+    Terminate, go to the last statement; before the first Parse and up to the first
+    ReadyForQuery, the setup. Also: the in-bytes of each whole pipeline (a list)."""
+    cmsgs = pg_messages(st["in_"], True)
+    smsgs = pg_messages(st["out"], cmsgs)
+    ref = {k: dict(bytes_in=0, bytes_out=0) for k in ["setup"] + [label for label, _, _ in PIPELINE]}
+    current, pipelines = "setup", []
+    for t, off, n in cmsgs:
+        if t == "P":
+            sql = st["in_"][off + 6:st["in_"].index(b"\0", off + 6)].decode()
+            current = labels[sql.strip().rstrip(";")]
+            if current == PIPELINE[0][0]:
+                pipelines.append(0)
+        if pipelines and t in "PBDES":
+            pipelines[-1] += n
+        ref[current]["bytes_in"] += n
+    order = [label for label, _, _ in PIPELINE]
+    k, ready = None, False
+    for t, off, n in smsgs:
+        if not ready:
+            ref["setup"]["bytes_out"] += n
+            ready = t == "Z"
+            continue
+        k = 0 if k is None else k
+        label = order[min(k, len(order) - 1)] if t != "Z" else order[-1]
+        ref[label]["bytes_out"] += n
+        if t == "C":
+            k += 1
+        elif t == "Z":
+            k = None
+        else:
+            assert t in "12TD", (t, off)
+    return ref, pipelines
+
+
+def test_pipelined_statements_are_charged_as_documented(stmts, tmp_path):
+    """pgbench pipelines (\\startpipeline ... \\endpipeline, extended protocol): the
+    connection's rows add up to tcpdump exactly. Per statement, as docs/statements.md
+    says: the whole pipeline arrives in one write, so its first statement is charged all
+    its bytes in; out, each statement is charged what PostgreSQL flushed while it was
+    current, which differs from its own results (from the protocol messages in tcpdump's
+    streams) by less than the 8 kB send buffer per call."""
+    transactions = 50
+    script = tmp_path / "pipeline.sql"
+    script.write_text("\\startpipeline\n" + "".join(sql + ";\n" for _, sql, _ in PIPELINE) + "\\endpipeline\n")
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path, snaplen=0) as td:
+        run([str(PGBIN / "pgbench"), "-n", "-M", "extended", "-c", "1", "-t", str(transactions), "-f", str(script),
+             "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_pipe", "postgres"])
+        td.wait_closed()
+    labels = {sql: label for label, sql, _ in PIPELINE}
+    ref = {k: dict(bytes_in=0, bytes_out=0) for k in ["setup"] + list(labels.values())}
+    pipelines, total = [], {"bytes_in": 0, "bytes_out": 0}
+    for port in {p for _, _, p in td_clients(td.path, stmts.port)}:
+        st = pcap_stream(td.path, stmts.port, port)
+        r, p = pipeline_reference(st, labels)
+        pipelines += p
+        for k in ref:
+            for d in ("bytes_in", "bytes_out"):
+                ref[k][d] += r[k][d]
+        for direction, nbytes, _ in pcap_payloads(td.path, stmts.port, port):
+            total["bytes_" + direction] += nbytes
+    assert len(pipelines) == transactions, pipelines
+    # (Equal unless the server had to send something again: own results count it once.)
+    assert sum(r["bytes_in"] for r in ref.values()) == total["bytes_in"]
+    backend_gone(stmts, "pgn_pipe")
+    texts = {normalized: label for label, _, normalized in PIPELINE}
+    got = {}
+    for r in rows_of(stmts, "pgn_pipe"):
+        label = "setup" if r["kind"] == "setup" else texts[r["query"]]
+        got[label] = r
+    assert all(got[label]["calls"] == transactions for label in labels.values()), got
+    # The connection: exact.
+    assert {d: sum(g[d] for g in got.values()) for d in total} == total, got
+    assert {d: got["setup"][d] for d in total} == ref["setup"]
+    report = [f"{k:6} calls {got[k]['calls']:>3}  in got {got[k]['bytes_in']:>7} own {ref[k]['bytes_in']:>7}"
+              f"  out got {got[k]['bytes_out']:>8} own {ref[k]['bytes_out']:>8}"
+              f" error/call {(got[k]['bytes_out'] - ref[k]['bytes_out']) / got[k]['calls']:>+9.1f}"
+              for k in ref]
+    print("\n".join(report))
+    # In: the first statement has each whole pipeline; the last the Terminate (5 bytes).
+    first, last = PIPELINE[0][0], PIPELINE[-1][0]
+    assert got[first]["bytes_in"] == sum(pipelines), report
+    assert got[last]["bytes_in"] == 5, report
+    assert all(got[k]["bytes_in"] == 0 for k in labels.values() if k not in (first, last)), report
+    # Out: each statement but the last is charged the send buffer's flushes while it was
+    # current, whole buffers (the socket sends at once on lo); the last, what is left at
+    # the Sync. Off by less than the send buffer per call either way.
+    for k in labels.values():
+        assert abs(got[k]["bytes_out"] - ref[k]["bytes_out"]) < SEND_BUFFER * transactions, report
+        if k != last and PG_MAJOR < 17:  # 17 writes a message larger than the buffer directly
+            assert got[k]["bytes_out"] % SEND_BUFFER == 0, report
