@@ -268,21 +268,31 @@ unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
 /// nothing more can go to the client (it sent Terminate or closed: whereToSendOutput is
 /// no longer DestRemote); after a FATAL error (pg_terminate_backend, a timeout) messages
 /// may still go out during exit, and the alert is left to socket_close, uncounted.
-/// The bytes in stay those of the first reading: a client that has closed answers the
-/// alert with a reset, and a socket reset after the FIN no longer shows the FIN in its
-/// state, so a reading after it would count the FIN as a byte received.
+/// The bytes in are those of a reading before that: a client that has closed answers
+/// the alert with a reset, and a socket reset after the FIN no longer shows the FIN in
+/// its state, so a reading after it would count the FIN as a byte received. A TLS
+/// client sends its own close_notify after the Terminate, then its FIN: that reading
+/// waits (at most FIN_WAIT_MS) for the FIN, so the alert is in it.
 fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
-    let first = tcpinfo::read_final(fd)?;
-    // SAFETY: MyProcPort is this backend's Port, valid until the process ends;
-    // secure_close only ends its TLS session (nothing without one), and socket_close's
-    // own call is then a no-op.
-    unsafe {
+    // SAFETY: plain reads of this backend's globals; MyProcPort is valid until the
+    // process ends.
+    let (port, closing) = unsafe {
         let port = pg_sys::libpq::be::MyProcPort;
-        if port.is_null() || pg_sys::whereToSendOutput == pg_sys::CommandDest::DestRemote {
-            return Some(first);
-        }
-        secure_close(port);
+        (port, !port.is_null() && pg_sys::whereToSendOutput != pg_sys::CommandDest::DestRemote)
+    };
+    if !closing {
+        return tcpinfo::read_final(fd);
     }
+    #[cfg(target_os = "linux")]
+    {
+        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd; a timeout or an interruption just ends the wait.
+        unsafe { libc::poll(&mut p, 1, FIN_WAIT_MS) };
+    }
+    let first = tcpinfo::read_final(fd)?;
+    // SAFETY: secure_close only ends the TLS session of this backend's Port (nothing
+    // without one), and socket_close's own call is then a no-op.
+    unsafe { secure_close(port) };
     Some(match tcpinfo::read(fd) {
         Some(after) => crate::statements::Sample {
             bytes_out: after.bytes_out,
@@ -294,6 +304,11 @@ fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
         None => first,
     })
 }
+
+/// The longest a backend ending after Terminate waits for the client's FIN (libpq
+/// closes at once; a client that keeps its socket open delays the exit this much).
+#[cfg(target_os = "linux")]
+const FIN_WAIT_MS: c_int = 20;
 
 unsafe extern "C-unwind" {
     /// PostgreSQL's own end of a TLS session (SSL_shutdown, which sends the close_notify
