@@ -215,9 +215,11 @@ class Tcpdump:
     """tcpdump writing a pcap of `tcp port PORT` on one device: the independent count.
     libpcap, like pg_netstat, keeps one copy of each loopback packet."""
 
-    def __init__(self, device, port, workdir, name=None):
+    def __init__(self, device, port, workdir, name=None, snaplen=128):
+        """`snaplen` 128 holds the headers; 0 keeps whole packets (for pcap_stream)."""
         self.path = Path(workdir) / f"{name or device}.pcap"
         self.device = device
+        self.snaplen = snaplen
         self.ports = [port] if isinstance(port, int) else list(port)
         self.port = self.ports[0]
 
@@ -228,7 +230,7 @@ class Tcpdump:
             # --immediate-mode: libpcap hands over each packet at once. Without it, the
             # packets in its last, partly filled ring block are lost when tcpdump is
             # stopped, and the reference count comes out short.
-            ["tcpdump", "-i", self.device, "-p", "-n", "-s", "128", "-B", "16384", "-U", "--immediate-mode",
+            ["tcpdump", "-i", self.device, "-p", "-n", "-s", str(self.snaplen), "-B", "16384", "-U", "--immediate-mode",
              "-Z", "root", "-w", str(self.path),
              # libpcap's "tcp port" alone misses frames with an in-band 802.1Q tag.
              "(tcp and ({0})) or (vlan and tcp and ({0}))".format(" or ".join(f"port {p}" for p in self.ports))],
@@ -567,3 +569,95 @@ def pcap_payloads(path, server_port, client_port):
     for direction, _, n, first, _ in sorted(frames, key=lambda fr: fr[4]):
         if n > 0:
             yield direction, n, first
+
+
+def pcap_stream(path, server_port, client_port):
+    """One connection's two byte streams, reassembled from a pcap taken with whole
+    packets (Tcpdump(snaplen=0)): dict(in_=bytes toward the server, out=bytes from it,
+    segments=[('in'|'out', start, end, sent)] for each packet with payload, in capture
+    order: the stream offsets of the bytes it added (start == end when it added none:
+    a copy sent again) and `sent`, its payload length). The kernel counts bytes in once
+    (the streams) and bytes out as sent, every copy (the sum of `sent`). A packet
+    captured ahead of one before it in sequence (it happens on a busy lo) waits until
+    the gap is filled."""
+    streams = {"in": bytearray(), "out": bytearray()}
+    pending = {"in": {}, "out": {}}
+    base, segments = {}, []
+    for _, _, f in pcap_frames(path):
+        at = _tcp_at(f)
+        if at is None or len(f) < at[0] + 14:
+            continue
+        l4, ip_end = at
+        sport, dport, seq = struct.unpack(">HHI", f[l4:l4 + 8])
+        if (sport, dport) == (client_port, server_port):
+            d = "in"
+        elif (sport, dport) == (server_port, client_port):
+            d = "out"
+        else:
+            continue
+        doff, flags = (f[l4 + 12] >> 4) * 4, f[l4 + 13]
+        if flags & 0x02:
+            base[d] = (seq + 1) & 0xFFFFFFFF
+            continue
+        if ip_end <= l4 + doff:
+            continue
+        assert len(f) >= ip_end, f"{path}: packet cut at {len(f)} bytes; capture with snaplen=0"
+        assert d in base, f"{path}: data before the SYN of {client_port}"
+        payload = f[l4 + doff:ip_end]
+        s = streams[d]
+        before = len(s)
+        pending[d][(seq - base[d]) & 0xFFFFFFFF] = payload
+        while True:
+            ready = [(start, data) for start, data in pending[d].items() if start <= len(s)]
+            if not ready:
+                break
+            for start, data in ready:
+                del pending[d][start]
+                if start + len(data) > len(s):
+                    s[len(s):] = data[len(s) - start:]
+        segments.append((d, before, len(s), len(payload)))
+    for d in pending:
+        assert not pending[d], f"{path}: a gap in the {d} stream of {client_port} at {len(streams[d])}"
+    return dict(in_=bytes(streams["in"]), out=bytes(streams["out"]), segments=segments)
+
+
+def pg_messages(data, client):
+    """Protocol-3 messages of a reassembled stream: [(type, offset, length)], length of
+    the whole message (type byte included). A client stream starts with untyped
+    messages: SSLRequest/GSSENCRequest ('ssl', answered by one byte the server stream
+    starts with: 'ssl_reply') and the startup packet ('startup'). For the server stream
+    pass `client` = the client stream's messages, to skip those one-byte answers."""
+    out, off = [], 0
+    if client is True:
+        while off + 8 <= len(data):
+            n, code = struct.unpack(">II", data[off:off + 8])
+            negotiation = code in (80877103, 80877104)
+            out.append(("ssl" if negotiation else "startup", off, n))
+            off += n
+            if not negotiation:
+                break
+    else:
+        for t, _, _ in client:
+            if t == "ssl":
+                out.append(("ssl_reply", off, 1))
+                off += 1
+    while off + 5 <= len(data):
+        n = struct.unpack(">I", data[off + 1:off + 5])[0]
+        out.append((chr(data[off]), off, n + 1))
+        off += n + 1
+    assert off == len(data), f"a message cut at {off} of {len(data)}"
+    return out
+
+
+def out_before(stream, in_offset):
+    """Bytes the server had sent (every copy, as the kernel counts them), in capture
+    order, before the client packet that brought stream offset `in_offset` (all of
+    them when it is past the end). Meant for a client that waits for each answer before
+    it sends more: the server cannot send a copy again after the client's next request."""
+    sent = 0
+    for d, start, end, n in stream["segments"]:
+        if d == "in" and start <= in_offset < end:
+            return sent
+        if d == "out":
+            sent += n
+    return sent

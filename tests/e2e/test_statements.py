@@ -3,12 +3,17 @@ counters, proven against tcpdump: per statement and per connection, exactly. The
 cluster here runs without CAP_NET_RAW (the capture cannot start; statements need no
 privilege) and with pg_stat_statements, whose query texts the view shows."""
 import contextlib
+import math
+import os
+import shutil
+import socket
+import struct
 import subprocess
 
 import pytest
 from conftest import CAPTURE_METHOD
-from harness import (PGBIN, Cluster, Tcpdump, free_port, pcap_payloads, pcap_retransmissions, run,
-                     wait_for)
+from harness import (PG_MAJOR, PGBIN, Cluster, Tcpdump, free_port, out_before, pcap_payloads, pcap_retransmissions,
+                     pcap_stream, pg_messages, run, wait_for)
 
 PSQL = str(PGBIN / "psql")
 MAX_STATEMENTS = 20
@@ -23,7 +28,7 @@ def stmts():
     c.start(cap_net_raw=False)
     try:
         c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
-        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench"):
+        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench", "pgn_ext", "pgn_pipe"):
             c.sql(f"CREATE ROLE {role} LOGIN")
         c.sql("CREATE TABLE pgn_copy_target (n int); GRANT INSERT ON pgn_copy_target TO pgn_copy")
         run([str(PGBIN / "pgbench"), "-i", "-q", "-s", "1", "-h", str(c.dir), "-p", str(c.port), "-U", "postgres",
@@ -35,12 +40,13 @@ def stmts():
         c.remove()
 
 
-def run_script(cluster, user, statements, host="127.0.0.1"):
+def run_script(cluster, user, statements, host="127.0.0.1", sslmode=None):
     """Runs the statements one by one on one connection (psql sends each as its own
     Query message and waits for its result); errors do not stop the script."""
+    env = dict(os.environ, PGSSLMODE=sslmode) if sslmode else None
     r = subprocess.run([PSQL, "-X", "-qAt", "-h", host, "-p", str(cluster.port), "-U", user, "-d", "postgres",
                         "-f", "-"], input="".join(s + ";\n" for s in statements),
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, env=env)
     return r
 
 
@@ -261,3 +267,384 @@ def test_errors_pass_through_untouched_and_caught_errors_keep_statements_top_lev
     rows = rows_of(stmts, "postgres")
     n = [x for x in rows if x["query"] == "SELECT repeat($1, $2), $3, $4"]
     assert len(n) == 1 and n[0]["calls"] == 1 and 5000 < n[0]["bytes_out"] < 5200, rows
+
+
+# What the TLS test runs, once in plain text and once under TLS: results of very
+# different sizes, COPY, failures. The first names the client port for tcpdump.
+TLS_SCRIPT = [
+    "SELECT inet_client_port()",
+    "SELECT repeat('t', 3000000)",             # several MB out
+    "SELECT repeat('k', 4000), 1",             # a few kB
+    "SELECT 7",                                 # a handful of bytes
+    "COPY (SELECT generate_series(1, 20000)) TO STDOUT",
+    "SELECT * FROM pgn_no_such_table",         # fails before it has a plan
+    "SELECT 1 / (random() * 0)::int",          # fails while it runs
+    "SELECT 'last', 2",
+]
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """A cluster with ssl = on and a self-signed certificate made here; plain-text
+    connections (sslmode=disable) are still allowed (pg_hba "host" lines)."""
+    c = Cluster(free_port(), conf=["shared_preload_libraries = 'pg_netstat,pg_stat_statements'", "ssl = on",
+                                   "ssl_min_protocol_version = 'TLSv1.3'",  # the record overhead below
+                                   "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"])
+    data = c.dir / "data"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", str(data / "server.key"), "-out", str(data / "server.crt")])
+    for name in ("server.key", "server.crt"):
+        shutil.chown(data / name, "postgres", "postgres")
+    os.chmod(data / "server.key", 0o600)
+    c.start(cap_net_raw=False)
+    try:
+        c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
+        for role in ("pgn_plain", "pgn_tls"):
+            c.sql(f"CREATE ROLE {role} LOGIN")
+        yield c
+    finally:
+        c.stop()
+        c.remove()
+
+
+def turns(path, server_port, client_port):
+    """What tcpdump saw of one connection, cut where the client speaks after the server
+    (it waits for each result before it sends the next statement, so under TLS, where
+    the Query messages cannot be read, each statement is one turn): [{'bytes_in',
+    'bytes_out'}, ...]. The first turns are the TLS handshake and the startup; the last
+    is the client's Terminate and TLS close, and the server's close."""
+    parts, last = [], None
+    for direction, n, _ in pcap_payloads(path, server_port, client_port):
+        if not parts or (direction == "in" and last == "out"):
+            parts.append(dict(bytes_in=0, bytes_out=0))
+        parts[-1]["bytes_" + direction] += n
+        last = direction
+    return parts
+
+
+def script_rows(cluster, role, statements):
+    """[setup, statement 1, ...] of one role's connection that ran `statements` once
+    each, as {'bytes_in', 'bytes_out'}; the query ids from EXPLAIN, 0 for the statement
+    on a missing table, the COPY's from pg_stat_statements."""
+    rows = rows_of(cluster, role)
+    by_id = {r["queryid"]: r for r in rows if r["kind"] == "statement"}
+    setup = [r for r in rows if r["kind"] == "setup"]
+    assert len(setup) == 1 and setup[0]["calls"] == 1, rows
+    assert len(rows) == len(statements) + 1, rows
+    got = [dict(bytes_in=setup[0]["bytes_in"], bytes_out=setup[0]["bytes_out"])]
+    for s in statements:
+        if "pgn_no_such" in s:
+            qid = 0
+        elif s.startswith("COPY"):
+            qid = int(cluster.sql("SELECT DISTINCT queryid FROM pg_stat_statements WHERE toplevel "
+                                  "AND query LIKE 'COPY%generate_series%'"))
+        else:
+            qid = query_id(cluster, s)
+        assert qid in by_id and by_id[qid]["calls"] == 1, (s, rows)
+        got.append(dict(bytes_in=by_id[qid]["bytes_in"], bytes_out=by_id[qid]["bytes_out"]))
+    return got
+
+
+def test_tls_connection_equals_tcpdump_and_statements_pay_the_record_overhead(tls, tmp_path):
+    """Under TLS the rows of a connection add up to tcpdump's payload bytes, exactly, and
+    each statement is exact too, cut at the client's turns (TLS hides the Query
+    messages). Against the same script in plain text, a statement pays TLS 1.3's 22 bytes
+    (5 of record header, 1 of inner content type, 16 of AEAD tag) per record, one record
+    per write of PostgreSQL's 8 kB send buffer, and the setup the handshake."""
+    n = len(TLS_SCRIPT)
+    tls.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", tls.port, tmp_path) as td:
+        plain = run_script(tls, "pgn_plain", TLS_SCRIPT, sslmode="disable")
+        secure = run_script(tls, "pgn_tls", TLS_SCRIPT, sslmode="require")
+        for r in (plain, secure):
+            assert "pgn_no_such_table" in r.stderr and "division by zero" in r.stderr, r.stderr
+        ports = {"plain": int(plain.stdout.splitlines()[0]), "tls": int(secure.stdout.splitlines()[0])}
+        td.wait_closed()
+    # The TLS run began with an SSLRequest (8 bytes) that the server accepted ('S', 1 byte).
+    first = [(d, nbytes, b) for d, nbytes, b in pcap_payloads(td.path, tls.port, ports["tls"])][:2]
+    assert first == [("in", 8, 0), ("out", 1, ord("S"))], first
+    backend_gone(tls, "pgn_plain")
+    backend_gone(tls, "pgn_tls")
+    got = {"plain": script_rows(tls, "pgn_plain", TLS_SCRIPT), "tls": script_rows(tls, "pgn_tls", TLS_SCRIPT)}
+    names = ["setup"] + TLS_SCRIPT
+    # Plain text: exact per statement, cut at the Query messages.
+    ref_plain = reference(td.path, tls.port, ports["plain"])
+    assert got["plain"] == ref_plain, "\n".join(f"{s:50} got {g} tcpdump {e}"
+                                                for s, g, e in zip(names, got["plain"], ref_plain))
+    # TLS: the connection's rows add up to tcpdump's payload bytes, in and out.
+    total = {"bytes_in": 0, "bytes_out": 0}
+    for direction, nbytes, _ in pcap_payloads(td.path, tls.port, ports["tls"]):
+        total["bytes_" + direction] += nbytes
+    assert {k: sum(g[k] for g in got["tls"]) for k in total} == total, got["tls"]
+    # ... and per statement, cut at the turns: the last n + 1 turns are the statements
+    # and the exit (charged to the last statement), the ones before them the setup.
+    t = turns(td.path, tls.port, ports["tls"])
+    assert len(t) > n + 1, t
+    ref_tls = [{k: sum(p[k] for p in t[:-(n + 1)]) for k in total}] + t[-(n + 1):-2] + [
+        {k: t[-2][k] + t[-1][k] for k in total}]
+    assert got["tls"] == ref_tls, "\n".join(f"{s:50} got {g} tcpdump {e}"
+                                            for s, g, e in zip(names, got["tls"], ref_tls))
+    # The overhead per statement, against the plain run: 22 bytes a record, a record
+    # for each flush of PostgreSQL's 8 kB send buffer (an error and the ReadyForQuery
+    # after it are flushed apart); the last statement's out has the server's
+    # close_notify (24 bytes), its in the Terminate's record and the client's close_notify.
+    report = []
+    for i, (name, p, s) in enumerate(zip(names, got["plain"], got["tls"])):
+        extra = s["bytes_out"] - p["bytes_out"]
+        report.append(f"{name:52} plain {p['bytes_out']:>9} tls {s['bytes_out']:>9} +{extra:>6} "
+                      f"x{s['bytes_out'] / max(p['bytes_out'], 1):.4f} "
+                      f"in plain {p['bytes_in']:>5} tls {s['bytes_in']:>5}")
+        if i == 0:
+            continue
+        close = 24 if i == n else 0
+        records, rest = divmod(extra - close, TLS_RECORD)
+        # At most 16 kB in a record; on PostgreSQL 15 and 16 a record per flush of 8 kB.
+        fewest = math.ceil(p["bytes_out"] / (8192 if PG_MAJOR < 17 else 16384))
+        assert rest == 0 and 0 < fewest <= records <= math.ceil(p["bytes_out"] / 8192) + 1, report[-1]
+        assert s["bytes_in"] - p["bytes_in"] == TLS_RECORD + (TLS_RECORD + 24 if i == n else 0), report[-1]
+    print("\n".join(report))
+    big = got["tls"][2]["bytes_out"] / got["plain"][2]["bytes_out"]
+    assert 1 < big <= 1 + TLS_RECORD / 8192 + 1e-5, big
+    # The setup carries the handshake: the certificate, the RSA signature, key shares,
+    # session tickets; and the client's hello and key share.
+    der = len(subprocess.run(["openssl", "x509", "-in", str(tls.dir / "data" / "server.crt"), "-outform", "DER"],
+                             check=True, capture_output=True).stdout)
+    setup_out = got["tls"][0]["bytes_out"] - got["plain"][0]["bytes_out"]
+    setup_in = got["tls"][0]["bytes_in"] - got["plain"][0]["bytes_in"]
+    assert der + 256 < setup_out < der + 2048, (der, report[0])
+    assert 300 < setup_in < 2048, report[0]
+
+
+# TLS 1.3 (AES-GCM or ChaCha20-Poly1305): 5 bytes of record header, 1 of inner content
+# type, 16 of AEAD tag.
+TLS_RECORD = 22
+
+
+class Wire:
+    """A protocol-3 client on a raw socket, to say exactly which messages go in which
+    write: `write(*messages)` sends them in one send() and, unless told not to, reads
+    the answer up to ReadyForQuery."""
+
+    def __init__(self, port, user):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = self.sock.getsockname()[1]
+        self.buf = bytearray()
+        params = b"user\0" + user.encode() + b"\0database\0postgres\0\0"
+        self.sock.sendall(struct.pack(">II", 8 + len(params), 196608) + params)
+        self.until_ready()
+
+    @staticmethod
+    def msg(kind, body=b""):
+        return kind + struct.pack(">I", len(body) + 4) + body
+
+    @classmethod
+    def parse(cls, sql, name=""):
+        return cls.msg(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + struct.pack(">H", 0))
+
+    @classmethod
+    def bind(cls, name=""):
+        return cls.msg(b"B", b"\0" + name.encode() + b"\0" + struct.pack(">HHH", 0, 0, 0))
+
+    DESCRIBE = msg.__func__(b"D", b"P\0")
+    EXECUTE = msg.__func__(b"E", b"\0" + struct.pack(">I", 0))
+    SYNC = msg.__func__(b"S")
+
+    def write(self, *messages):
+        self.sock.sendall(b"".join(messages))
+        return self.until_ready()
+
+    def until_ready(self):
+        kinds = []
+        while True:
+            while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack(">I", self.buf[1:5])[0]:
+                chunk = self.sock.recv(1 << 20)
+                assert chunk, f"the server closed after {kinds}"
+                self.buf += chunk
+            n = 1 + struct.unpack(">I", self.buf[1:5])[0]
+            kinds.append(chr(self.buf[0]))
+            del self.buf[:n]
+            if kinds[-1] == "Z":
+                return kinds
+
+    def close(self):
+        self.sock.sendall(self.msg(b"X"))
+        self.sock.close()
+
+
+def test_extended_protocol_each_statement_equals_tcpdump(stmts, tmp_path):
+    """Parse/Bind/Execute per statement, exactly as docs/statements.md says: a statement
+    starts at the Bind that starts its executor (at the Execute of a utility statement,
+    at the error of one that fails in Parse); the bytes in from its first message on are
+    its own (a Parse sent on its own before the Bind included), the bytes out from its
+    boundary on (the answer to a Parse sent on its own is the previous statement's). A
+    named statement bound again with Bind alone is a call of the same row. Checked
+    against tcpdump's streams, cut at those messages."""
+    P, B, D, E, S = Wire.parse, Wire.bind, Wire.DESCRIBE, Wire.EXECUTE, Wire.SYNC
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path, snaplen=0) as td:
+        w = Wire(stmts.port, "pgn_ext")
+        # (label, the messages of each write, index in this statement's messages of its
+        # first message and of its boundary); one statement may take several writes.
+        plan = [
+            ("big", [[P("SELECT repeat('a', 1000000)"), B(), D, E, S]], "P", "B"),
+            ("kB", [[P("SELECT repeat('b', 4000), 1, 2"), B(), D, E, S]], "P", "B"),
+            ("utility", [[P("SHOW work_mem"), B(), D, E, S]], "P", "E"),
+            ("named", [[P("SELECT repeat('c', 100000), 1, 2, 3", "pgn_named"), S], [B("pgn_named"), D, E, S]],
+             "P", "B"),
+            ("named", [[B("pgn_named"), E, S]], "B", "B"),
+            ("failing", [[P("SELECT * FROM pgn_no_such_table"), S]], "P", "P"),
+            ("named", [[B("pgn_named"), E, S]], "B", "B"),
+            ("small", [[P("SELECT 42, 1, 2, 3, 4"), B(), D, E, S]], "P", "B"),
+        ]
+        answers = [w.write(*messages) for _, writes, _, _ in plan for messages in writes]
+        assert ["E" in a for a in answers] == [i == 6 for i in range(len(answers))], answers
+        w.close()
+        td.wait_closed()
+    st = pcap_stream(td.path, stmts.port, w.port)
+    cmsgs = pg_messages(st["in_"], True)
+    smsgs = pg_messages(st["out"], cmsgs)
+    sent = [m for _, writes, _, _ in plan for ws in writes for m in ws] + [Wire.msg(b"X")]
+    assert [t for t, _, _ in cmsgs] == ["startup"] + [chr(m[0]) for m in sent], cmsgs
+    # Where each statement begins (in) and where its boundary is (out), as stream offsets.
+    cuts, i = [], 1
+    for label, writes, first, boundary in plan:
+        msgs = cmsgs[i:i + sum(len(ws) for ws in writes)]
+        i += len(msgs)
+        start = next(off for t, off, _ in msgs if t == first)
+        cuts.append((label, start, out_before(st, next(off for t, off, _ in msgs if t == boundary))))
+    ref = {"setup": dict(bytes_in=cuts[0][1], bytes_out=cuts[0][2])}
+    ends = [(c[1], c[2]) for c in cuts[1:]] + [(len(st["in_"]), out_before(st, len(st["in_"])))]
+    for (label, a, b), (a2, b2) in zip(cuts, ends):
+        r = ref.setdefault(label, dict(bytes_in=0, bytes_out=0, calls=0))
+        r["bytes_in"] += a2 - a
+        r["bytes_out"] += b2 - b
+        r["calls"] += 1
+    # The same totals as the kernel counts them (every copy out, each byte in once).
+    total = {"bytes_in": 0, "bytes_out": 0}
+    for direction, nbytes, _ in pcap_payloads(td.path, stmts.port, w.port):
+        total["bytes_" + direction] += nbytes
+    assert total == {"bytes_in": len(st["in_"]), "bytes_out": out_before(st, len(st["in_"]))}
+    assert smsgs[-1][0] == "Z"
+    backend_gone(stmts, "pgn_ext")
+    rows = rows_of(stmts, "pgn_ext")
+    texts = {"SELECT repeat($1, $2)": "big", "SELECT repeat($1, $2), $3, $4": "kB", "SHOW work_mem": "utility",
+             "SELECT repeat($1, $2), $3, $4, $5": "named", "SELECT $1, $2, $3, $4, $5": "small"}
+    got = {}
+    for r in rows:
+        label = "setup" if r["kind"] == "setup" else "failing" if r["queryid"] == 0 else texts[r["query"]]
+        got[label] = dict(bytes_in=r["bytes_in"], bytes_out=r["bytes_out"], calls=r["calls"])
+    ref["setup"]["calls"] = 1
+    assert got == ref, "\n".join(f"{k:8} got {got.get(k)} tcpdump {ref[k]}" for k in ref)
+    assert {k: sum(g[k] for g in got.values()) for k in total} == total
+    assert got["named"]["calls"] == 3 and got["big"]["bytes_out"] > 1_000_000
+
+
+# A pipeline of statements of different sizes, in this order (pgbench script).
+PIPELINE = [
+    ("tiny", "SELECT 1, 2", "SELECT $1, $2"),
+    ("big", "SELECT repeat('p', 30000)", "SELECT repeat($1, $2)"),
+    ("kB", "SELECT repeat('q', 5000), 1, 2, 3", "SELECT repeat($1, $2), $3, $4, $5"),
+    ("last", "SELECT 'x', 'y', 'z', 'w', 'v'", "SELECT $1, $2, $3, $4, $5"),
+]
+# PostgreSQL's send buffer (PQ_SEND_BUFFER_SIZE): output waits there until it is full,
+# or until a Sync (the end of a pipeline) flushes it.
+SEND_BUFFER = 8192
+
+
+def pipeline_reference(st, labels):
+    """Each statement's own bytes in a pgbench pipeline (extended protocol, P/B/D/E per
+    statement, one Sync at the end), from the protocol messages of one connection's
+    streams: in, its Parse, Bind, Describe and Execute; out, ParseComplete, BindComplete,
+    RowDescription, DataRow and CommandComplete. The Sync and its ReadyForQuery, and the
+    Terminate, go to the last statement; before the first Parse and up to the first
+    ReadyForQuery, the setup. Also: the in-bytes of each whole pipeline (a list)."""
+    cmsgs = pg_messages(st["in_"], True)
+    smsgs = pg_messages(st["out"], cmsgs)
+    ref = {k: dict(bytes_in=0, bytes_out=0) for k in ["setup"] + [label for label, _, _ in PIPELINE]}
+    current, pipelines = "setup", []
+    for t, off, n in cmsgs:
+        if t == "P":
+            sql = st["in_"][off + 6:st["in_"].index(b"\0", off + 6)].decode()
+            current = labels[sql.strip().rstrip(";")]
+            if current == PIPELINE[0][0]:
+                pipelines.append(0)
+        if pipelines and t in "PBDES":
+            pipelines[-1] += n
+        ref[current]["bytes_in"] += n
+    order = [label for label, _, _ in PIPELINE]
+    k, ready = None, False
+    for t, off, n in smsgs:
+        if not ready:
+            ref["setup"]["bytes_out"] += n
+            ready = t == "Z"
+            continue
+        k = 0 if k is None else k
+        label = order[min(k, len(order) - 1)] if t != "Z" else order[-1]
+        ref[label]["bytes_out"] += n
+        if t == "C":
+            k += 1
+        elif t == "Z":
+            k = None
+        else:
+            assert t in "12TD", (t, off)
+    return ref, pipelines
+
+
+def test_pipelined_statements_are_charged_as_documented(stmts, tmp_path):
+    """pgbench pipelines (\\startpipeline ... \\endpipeline, extended protocol): the
+    connection's rows add up to tcpdump exactly. Per statement, as docs/statements.md
+    says: the whole pipeline arrives in one write, so its first statement is charged all
+    its bytes in; out, each statement is charged what PostgreSQL flushed while it was
+    current, which differs from its own results (from the protocol messages in tcpdump's
+    streams) by less than the 8 kB send buffer per call."""
+    transactions = 50
+    script = tmp_path / "pipeline.sql"
+    script.write_text("\\startpipeline\n" + "".join(sql + ";\n" for _, sql, _ in PIPELINE) + "\\endpipeline\n")
+    stmts.sql("SELECT pg_netstat_reset()")
+    with Tcpdump("lo", stmts.port, tmp_path, snaplen=0) as td:
+        run([str(PGBIN / "pgbench"), "-n", "-M", "extended", "-c", "1", "-t", str(transactions), "-f", str(script),
+             "-h", "127.0.0.1", "-p", str(stmts.port), "-U", "pgn_pipe", "postgres"])
+        td.wait_closed()
+    labels = {sql: label for label, sql, _ in PIPELINE}
+    ref = {k: dict(bytes_in=0, bytes_out=0) for k in ["setup"] + list(labels.values())}
+    pipelines, total = [], {"bytes_in": 0, "bytes_out": 0}
+    for port in {p for _, _, p in td_clients(td.path, stmts.port)}:
+        st = pcap_stream(td.path, stmts.port, port)
+        r, p = pipeline_reference(st, labels)
+        pipelines += p
+        for k in ref:
+            for d in ("bytes_in", "bytes_out"):
+                ref[k][d] += r[k][d]
+        for direction, nbytes, _ in pcap_payloads(td.path, stmts.port, port):
+            total["bytes_" + direction] += nbytes
+    assert len(pipelines) == transactions, pipelines
+    # (Equal unless the server had to send something again: own results count it once.)
+    assert sum(r["bytes_in"] for r in ref.values()) == total["bytes_in"]
+    backend_gone(stmts, "pgn_pipe")
+    texts = {normalized: label for label, _, normalized in PIPELINE}
+    got = {}
+    for r in rows_of(stmts, "pgn_pipe"):
+        label = "setup" if r["kind"] == "setup" else texts[r["query"]]
+        got[label] = r
+    assert all(got[label]["calls"] == transactions for label in labels.values()), got
+    # The connection: exact.
+    assert {d: sum(g[d] for g in got.values()) for d in total} == total, got
+    assert {d: got["setup"][d] for d in total} == ref["setup"]
+    report = [f"{k:6} calls {got[k]['calls']:>3}  in got {got[k]['bytes_in']:>7} own {ref[k]['bytes_in']:>7}"
+              f"  out got {got[k]['bytes_out']:>8} own {ref[k]['bytes_out']:>8}"
+              f" error/call {(got[k]['bytes_out'] - ref[k]['bytes_out']) / got[k]['calls']:>+9.1f}"
+              for k in ref]
+    print("\n".join(report))
+    # In: the first statement has each whole pipeline; the last the Terminate (5 bytes).
+    first, last = PIPELINE[0][0], PIPELINE[-1][0]
+    assert got[first]["bytes_in"] == sum(pipelines), report
+    assert got[last]["bytes_in"] == 5, report
+    assert all(got[k]["bytes_in"] == 0 for k in labels.values() if k not in (first, last)), report
+    # Out: each statement but the last is charged the send buffer's flushes while it was
+    # current, whole buffers (the socket sends at once on lo); the last, what is left at
+    # the Sync. Off by less than the send buffer per call either way.
+    for k in labels.values():
+        assert abs(got[k]["bytes_out"] - ref[k]["bytes_out"]) < SEND_BUFFER * transactions, report
+        if k != last and PG_MAJOR < 17:  # 17 writes a message larger than the buffer directly
+            assert got[k]["bytes_out"] % SEND_BUFFER == 0, report
