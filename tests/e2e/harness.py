@@ -230,7 +230,12 @@ class Tcpdump:
             # --immediate-mode: libpcap hands over each packet at once. Without it, the
             # packets in its last, partly filled ring block are lost when tcpdump is
             # stopped, and the reference count comes out short.
-            ["tcpdump", "-i", self.device, "-p", "-n", "-s", str(self.snaplen), "-B", "16384", "-U", "--immediate-mode",
+            # A whole-packet capture (snaplen 0: 262,144 bytes) gets a buffer 16 times the
+            # headers-only one: libpcap sizes its ring blocks from the snaplen, and in
+            # immediate mode a block often holds one packet, so 16 MiB was 64 packets of
+            # room, and a pipelined pgbench burst on lo lost 156 of 840 in CI.
+            ["tcpdump", "-i", self.device, "-p", "-n", "-s", str(self.snaplen),
+             "-B", "262144" if self.snaplen == 0 else "16384", "-U", "--immediate-mode",
              "-Z", "root", "-w", str(self.path),
              # libpcap's "tcp port" alone misses frames with an in-band 802.1Q tag.
              "(tcp and ({0})) or (vlan and tcp and ({0}))".format(" or ".join(f"port {p}" for p in self.ports))],
