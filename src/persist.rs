@@ -74,14 +74,10 @@ pub fn collect(at_exit: bool) -> SavedState {
     }
     // Ended connections' rows and the live ones as of their latest reading: each
     // connection is in exactly one of the two at any moment, never in both.
-    if let Some((apps, counters)) = stmtshm::read_conns(|h, slots, apps| {
-        (
-            conns::totals(apps, slots),
-            savefile::AppTableCounters { stats_reset_us: h.stats_reset_us, app_overflow: h.app_overflow },
-        )
-    }) {
-        s.applications = apps;
-        s.application_table = counters;
+    if let Some((h, slots, apps)) = stmtshm::copy_conns() {
+        s.applications = conns::totals(&apps, &slots);
+        s.application_table =
+            savefile::AppTableCounters { stats_reset_us: h.stats_reset_us, app_overflow: h.app_overflow };
     }
     s
 }

@@ -741,11 +741,10 @@ rows_fn! {
         retransmits: i64,
         stats_reset: Option<TimestampWithTimeZone>,
     ) {
-        let Some((reset, rows)) =
-            stmtshm::read_conns(|h, slots, apps| (h.stats_reset_us, conns::totals(apps, slots)))
-        else {
+        let Some((h, slots, apps)) = stmtshm::copy_conns() else {
             return TableIterator::new(Vec::new());
         };
+        let (reset, rows) = (h.stats_reset_us, conns::totals(&apps, &slots));
         let rows: Vec<_> = rows
             .iter()
             .map(|r| {

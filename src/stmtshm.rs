@@ -144,6 +144,16 @@ pub fn read_conns<R>(f: impl FnOnce(&ConnHeader, &[Conn], &[AppRow]) -> R) -> Op
     with(pg_sys::LWLockMode::LW_SHARED, |_, c| f(c.header, c.slots, c.apps))
 }
 
+/// The per-connection figures as `conns::totals` needs them, copied under the shared lock
+/// (the overflow row first, then the rows and slots in use: a plain copy) so the grouping
+/// is done after the lock is released, not while statement boundaries wait for it.
+pub fn copy_conns() -> Option<(ConnHeader, Vec<Conn>, Vec<AppRow>)> {
+    read_conns(|h, slots, apps| {
+        let apps = apps.first().into_iter().chain(apps.iter().skip(1).filter(|r| r.in_use)).copied().collect();
+        (*h, slots.iter().filter(|c| c.in_use).copied().collect(), apps)
+    })
+}
+
 /// The table's rows and counters, for the saved file: the entries in use are copied
 /// under the shared lock (a plain copy, nothing else), and turned into rows after it.
 pub fn snapshot() -> Option<(Vec<Row>, TableCounters)> {
