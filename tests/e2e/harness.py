@@ -515,7 +515,7 @@ def pcap_retransmissions(path, server_port):
     return out
 
 
-def pcap_payloads(path, server_port, client_port):
+def pcap_payloads(path, server_port, client_port, resent=True):
     """('in'|'out', TCP payload bytes, first payload byte or None) of the packets of one
     connection (server port, client port) in a pcap; 'in' is toward the server. Counted
     as the server's kernel counts them (tcp_info), and in the order that decides which
@@ -529,7 +529,9 @@ def pcap_payloads(path, server_port, client_port):
       sequence), with the last copy of it the client sent: when a segment is lost on its
       way in after tcpdump on lo saw it, the copy sent again is the one the server
       receives (a resent Query message starts its statement only then). Earlier copies
-      count nothing."""
+      count nothing.
+    With resent=False, out counts each byte once too (its first copy): what the
+    application wrote, whatever the network did with it."""
     frames = []
     for _, _, f in pcap_frames(path):
         at = _tcp_at(f)
@@ -565,12 +567,17 @@ def pcap_payloads(path, server_port, client_port):
             later.append((s, e))
             fr[2] -= covered
     # Out, forwards: a copy sent again moves to where the first copy of its start was.
-    earlier = []
+    # A sender sends new bytes at its highest sequence so far, so what lies below that
+    # is a copy sent again.
+    earlier, sent_to = [], None
     for fr in frames:
         if fr[0] == "out":
             s, e = span(fr[1], fr[2], "out")
             fr[4] = next((at for rs, re, at in earlier if rs <= s < re), fr[4])
             earlier.append((s, e, fr[4]))
+            if not resent and sent_to is not None:
+                fr[2] -= max(0, min(e, sent_to) - s)
+            sent_to = e if sent_to is None else max(sent_to, e)
     for direction, _, n, first, _ in sorted(frames, key=lambda fr: fr[4]):
         if n > 0:
             yield direction, n, first
