@@ -256,10 +256,7 @@ fn apply(s: &SavedState, statements: Vec<Row>) -> Loaded {
 /// totals; then the file is saved soon.
 pub fn reset_counts(now_us: i64) {
     flowshm::write(|t| t.reset(now_us));
-    stmtshm::write_all(|t, c| {
-        t.reset(now_us);
-        c.reset(now_us);
-    });
+    stmtshm::reset(now_us);
     let mut shared = shmem::exclusive();
     for d in shared.devices.iter_mut().filter(|d| d.in_use) {
         d.total_base = d.total;

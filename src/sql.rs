@@ -14,7 +14,7 @@ use crate::peer::{self, BackendKind};
 use crate::persist;
 use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
 use crate::statements::conns::{self, AppKey, Conn};
-use crate::statements::{Entry, Kind};
+use crate::statements::Kind;
 use crate::stmtshm;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -578,30 +578,26 @@ rows_fn! {
         stats_reset: Option<TimestampWithTimeZone>,
     ) {
         // Copied under the shared lock, formatted outside it.
-        let Some((reset, mut entries)) = stmtshm::read(|h, e| {
-            let mut v: Vec<Entry> = e.iter().filter(|x| x.in_use).copied().collect();
-            if !h.overflow.figures.is_zero() {
-                let mut o = h.overflow;
-                o.in_use = false;
-                v.push(o);
-            }
-            (h.stats_reset_us, v)
-        }) else {
+        // The table and the backends' pending charges, copied under the shared lock and
+        // added up outside it.
+        let Some((mut entries, counters)) = stmtshm::snapshot() else {
             return TableIterator::new(Vec::new());
         };
+        let reset = counters.stats_reset_us;
         entries.sort_by_key(|e| std::cmp::Reverse(e.figures.bytes_in + e.figures.bytes_out));
         let rows: Vec<_> = entries
             .iter()
             .map(|e| {
                 let f = &e.figures;
-                // The table-wide overflow row (not in use as an entry) has no role or database.
-                let kind = if e.in_use { e.key.kind() } else { Kind::Other };
-                let known = e.in_use;
+                // The table-wide overflow row (no key) has no role or database.
+                let kind = e.key.map_or(Kind::Other, |k| k.kind());
+                let key = e.key.unwrap_or_default();
+                let known = e.key.is_some();
                 (
                     kind.as_str().to_string(),
-                    known.then_some(e.key.role as i64),
-                    known.then_some(e.key.database as i64),
-                    (kind == Kind::Statement).then_some(e.key.queryid as i64),
+                    known.then_some(key.role as i64),
+                    known.then_some(key.database as i64),
+                    (kind == Kind::Statement).then_some(key.queryid as i64),
                     as_i64(f.calls),
                     as_i64(f.bytes_in),
                     as_i64(f.bytes_out),
@@ -692,8 +688,7 @@ rows_fn! {
         rtt_ms: f64,
         backend_start: TimestampWithTimeZone,
     ) {
-        let slots: Vec<Conn> = stmtshm::read_conns(|_, slots, _| slots.iter().filter(|c| c.in_use).copied().collect())
-            .unwrap_or_default();
+        let slots: Vec<Conn> = stmtshm::copy_conns().map(|(_, slots, _)| slots).unwrap_or_default();
         let rows: Vec<_> = slots
             .iter()
             .map(|c| {

@@ -20,7 +20,8 @@
 use crate::peer::{self, BackendKind};
 use crate::statements::conns::{AppKey, Conn, SlotId, Socket};
 use crate::statements::nesting::Nesting;
-use crate::statements::{Charges, Kind, Sample, StmtKey, Target, Tracker};
+use crate::statements::pending::Pending;
+use crate::statements::{Charges, Figures, Kind, Sample, StmtKey, Target, Tracker};
 use crate::{gucs, owner_hooks, stmtshm, tcpinfo};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_int};
@@ -201,7 +202,7 @@ fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender:
         socket: Socket::from_sample(sample),
         ..Conn::default()
     };
-    let slot = stmtshm::write_all(|_, c| c.open(conn)).flatten();
+    let slot = stmtshm::open_slot(conn);
     // SAFETY: backend-local, see CONN; set once, before the callback that reads it.
     unsafe {
         CONN = Some(ConnLocal { key, sock, slot });
@@ -239,12 +240,13 @@ fn now_us() -> i64 {
 /// Reads the socket and lets `f` turn the reading into charges, which go to shared
 /// memory. Nothing when this backend does not count, or counting is off.
 fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>) {
-    boundary_with(tcpinfo::read, f);
+    boundary_with(tcpinfo::read, false, f);
 }
 
-/// `boundary` with the reading `read` makes; returns the reading.
+/// `boundary` with the reading `read` makes (`exiting`: the last one); returns the reading.
 fn boundary_with(
     read: fn(c_int) -> Option<crate::statements::Sample>,
+    exiting: bool,
     f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>,
 ) -> Option<Sample> {
     let local = local()?;
@@ -258,7 +260,7 @@ fn boundary_with(
         local.tracker.resync(sample);
     }
     let charges = f(&mut local.tracker, sample);
-    apply(charges, &sample);
+    apply(charges, &sample, exiting);
     Some(sample)
 }
 
@@ -301,41 +303,87 @@ fn local() -> Option<&'static mut Local> {
     }
 }
 
-fn apply(charges: Charges<StmtKey>, sample: &Sample) {
+/// Charges and the reading go to this backend's pending charges (`statements::pending`:
+/// no lock, no other process's memory), and from there to the shared table when they are
+/// due or a new key finds no place. Without a slot, or at exit, straight to the table.
+fn apply(charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
     if charges.iter().all(Option::is_none) {
         return;
     }
-    let slot = conn_local().and_then(|c| c.slot);
     let now = now_us();
-    // The setup row belongs to the session's role and database (MyProc's, set once the
-    // session exists); a backend that never got one charges no setup.
-    // SAFETY: MyProc is this backend's PGPROC, valid until after before_shmem_exit.
-    let (role, db) = unsafe {
-        let p = pg_sys::MyProc;
-        if p.is_null() {
-            (0, 0)
-        } else {
-            (u32::from((*p).roleId), u32::from((*p).databaseId))
-        }
+    let charges = charges.map(|c| c.and_then(|c| Some((key_of(c.target)?, c.figures))));
+    let socket = Socket::from_sample(sample);
+    let Some(id) = conn_local().and_then(|c| c.slot) else {
+        stmtshm::write_all(|t, _| charge_all(t, &charges, now));
+        return;
     };
-    stmtshm::write_all(|t, conns| {
-        if let Some(id) = slot {
-            conns.update(id, Socket::from_sample(sample));
+    if exiting {
+        stmtshm::flush_pending(id, |t, conns| {
+            conns.update(id, socket);
+            charge_all(t, &charges, now)
+        });
+        return;
+    }
+    let add = |p: &mut Pending, generation: u32| {
+        if p.generation != generation {
+            // A reset since: what waited here was reset away.
+            p.clear(generation);
         }
-        for c in charges.into_iter().flatten() {
-            let key = match c.target {
-                Target::Statement(k) => k,
-                Target::Setup if role != 0 => StmtKey::new(Kind::Setup, role, db, 0),
-                Target::Setup => continue,
+        if !p.fits(charges.iter().flatten().map(|(k, _)| k)) {
+            return None;
+        }
+        for (k, f) in charges.iter().flatten() {
+            p.add(*k, f, now);
+        }
+        p.socket = Some(socket);
+        Some(p.due(now))
+    };
+    match stmtshm::pending_write(id.pos, add) {
+        Some(Some(false)) | None => {}
+        Some(Some(true)) => {
+            stmtshm::flush_pending(id, |_, _| ());
+        }
+        Some(None) => {
+            // No place for a new key: what waits goes to the table, then this.
+            stmtshm::flush_pending(id, |_, _| ());
+            stmtshm::pending_write(id.pos, add);
+        }
+    }
+}
+
+fn charge_all(t: &mut crate::statements::StatementTable<'_>, charges: &[Option<(StmtKey, Figures)>; 2], now: i64) {
+    for (key, f) in charges.iter().flatten() {
+        t.charge(*key, f, now);
+    }
+}
+
+/// The row a charge goes to. The setup row belongs to the session's role and database
+/// (MyProc's, set once the session exists); a backend that never got one charges no setup.
+fn key_of(target: Target<StmtKey>) -> Option<StmtKey> {
+    match target {
+        Target::Statement(k) => Some(k),
+        Target::Setup => {
+            // SAFETY: MyProc is this backend's PGPROC, valid until after before_shmem_exit.
+            let (role, db) = unsafe {
+                let p = pg_sys::MyProc;
+                if p.is_null() {
+                    (0, 0)
+                } else {
+                    (u32::from((*p).roleId), u32::from((*p).databaseId))
+                }
             };
-            t.charge(key, &c.figures, now);
+            (role != 0).then(|| StmtKey::new(Kind::Setup, role, db, 0))
         }
-    });
+    }
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
-    let last = boundary_with(read_at_exit, |t, s| t.exit(s));
+    let last = boundary_with(read_at_exit, true, |t, s| t.exit(s));
+    // Counting off now, or nothing left to charge: what waits still goes to the table.
+    if let Some(id) = conn_local().and_then(|c| c.slot) {
+        stmtshm::flush_pending(id, |_, _| ());
+    }
     close_connection(last);
 }
 

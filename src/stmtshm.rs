@@ -6,12 +6,15 @@
 
 use crate::flows::index;
 use crate::region::{self, RegionId};
-use crate::statements::conns::{AppRow, Conn, ConnHeader, Conns, APP_ROWS};
+use crate::statements::conns::{AppRow, Conn, ConnHeader, Conns, SlotId, APP_ROWS};
+use crate::statements::pending::{self, Pending, PendingEntry};
 use crate::statements::table::{self, Row, TableCounters};
 use crate::statements::{Entry, Header, StatementTable};
 use pgrx::pg_sys;
+use std::cell::UnsafeCell;
 use std::mem::{align_of, size_of};
 use std::ptr::null_mut;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 
 const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat statements";
 const TRANCHE: &std::ffi::CStr = c"pg_netstat_statements";
@@ -26,7 +29,28 @@ struct Layout {
     slots: usize,
     slot_count: usize,
     apps: usize,
+    /// Each slot's pending charges (`statements::pending`), written by its backend alone,
+    /// without the lock.
+    pending_header: usize,
+    pending: usize,
     total: usize,
+}
+
+/// Bumped by pg_netstat_reset(): pending charges of an older generation were reset away.
+#[repr(C)]
+struct PendingHeader {
+    generation: AtomicU32,
+}
+
+/// One backend's pending charges behind a sequence counter, odd while the backend writes
+/// them: a reader copies them (under the shared lock, which the backend does not take to
+/// write them) and keeps the copy only if the counter was even and unchanged across it.
+/// The backend moves them into the table under the exclusive lock, so no reader sees
+/// them both there and here.
+#[repr(C)]
+struct PendingSlot {
+    changes: AtomicU32,
+    body: UnsafeCell<Pending>,
 }
 
 fn place<T>(at: &mut usize, n: usize) -> usize {
@@ -42,7 +66,9 @@ fn layout(capacity: usize, slot_count: usize) -> Layout {
     let conn_header = place::<ConnHeader>(&mut at, 1);
     let slots = place::<Conn>(&mut at, slot_count);
     let apps = place::<AppRow>(&mut at, APP_ROWS);
-    Layout { capacity, index, entries, conn_header, slots, slot_count, apps, total: at }
+    let pending_header = place::<PendingHeader>(&mut at, 1);
+    let pending = place::<PendingSlot>(&mut at, slot_count);
+    Layout { capacity, index, entries, conn_header, slots, slot_count, apps, pending_header, pending, total: at }
 }
 
 // Set once in the postmaster (_PG_init) and inherited by every child.
@@ -60,16 +86,84 @@ pub fn init(capacity: usize, connections: usize) {
             name: SHMEM_NAME,
             size: l.total,
             tranche: Some(TRANCHE),
-            on_create: set_capacity,
+            on_create: on_create,
         }));
     }
 }
 
-fn set_capacity(base: *mut u8) {
+fn on_create(base: *mut u8) {
     if let Some(l) = current_layout() {
-        // SAFETY: `base` is the new region, at least `l.total` bytes, starting with the Header.
-        unsafe { (*(base as *mut Header)).capacity = l.capacity as u32 };
+        // SAFETY: `base` is the new region, at least `l.total` bytes, starting with the
+        // Header; no other process uses it yet.
+        unsafe {
+            (*(base as *mut Header)).capacity = l.capacity as u32;
+            for i in 0..l.slot_count {
+                let p = pending_slot(base, &l, i);
+                std::ptr::write((*p).body.get(), Pending::default());
+            }
+        }
     }
+}
+
+/// Slot `i`'s pending charges. Caller: `i < l.slot_count` and `base` the region of `l`.
+unsafe fn pending_slot(base: *mut u8, l: &Layout, i: usize) -> *const PendingSlot {
+    // SAFETY: within the region (`layout`), by the caller's promise.
+    unsafe { (base.add(l.pending) as *const PendingSlot).add(i) }
+}
+
+fn generation(base: *mut u8, l: &Layout) -> u32 {
+    // SAFETY: the region's PendingHeader; an atomic, written under the exclusive lock.
+    unsafe { (*(base.add(l.pending_header) as *const PendingHeader)).generation.load(Ordering::Acquire) }
+}
+
+/// Runs `f` on this backend's own pending charges (slot `pos`, which it holds) with the
+/// current reset generation; `None` before shared memory exists. Only the slot's holder
+/// may call it: it writes without the lock.
+pub fn pending_write<R>(pos: u32, f: impl FnOnce(&mut Pending, u32) -> R) -> Option<R> {
+    let l = current_layout()?;
+    let base = region_base();
+    if base.is_null() || pos as usize >= l.slot_count {
+        return None;
+    }
+    let generation = generation(base, &l);
+    // SAFETY: slot `pos` is in the region; its body is written by this process alone
+    // (the holder), readers copy it only as `pending_read` says.
+    unsafe {
+        let p = &*pending_slot(base, &l, pos as usize);
+        let c = p.changes.load(Ordering::Relaxed);
+        p.changes.store(c.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        let r = f(&mut *p.body.get(), generation);
+        p.changes.store(c.wrapping_add(2), Ordering::Release);
+        Some(r)
+    }
+}
+
+/// A copy of slot `i`'s pending charges, or `None` when its backend kept writing them
+/// (it cannot while it waits for the lock; a process killed mid-write would leave the
+/// counter odd until the crash restart that follows): a reader never waits on a backend.
+/// Caller: as `pending_slot`.
+unsafe fn pending_read(base: *mut u8, l: &Layout, i: usize) -> Option<Pending> {
+    // SAFETY: by the caller's promise.
+    let p = unsafe { &*pending_slot(base, l, i) };
+    for attempt in 0..1000 {
+        let before = p.changes.load(Ordering::Acquire);
+        if before & 1 == 0 {
+            // SAFETY: a byte copy that may race with the holder's writes (as PostgreSQL's
+            // st_changecount readers do); kept only if no write overlapped it.
+            let copy = unsafe { std::ptr::read_volatile(p.body.get()) };
+            fence(Ordering::Acquire);
+            if p.changes.load(Ordering::Relaxed) == before {
+                return Some(copy);
+            }
+        }
+        if attempt < 100 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    None
 }
 
 fn current_layout() -> Option<Layout> {
@@ -150,15 +244,103 @@ pub fn read_conns<R>(f: impl FnOnce(&ConnHeader, &[Conn], &[AppRow]) -> R) -> Op
 pub fn copy_conns() -> Option<(ConnHeader, Vec<Conn>, Vec<AppRow>)> {
     read_conns(|h, slots, apps| {
         let apps = apps.first().into_iter().chain(apps.iter().skip(1).filter(|r| r.in_use)).copied().collect();
-        (*h, slots.iter().filter(|c| c.in_use).copied().collect(), apps)
+        (*h, live_slots(slots), apps)
     })
 }
 
-/// The table's rows and counters, for the saved file: the entries in use are copied
-/// under the shared lock (a plain copy, nothing else), and turned into rows after it.
+/// The table's rows and counters with every backend's pending charges added (the view,
+/// the saved file): the entries in use and the pending charges are copied under the
+/// shared lock (plain copies, nothing else), and turned into rows after it.
 pub fn snapshot() -> Option<(Vec<Row>, TableCounters)> {
-    let (header, entries) = read(|h, e| (*h, e.iter().filter(|x| x.in_use).copied().collect::<Vec<Entry>>()))?;
-    Some(table::snapshot(&header, &entries))
+    let (header, entries, pending) = with(pg_sys::LWLockMode::LW_SHARED, |t, c| {
+        let entries = t.entries.iter().filter(|x| x.in_use).copied().collect::<Vec<Entry>>();
+        (*t.header, entries, pending_entries(&*c.slots))
+    })?;
+    let (mut rows, counters) = table::snapshot(&header, &entries);
+    pending::merge(&mut rows, &pending);
+    Some((rows, counters))
+}
+
+/// Copies of the pending charges of the current generation of every slot in use. Under
+/// the lock (shared or exclusive).
+fn pending_entries(slots: &[Conn]) -> Vec<PendingEntry> {
+    let Some(l) = current_layout() else { return Vec::new() };
+    let base = region_base();
+    let generation = generation(base, &l);
+    let mut out = Vec::new();
+    for (i, _) in slots.iter().enumerate().filter(|(_, c)| c.in_use) {
+        // SAFETY: `i` is a slot of this layout's region.
+        if let Some(p) = unsafe { pending_read(base, &l, i) }.filter(|p| p.generation == generation) {
+            out.extend_from_slice(p.entries());
+        }
+    }
+    out
+}
+
+/// Copies of the slots in use, each with its backend's latest reading (which waits in its
+/// pending charges until they go to the table). Under the lock.
+fn live_slots(slots: &[Conn]) -> Vec<Conn> {
+    let Some(l) = current_layout() else { return Vec::new() };
+    let base = region_base();
+    let mut out = Vec::new();
+    for (i, c) in slots.iter().enumerate().filter(|(_, c)| c.in_use) {
+        // SAFETY: `i` is a slot of this layout's region.
+        let latest = unsafe { pending_read(base, &l, i) }.and_then(|p| p.socket);
+        out.push(Conn { socket: latest.unwrap_or(c.socket), ..*c });
+    }
+    out
+}
+
+/// Moves this backend's pending charges (slot `id`, which it holds) into the table, its
+/// latest reading into its slot, then runs `f` under the same exclusive lock.
+pub fn flush_pending<R>(id: SlotId, f: impl FnOnce(&mut StatementTable<'_>, &mut Conns<'_>) -> R) -> Option<R> {
+    write_all(|t, c| {
+        pending_write(id.pos, |p, generation| {
+            if p.generation == generation {
+                for e in p.entries() {
+                    t.charge_between(e.key, &e.figures, e.first_seen_us, e.last_seen_us);
+                }
+            }
+            if let Some(s) = p.socket {
+                c.update(id, s);
+            }
+            p.clear(generation);
+        });
+        f(t, c)
+    })
+}
+
+/// Takes a slot for a backend's connection (`Conns::open`), with no pending charges.
+pub fn open_slot(conn: Conn) -> Option<SlotId> {
+    write_all(|_, c| {
+        let id = c.open(conn)?;
+        pending_write(id.pos, |p, generation| p.clear(generation));
+        Some(id)
+    })
+    .flatten()
+}
+
+/// pg_netstat_reset() of the statement table and the per-connection totals: pending
+/// charges become an older generation, and live connections count from their latest
+/// reading, pending or not.
+pub fn reset(now_us: i64) {
+    write_all(|t, c| {
+        if let Some(l) = current_layout() {
+            let base = region_base();
+            for (i, slot) in c.slots.iter_mut().enumerate().filter(|(_, s)| s.in_use) {
+                // SAFETY: `i` is a slot of this layout's region.
+                if let Some(s) = unsafe { pending_read(base, &l, i) }.and_then(|p| p.socket) {
+                    slot.socket = s;
+                }
+            }
+            // SAFETY: the region's PendingHeader; written only here, under the exclusive lock.
+            unsafe {
+                (*(base.add(l.pending_header) as *const PendingHeader)).generation.fetch_add(1, Ordering::AcqRel)
+            };
+        }
+        t.reset(now_us);
+        c.reset(now_us);
+    });
 }
 
 /// Puts saved rows and counters back (sorted here, before the lock is taken); returns how

@@ -38,7 +38,7 @@ impl Kind {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StmtKey {
     /// PostgreSQL's query id (0 for the setup and "other" rows, and for statements that
     /// have none: failed before parse analysis, or compute_query_id = off).
@@ -186,6 +186,11 @@ impl StatementTable<'_> {
 
     /// Adds `f` to the row of `key`, making it if needed.
     pub fn charge(&mut self, key: StmtKey, f: &Figures, now_us: i64) {
+        self.charge_between(key, f, now_us, now_us);
+    }
+
+    /// `charge` for charges made between `first_us` and `now_us` (a backend's pending ones).
+    pub fn charge_between(&mut self, key: StmtKey, f: &Figures, first_us: i64, now_us: i64) {
         if let (i, true) = self.find(&key) {
             let pos = self.index[i] as usize - 1;
             self.add_to(pos, f, now_us);
@@ -199,7 +204,7 @@ impl StatementTable<'_> {
         match self.free_place() {
             Some(pos) => {
                 self.entries[pos] =
-                    Entry { in_use: true, key, first_seen_us: now_us, last_seen_us: now_us, ..Entry::default() };
+                    Entry { in_use: true, key, first_seen_us: first_us, last_seen_us: now_us, ..Entry::default() };
                 self.entries[pos].figures = *f;
                 let (i, _) = self.find(&key);
                 self.index[i] = pos as u32 + 1;
@@ -216,7 +221,7 @@ impl StatementTable<'_> {
                     _ => {
                         let o = &mut self.header.overflow;
                         if o.first_seen_us == 0 {
-                            o.first_seen_us = now_us;
+                            o.first_seen_us = first_us;
                         }
                         o.last_seen_us = now_us;
                         o.figures.add(f);

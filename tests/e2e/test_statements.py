@@ -28,7 +28,7 @@ def stmts():
     c.start(cap_net_raw=False)
     try:
         c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
-        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench", "pgn_ext", "pgn_pipe"):
+        for role in ("pgn_stmt", "pgn_evict", "pgn_unix", "pgn_copy", "pgn_bench", "pgn_ext", "pgn_pipe", "pgn_live"):
             c.sql(f"CREATE ROLE {role} LOGIN")
         c.sql("CREATE TABLE pgn_copy_target (n int); GRANT INSERT ON pgn_copy_target TO pgn_copy")
         run([str(PGBIN / "pgbench"), "-i", "-q", "-s", "1", "-h", str(c.dir), "-p", str(c.port), "-U", "postgres",
@@ -129,6 +129,62 @@ def test_each_statement_and_the_connection_equal_tcpdump_without_cap_net_raw(stm
     assert 3_000_000 < big and (big < 3_001_000 or resent > 0), (big, resent)
     # The text comes from pg_stat_statements.
     assert by_id[ids[statements[1]]]["query"] == "SELECT repeat($1, $2)"
+
+
+class Session:
+    """One psql connection over TCP that stays open between statements."""
+
+    def __init__(self, cluster, user):
+        self.p = subprocess.Popen([PSQL, "-X", "-qAt", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", user,
+                                   "-d", "postgres"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, statements):
+        """Runs them one by one and returns once the last has answered."""
+        for s in statements:
+            self.p.stdin.write(s + ";\n")
+        self.p.stdin.write("SELECT 'pgn-done';\n")
+        self.p.stdin.flush()
+        while self.p.stdout.readline().strip() != "pgn-done":
+            pass
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+
+
+def live_sums(cluster, role):
+    """(bytes in, bytes out, calls) of a role's rows, and (bytes in, bytes out) of the
+    latest reading of its one live connection."""
+    rows = cluster.rows(f"SELECT coalesce(sum(bytes_in), 0), coalesce(sum(bytes_out), 0), coalesce(sum(calls), 0) "
+                        f"FROM pg_netstat_statements WHERE role = '{role}'")
+    live = cluster.rows(f"SELECT b.bytes_in, b.bytes_out FROM pg_netstat_backend_connections() b "
+                        f"WHERE b.role = '{role}'")
+    assert len(live) == 1, live
+    return tuple(map(int, rows[0])), tuple(map(int, live[0]))
+
+
+def test_a_live_connections_rows_add_up_to_its_latest_reading(stmts):
+    """A backend keeps its charges for up to a second before they go to the shared table;
+    the view adds them, so an open, idle connection's rows already add up to its
+    backend's latest reading of its socket (the start of its latest statement: bytes in
+    through its text, bytes out through the result before it). After a reset, charges
+    made before it no longer count, whether they had reached the table or not."""
+    role = "pgn_live"
+    stmts.sql("SELECT pg_netstat_reset()")
+    s = Session(stmts, role)
+    try:
+        # Statements of different sizes and texts, well within a second.
+        s.run([f"SELECT {i}, repeat('x', {i * 300})" for i in range(12)] + ["SELECT 'a'", "SELECT 'b', 2"])
+        (rin, rout, calls), (lin, lout) = live_sums(stmts, role)
+        assert (rin, rout) == (lin, lout) and calls == 1 + 15, ((rin, rout, calls), (lin, lout))
+        stmts.sql("SELECT pg_netstat_reset()")
+        assert live_sums(stmts, role)[0] == (0, 0, 0)
+        s.run(["SELECT 'after the reset'", "SELECT repeat('z', 5000)"])
+        (rin2, rout2, calls2), (lin2, lout2) = live_sums(stmts, role)
+        # From the reading that began 'pgn-done' on: its result and what came after.
+        assert (rin2, rout2, calls2) == (lin2 - lin, lout2 - lout, 3), ((rin2, rout2, calls2), (lin2 - lin, lout2 - lout))
+    finally:
+        s.close()
 
 
 def test_eviction_folds_into_other_and_totals_still_equal_tcpdump(stmts, tmp_path):

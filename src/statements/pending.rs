@@ -1,0 +1,199 @@
+//! A backend's charges not yet in the shared statement table. Charging the table at every
+//! statement took a lock all backends share and about 1,000 instructions; a backend now
+//! adds its charges to a few rows of its own (in shared memory, where only it writes,
+//! `stmtshm.rs` says how readers copy them) and moves them into the table at most once a
+//! `FLUSH_INTERVAL_US`, when a new key finds no place, and at exit. Readers add these
+//! rows to the table's, so nothing lags (`merge`).
+
+use super::attrib::Figures;
+use super::conns::Socket;
+use super::table::{Row, StmtKey};
+use std::collections::HashMap;
+
+/// Keys one backend holds before it must move them into the table: a statement's two
+/// charges (out to the previous statement, in to the new one) always fit.
+pub const PENDING_KEYS: usize = 8;
+
+/// How long charges may wait in a backend before they go to the table: the table's own
+/// bookkeeping (eviction order, `statements` count) lags by at most this, the rows never.
+pub const FLUSH_INTERVAL_US: i64 = 1_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingEntry {
+    pub key: StmtKey,
+    pub figures: Figures,
+    pub first_seen_us: i64,
+    pub last_seen_us: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pending {
+    /// The table's reset generation these charges belong to: older ones were reset away.
+    pub generation: u32,
+    count: u32,
+    /// The backend's latest socket reading (`Conn::socket` until the next flush).
+    pub socket: Option<Socket>,
+    /// When the charges were last moved into the table (or the first was added).
+    pub since_us: i64,
+    entries: [PendingEntry; PENDING_KEYS],
+}
+
+impl Pending {
+    pub fn entries(&self) -> &[PendingEntry] {
+        &self.entries[..(self.count as usize).min(PENDING_KEYS)]
+    }
+
+    /// Whether `keys` can be added without a flush.
+    pub fn fits<'a>(&self, keys: impl IntoIterator<Item = &'a StmtKey>) -> bool {
+        let mut new = 0;
+        for k in keys {
+            if !self.entries().iter().any(|e| e.key == *k) {
+                new += 1;
+            }
+        }
+        self.count as usize + new <= PENDING_KEYS
+    }
+
+    /// Adds a charge; false (nothing added) when its key is new and every place is taken.
+    pub fn add(&mut self, key: StmtKey, f: &Figures, now_us: i64) -> bool {
+        let n = self.count as usize;
+        if let Some(e) = self.entries[..n].iter_mut().find(|e| e.key == key) {
+            e.figures.add(f);
+            e.last_seen_us = now_us;
+            return true;
+        }
+        if n == PENDING_KEYS {
+            return false;
+        }
+        if n == 0 {
+            self.since_us = now_us;
+        }
+        self.entries[n] = PendingEntry { key, figures: *f, first_seen_us: now_us, last_seen_us: now_us };
+        self.count += 1;
+        true
+    }
+
+    /// Whether the charges are due to go to the table.
+    pub fn due(&self, now_us: i64) -> bool {
+        self.count > 0 && now_us.saturating_sub(self.since_us) >= FLUSH_INTERVAL_US
+    }
+
+    /// Empties the charges and the reading (moved to the table and the slot, or reset
+    /// away) and takes the current reset generation.
+    pub fn clear(&mut self, generation: u32) {
+        *self = Pending { generation, ..Pending::default() };
+    }
+}
+
+/// Adds backends' pending charges to a copy of the table: to the row of the same key, or
+/// as a row of its own (a key not yet in the table).
+pub fn merge<'a>(rows: &mut Vec<Row>, pending: impl IntoIterator<Item = &'a PendingEntry>) {
+    let mut at: HashMap<StmtKey, usize> = rows.iter().enumerate().filter_map(|(i, r)| r.key.map(|k| (k, i))).collect();
+    for p in pending {
+        match at.get(&p.key) {
+            Some(&i) => {
+                let r = &mut rows[i];
+                r.figures.add(&p.figures);
+                r.first_seen_us =
+                    if r.first_seen_us == 0 { p.first_seen_us } else { r.first_seen_us.min(p.first_seen_us) };
+                r.last_seen_us = r.last_seen_us.max(p.last_seen_us);
+            }
+            None => {
+                at.insert(p.key, rows.len());
+                rows.push(Row {
+                    key: Some(p.key),
+                    figures: p.figures,
+                    first_seen_us: p.first_seen_us,
+                    last_seen_us: p.last_seen_us,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statements::Kind;
+
+    fn key(q: u64) -> StmtKey {
+        StmtKey::new(Kind::Statement, 10, 5, q)
+    }
+
+    fn out(n: u64) -> Figures {
+        Figures { calls: 1, bytes_out: n, ..Figures::default() }
+    }
+
+    #[test]
+    fn charges_of_a_key_add_up_and_new_keys_take_places_until_full() {
+        let mut p = Pending::default();
+        assert!(p.add(key(1), &out(5), 100));
+        assert!(p.add(key(1), &out(7), 200));
+        assert_eq!(p.entries().len(), 1);
+        assert_eq!(p.entries()[0].figures.bytes_out, 12);
+        assert_eq!(p.entries()[0].figures.calls, 2);
+        assert_eq!((p.entries()[0].first_seen_us, p.entries()[0].last_seen_us), (100, 200));
+        for q in 2..=PENDING_KEYS as u64 {
+            assert!(p.fits([&key(q)]));
+            assert!(p.add(key(q), &out(1), 300));
+        }
+        assert!(p.fits([&key(1), &key(2)]), "keys already held always fit");
+        assert!(!p.fits([&key(1), &key(99)]));
+        assert!(!p.add(key(99), &out(1), 400));
+        assert_eq!(p.entries().len(), PENDING_KEYS);
+        assert!(p.add(key(3), &out(1), 400), "a held key still adds when full");
+    }
+
+    #[test]
+    fn due_after_the_interval_from_the_first_charge_since_a_clear() {
+        let mut p = Pending::default();
+        assert!(!p.due(i64::MAX), "nothing held, nothing due");
+        p.add(key(1), &out(1), 1_000);
+        p.add(key(1), &out(1), 1_000 + FLUSH_INTERVAL_US - 1);
+        assert!(!p.due(1_000 + FLUSH_INTERVAL_US - 1));
+        assert!(p.due(1_000 + FLUSH_INTERVAL_US));
+        p.clear(3);
+        assert_eq!((p.generation, p.entries().len()), (3, 0));
+        p.add(key(2), &out(1), 5_000_000);
+        assert!(!p.due(5_000_000 + FLUSH_INTERVAL_US / 2));
+    }
+
+    #[test]
+    fn merge_adds_to_rows_of_the_same_key_and_appends_new_keys() {
+        let row = |k: Option<StmtKey>, n, first, last| Row {
+            key: k,
+            figures: out(n),
+            first_seen_us: first,
+            last_seen_us: last,
+        };
+        let mut rows = vec![row(Some(key(1)), 10, 50, 60), row(None, 3, 1, 2)];
+        let mut a = Pending::default();
+        a.add(key(1), &out(5), 40);
+        a.add(key(2), &out(6), 70);
+        let mut b = Pending::default();
+        b.add(key(2), &out(1), 80);
+        merge(&mut rows, a.entries().iter().chain(b.entries()));
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            rows[0],
+            Row {
+                key: Some(key(1)),
+                figures: Figures { calls: 2, bytes_out: 15, ..Figures::default() },
+                first_seen_us: 40,
+                last_seen_us: 60
+            }
+        );
+        assert_eq!(rows[1], row(None, 3, 1, 2), "the overflow row has no key and takes nothing");
+        assert_eq!(
+            rows[2],
+            Row {
+                key: Some(key(2)),
+                figures: Figures { calls: 2, bytes_out: 7, ..Figures::default() },
+                first_seen_us: 70,
+                last_seen_us: 80
+            }
+        );
+    }
+}
