@@ -108,6 +108,10 @@ unsafe extern "C-unwind" {
     #[cfg(feature = "pg18")]
     #[link_name = "standard_ExecutorRun"]
     fn standard_executor_run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64);
+    /// The current role: a read of two globals, which cannot raise an ERROR (called once
+    /// per statement, where pgrx's guard would cost a sigsetjmp).
+    #[link_name = "GetUserId"]
+    fn get_user_id() -> pg_sys::Oid;
     #[link_name = "standard_ExecutorFinish"]
     fn standard_executor_finish(qd: *mut pg_sys::QueryDesc);
     #[link_name = "standard_ExecutorEnd"]
@@ -276,15 +280,15 @@ fn in_statement() -> bool {
 
 fn statement_key(queryid: u64) -> StmtKey {
     // SAFETY: plain reads of this backend's current role and database.
-    let (role, db) = unsafe { (pg_sys::GetUserId(), pg_sys::MyDatabaseId) };
+    let (role, db) = unsafe { (get_user_id(), pg_sys::MyDatabaseId) };
     StmtKey::new(Kind::Statement, u32::from(role), u32::from(db), queryid)
 }
 
 /// A top-level statement starts.
 fn start(queryid: u64) {
     if in_local() {
-        let key = statement_key(queryid);
-        boundary(|t, s| t.start(key, s));
+        // The key only once the socket is read: nothing of it when counting is off.
+        boundary(|t, s| t.start(statement_key(queryid), s));
         set_in_statement(true);
     }
 }

@@ -12,7 +12,7 @@ use crate::statements::table::{self, Row, TableCounters};
 use crate::statements::{Entry, Header, StatementTable};
 use pgrx::pg_sys;
 use std::cell::UnsafeCell;
-use std::mem::{align_of, size_of};
+use std::mem::{align_of, size_of, MaybeUninit};
 use std::ptr::null_mut;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 
@@ -150,11 +150,13 @@ unsafe fn pending_read(base: *mut u8, l: &Layout, i: usize) -> Option<Pending> {
         let before = p.changes.load(Ordering::Acquire);
         if before & 1 == 0 {
             // SAFETY: a byte copy that may race with the holder's writes (as PostgreSQL's
-            // st_changecount readers do); kept only if no write overlapped it.
-            let copy = unsafe { std::ptr::read_volatile(p.body.get()) };
+            // st_changecount readers do), as bytes: it is taken for a Pending only if no
+            // write overlapped it, and then holds what the holder wrote.
+            let copy = unsafe { std::ptr::read_volatile(p.body.get() as *const MaybeUninit<Pending>) };
             fence(Ordering::Acquire);
             if p.changes.load(Ordering::Relaxed) == before {
-                return Some(copy);
+                // SAFETY: no write overlapped the copy (the counter was even and unchanged).
+                return Some(unsafe { copy.assume_init() });
             }
         }
         if attempt < 100 {
