@@ -515,6 +515,18 @@ def pcap_retransmissions(path, server_port):
     return out
 
 
+def _covered(ranges, s, e):
+    """How much of [s, e) the (possibly overlapping) ranges cover."""
+    cut = sorted((max(rs, s), min(re, e)) for rs, re in ranges if rs < e and re > s)
+    total, at = 0, s
+    for rs, re in cut:
+        rs = max(rs, at)
+        if re > rs:
+            total += re - rs
+            at = re
+    return total
+
+
 def pcap_payloads(path, server_port, client_port, resent=True):
     """('in'|'out', TCP payload bytes, first payload byte or None) of the packets of one
     connection (server port, client port) in a pcap; 'in' is toward the server. Counted
@@ -567,17 +579,18 @@ def pcap_payloads(path, server_port, client_port, resent=True):
             later.append((s, e))
             fr[2] -= covered
     # Out, forwards: a copy sent again moves to where the first copy of its start was.
-    # A sender sends new bytes at its highest sequence so far, so what lies below that
-    # is a copy sent again.
-    earlier, sent_to = [], None
+    # resent=False: what an earlier copy covered is not counted again. Not "below the
+    # highest sequence so far": tcpdump on lo can see a segment before the one sent just
+    # before it (they cross CPUs).
+    earlier, seen = [], []
     for fr in frames:
         if fr[0] == "out":
             s, e = span(fr[1], fr[2], "out")
             fr[4] = next((at for rs, re, at in earlier if rs <= s < re), fr[4])
             earlier.append((s, e, fr[4]))
-            if not resent and sent_to is not None:
-                fr[2] -= max(0, min(e, sent_to) - s)
-            sent_to = e if sent_to is None else max(sent_to, e)
+            if not resent:
+                fr[2] -= _covered(seen, s, e)
+                seen.append((s, e))
     for direction, _, n, first, _ in sorted(frames, key=lambda fr: fr[4]):
         if n > 0:
             yield direction, n, first
