@@ -27,6 +27,9 @@ pub struct PendingEntry {
     pub last_seen_us: i64,
 }
 
+/// 968 bytes, one per connection slot (docs/how-it-works.md gives the region's sizes).
+const _: () = assert!(std::mem::size_of::<Pending>() == 968);
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pending {
