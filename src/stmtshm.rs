@@ -82,12 +82,8 @@ pub fn init(capacity: usize, connections: usize) {
     // SAFETY: _PG_init runs once, single-threaded, in the postmaster.
     unsafe {
         LAYOUT = Some(l);
-        REGION_ID = Some(region::reserve(region::Spec {
-            name: SHMEM_NAME,
-            size: l.total,
-            tranche: Some(TRANCHE),
-            on_create: on_create,
-        }));
+        REGION_ID =
+            Some(region::reserve(region::Spec { name: SHMEM_NAME, size: l.total, tranche: Some(TRANCHE), on_create }));
     }
 }
 
