@@ -35,6 +35,8 @@ pub enum DeviceState {
     Missing = 3,
     NoPermission = 4,
     Error = 5,
+    /// No worker is running: between a worker's exit and the next one's start.
+    Stopped = 6,
 }
 
 impl DeviceState {
@@ -46,6 +48,7 @@ impl DeviceState {
             DeviceState::Missing => "missing",
             DeviceState::NoPermission => "no_permission",
             DeviceState::Error => "error",
+            DeviceState::Stopped => "stopped",
         }
     }
 }

@@ -14,7 +14,7 @@ use pgrx::lwlock::{PgLwLock, PgLwLockExclusiveGuard, PgLwLockShareGuard};
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, pg_sys};
-use std::sync::atomic::{AtomicBool, AtomicI32};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64};
 
 const NAME_BYTES: usize = MAX_DEVICE_NAME + 1;
 const ERROR_BYTES: usize = 256;
@@ -116,6 +116,16 @@ impl NetstatShared {
         self.devices.iter().find(|d| d.in_use && d.name() == name)
     }
 
+    /// A new worker takes over the devices in `keep` and forgets the rest. Until it has
+    /// opened them they are `starting`, not whatever the worker before it left there.
+    pub fn take_over(&mut self, keep: &[String], now_us: i64) {
+        self.retain(keep);
+        for d in self.devices.iter_mut().filter(|d| d.in_use) {
+            d.state = DeviceState::Starting;
+            d.state_since_us = now_us;
+        }
+    }
+
     /// Forgets every device not in `keep` (after a reload removed it from the list).
     pub fn retain(&mut self, keep: &[String]) {
         for d in self.devices.iter_mut() {
@@ -126,7 +136,7 @@ impl NetstatShared {
     }
 }
 
-// SAFETY (STATE, INJECT_ERROR, SAVE_REQUESTED and WORKER_PID): each name is this extension's own, and pg_shmem_init! in
+// SAFETY (STATE, INJECT_ERROR, SAVE_REQUESTED, WORKER_PID and WORKER_EXITED_US): each name is this extension's own, and pg_shmem_init! in
 // _PG_init (preload only) places the value in shared memory before any process uses it.
 pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat") };
 
@@ -141,6 +151,10 @@ pub static SAVE_REQUESTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_ne
 /// PID of the running capture worker; 0 while none runs (before it starts, and from its
 /// exit until the next one starts). An atomic: the worker clears it as it exits.
 pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_netstat_worker_pid") };
+
+/// Unix microseconds of the last worker's exit: while none runs, its devices are shown
+/// `stopped` since then. An atomic, so the exit path (after an error too) takes no lock.
+pub static WORKER_EXITED_US: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"pg_netstat_worker_exited_us") };
 
 // Set once in _PG_init, in the postmaster, before any child exists.
 static mut ROWS: Option<(RegionId, usize)> = None;
@@ -163,6 +177,7 @@ pub fn init(history: usize) {
     pg_shmem_init!(STATE);
     pg_shmem_init!(INJECT_ERROR);
     pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(WORKER_EXITED_US);
     pg_shmem_init!(SAVE_REQUESTED);
 }
 

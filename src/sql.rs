@@ -12,7 +12,7 @@ use crate::gucs::Settings;
 use crate::history::Slot;
 use crate::peer::{self, BackendKind};
 use crate::persist;
-use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
+use crate::shmem::{self, DeviceState, INJECT_ERROR, STATE, WORKER_EXITED_US, WORKER_PID};
 use crate::statements::conns::{self, AppKey, Conn};
 use crate::statements::Kind;
 use crate::stmtshm;
@@ -183,6 +183,10 @@ rows_fn! {
         ring_freezes: i64,
         last_error: Option<String>,
     ) {
+        // A worker that ended with an error had no chance to say so: with no worker
+        // running, nothing is capturing whatever its devices last showed.
+        let worker_running = WORKER_PID.get().load(Ordering::Acquire) > 0;
+        let exited_us = WORKER_EXITED_US.get().load(Ordering::Acquire);
         let rows: Vec<_> = {
             let shared = STATE.share();
             shared
@@ -191,11 +195,16 @@ rows_fn! {
                 .filter(|d| d.in_use)
                 .map(|d| {
                     let err = d.last_error();
+                    let (state, since_us) = if worker_running {
+                        (d.state, d.state_since_us)
+                    } else {
+                        (DeviceState::Stopped, d.state_since_us.max(exited_us))
+                    };
                     (
                         d.name().to_string(),
                         CaptureMethod::from_i32(d.method as i32).as_str().to_string(),
-                        d.state.as_str().to_string(),
-                        timestamptz(d.state_since_us),
+                        state.as_str().to_string(),
+                        timestamptz(since_us),
                         as_i64(d.total.packets_in.saturating_sub(d.total_base.packets_in)),
                         as_i64(d.total.packets_out.saturating_sub(d.total_base.packets_out)),
                         as_i64(d.total.bytes_in.saturating_sub(d.total_base.bytes_in)),

@@ -135,7 +135,7 @@ fn report_state(device: &str, state: DeviceState, error: &str) {
             format!("pg_netstat: capture on device \"{device}\" failed: {error}"),
             Some("Capture is retried with a growing delay."),
         ),
-        DeviceState::Starting => {}
+        DeviceState::Starting | DeviceState::Stopped => {}
     }
 }
 

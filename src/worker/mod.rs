@@ -11,7 +11,7 @@ use crate::kernel_counters::KernelCounters;
 use crate::persist;
 #[cfg(linux_native)]
 use crate::privileges;
-use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_PID};
+use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_EXITED_US, WORKER_PID};
 use crate::stats::{Bucketing, Closed};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -69,11 +69,13 @@ pub extern "C-unwind" fn pg_netstat_worker_main(_arg: pg_sys::Datum) {
         Err(e) => log!("pg_netstat: could not raise CAP_NET_RAW: {e}"),
     }
     BackgroundWorker::connect_worker_to_spi(None, None);
-    WORKER_PID.get().store(std::process::id() as i32, Ordering::Release);
     // SAFETY: registering an exit callback is what before_shmem_exit is for; it runs in
     // this process while shared memory is still attached.
     unsafe { pg_sys::before_shmem_exit(Some(forget_worker_pid), pg_sys::Datum::from(0)) };
     let mut worker = Worker::start();
+    // Only now: until this worker has taken its devices over, the views show them as
+    // the previous one left them, and that is `stopped`, not its last `capturing`.
+    WORKER_PID.get().store(std::process::id() as i32, Ordering::Release);
     worker.run();
 }
 
@@ -82,6 +84,7 @@ pub extern "C-unwind" fn pg_netstat_worker_main(_arg: pg_sys::Datum) {
 /// worker to raise.
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_worker_pid(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    WORKER_EXITED_US.get().store(wall_now().1, Ordering::Release);
     let _ = WORKER_PID.get().compare_exchange(std::process::id() as i32, 0, Ordering::AcqRel, Ordering::Acquire);
     INJECT_ERROR.get().store(false, Ordering::Release);
 }
@@ -170,7 +173,7 @@ impl Worker {
         let names: Vec<String> = w.devices.iter().map(|d| d.name.clone()).collect();
         {
             let mut shared = STATE.exclusive();
-            shared.retain(&names);
+            shared.take_over(&names, wall_now().1);
             for d in w.devices.iter_mut() {
                 if let Some(e) = shared.entry(&d.name) {
                     d.total = e.total;

@@ -60,6 +60,8 @@ def test_a_worker_that_has_exited_is_never_signalled(cluster):
     # Between workers (the next one starts 5 s later) there is nobody to ask.
     wait_for("no worker", lambda: cluster.worker_pid() is None)
     assert cluster.sql("SELECT pg_netstat_inject_worker_error() IS NULL") == "t"
+    # Nothing captures meanwhile, and the view says so instead of the last worker's state.
+    assert cluster.sql("SELECT state FROM pg_netstat_devices WHERE device = 'lo'") == "stopped"
     second = wait_for("a new worker", lambda: (p := cluster.worker_pid()) and p != first and p)
     log_mark = len(cluster.log())
     # The new worker lives through an interval without raising an error nobody asked it for.
