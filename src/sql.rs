@@ -198,7 +198,7 @@ rows_fn! {
                     let (state, since_us) = if worker_running {
                         (d.state, d.state_since_us)
                     } else {
-                        (DeviceState::Stopped, d.state_since_us.max(exited_us))
+                        (DeviceState::Stopped, if exited_us > 0 { exited_us } else { d.state_since_us })
                     };
                     (
                         d.name().to_string(),

@@ -183,6 +183,8 @@ impl Worker {
         }
         flowshm::write(|t| t.set_devices(&names));
         w.open_due();
+        // What opened is shown now, not after the first wait (up to 5 s on a quiet device).
+        w.publish();
         w
     }
 

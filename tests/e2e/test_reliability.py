@@ -151,7 +151,9 @@ def test_worker_comes_back_after_sigterm_and_after_an_error(cluster):
     second = wait_for("a new worker after SIGTERM", lambda: (p := cluster.worker_pid()) and p != first and p)
     assert 'terminating background worker "pg_netstat" due to administrator command' in cluster.log()[mark:]
 
-    assert cluster.sql("SELECT pg_netstat_inject_worker_error()") == str(second)
+    # The new process announces itself once it has taken its devices over (until then
+    # the function asks nobody and returns NULL).
+    wait_for("the new worker announced", lambda: cluster.sql("SELECT pg_netstat_inject_worker_error()") == str(second))
     third = wait_for("a new worker after the injected error",
                      lambda: (p := cluster.worker_pid()) and p != second and p)
     assert "pg_netstat: error injected by pg_netstat_inject_worker_error()" in cluster.log()[mark:]
