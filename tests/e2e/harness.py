@@ -178,6 +178,11 @@ class Netns:
         run(["ip", "link", "set", self.host_if, "gso_max_size", self.BIG, "gro_max_size", self.BIG])
         run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
         run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_if, "nodad"])
+        # Received frames are processed on one CPU (RPS to CPU 0): otherwise frames the
+        # peer sent from two CPUs are delivered to each packet socket concurrently, and
+        # two captures of this device (pg_netstat's and tcpdump's, the reference) can see
+        # a direction's segments in different orders, which changes what is out of order.
+        Path(f"/sys/class/net/{self.host_if}/queues/rx-0/rps_cpus").write_text("1\n")
         run(["ip", "link", "set", self.host_if, "up"])
         self.exec(["ip", "link", "set", self.peer_if, "gso_max_size", self.BIG, "gro_max_size", self.BIG])
         self.exec(["ip", "addr", "add", f"{self.peer_ip}/30", "dev", self.peer_if])
