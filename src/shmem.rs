@@ -148,8 +148,9 @@ pub static INJECT_ERROR: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_nets
 /// a crash cannot bring back what was reset.
 pub static SAVE_REQUESTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_save_requested") };
 
-/// PID of the running capture worker; 0 while none runs (before it starts, and from its
-/// exit until the next one starts). An atomic: the worker clears it as it exits.
+/// PID of the running capture worker; 0 while none runs (until a starting worker has
+/// taken its devices over, and from its exit until the next one has). An atomic: the
+/// worker clears it as it exits.
 pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_netstat_worker_pid") };
 
 /// Unix microseconds of the last worker's exit: while none runs, its devices are shown
