@@ -391,19 +391,20 @@ unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
     close_connection(last);
 }
 
-/// The last reading. The client's FIN follows its Terminate at once: `read_final`
-/// settles it. Then the TLS session ends here, not later: PostgreSQL's socket_close
-/// would send the server's close_notify alert (24 bytes with TLS 1.3) from an
-/// on_proc_exit callback, after this reading, when shared memory is gone, so a TLS
-/// connection's rows came out 24 bytes short of what it sent. That is done only when
-/// nothing more can go to the client (it sent Terminate or closed: whereToSendOutput is
-/// no longer DestRemote); after a FATAL error (pg_terminate_backend, a timeout) messages
-/// may still go out during exit, and the alert is left to socket_close, uncounted.
-/// The bytes in are those of a reading before that: a client that has closed answers
-/// the alert with a reset, and a socket reset after the FIN no longer shows the FIN in
-/// its state, so a reading after it would count the FIN as a byte received. A TLS
-/// client sends its own close_notify after the Terminate, then its FIN: that reading
-/// waits (at most FIN_WAIT_MS) for the FIN, so the alert is in it.
+/// The last reading. When nothing more can go to the client (it sent Terminate or
+/// closed: whereToSendOutput is no longer DestRemote), the server ends its side first,
+/// as PostgreSQL would a moment later, and then waits for the client's answer:
+/// PostgreSQL's TLS close (its close_notify alert, which socket_close would otherwise
+/// send from an on_proc_exit callback, after this reading, when shared memory is gone),
+/// then the server's FIN, then at most EXIT_WAIT for the client's FIN or reset, then the
+/// reading (`tcpinfo::read_at_end`). So a client that waits for the server to close
+/// before it closes (asyncpg; over TLS it answers the alert with its own) is answered at
+/// once, and a client that is slow to send its last record and FIN (a busy machine) is
+/// still counted to its last byte. libpq, pgJDBC and node-postgres close at once: their
+/// FIN is usually in already and the wait ends at once.
+/// After a FATAL error (pg_terminate_backend, a timeout) messages may still go out during
+/// exit, so nothing is ended early: the reading is the socket as it is, and the TLS
+/// alert is left to socket_close, uncounted.
 fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
     // SAFETY: plain reads of this backend's globals; MyProcPort is valid until the
     // process ends.
@@ -414,32 +415,15 @@ fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
     if !closing {
         return tcpinfo::read_final(fd);
     }
-    #[cfg(target_os = "linux")]
-    {
-        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd; a timeout or an interruption just ends the wait.
-        unsafe { libc::poll(&mut p, 1, FIN_WAIT_MS) };
-    }
-    let first = tcpinfo::read_final(fd)?;
     // SAFETY: secure_close only ends the TLS session of this backend's Port (nothing
     // without one), and socket_close's own call is then a no-op.
-    unsafe { secure_close(port) };
-    Some(match tcpinfo::read(fd) {
-        Some(after) => crate::statements::Sample {
-            bytes_out: after.bytes_out,
-            segs_out: after.segs_out,
-            retrans: after.retrans,
-            rtt_us: after.rtt_us,
-            ..first
-        },
-        None => first,
-    })
+    tcpinfo::read_at_end(fd, || unsafe { secure_close(port) }, EXIT_WAIT)
 }
 
-/// The longest a backend ending after Terminate waits for the client's FIN (libpq
-/// closes at once; a client that keeps its socket open delays the exit this much).
-#[cfg(target_os = "linux")]
-const FIN_WAIT_MS: c_int = 20;
+/// The longest an exiting backend waits for the client's FIN after its own (the server's
+/// side is closed by then: no client waits on this). Only a client that keeps its socket
+/// open after Terminate meets it; the backend keeps its connection slot meanwhile.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 unsafe extern "C-unwind" {
     /// PostgreSQL's own end of a TLS session (SSL_shutdown, which sends the close_notify

@@ -162,6 +162,105 @@ fn settle(first: Raw, second: Raw) -> Sample {
     }
 }
 
+/// The last reading of a connection whose client has said its last word (Terminate, or
+/// its FIN): the server's side is ended first, then the client's answer is awaited, so a
+/// client that waits for the server to close (asyncpg) is never kept waiting, and a
+/// client slow to close (a busy machine) is still counted to its last byte.
+///
+/// In order: a reading of the socket as it is; if the connection is already gone (a
+/// reset: nothing more can cross it), that reading. Otherwise `close_session` ends what
+/// runs over the socket (PostgreSQL's TLS close sends its close_notify alert), the
+/// server's FIN follows (`shutdown(SHUT_WR)`), and the wait lasts until the client's FIN
+/// or reset is in, at most `wait`. Then the receive queue is read out: whether it ends in
+/// a FIN (the read returns 0) or an error (a reset without FIN) says whether
+/// `tcpi_bytes_received` holds the FIN's one byte. The socket's state cannot say it
+/// here: once the server's FIN has gone, the client's FIN takes the socket through
+/// TIME_WAIT to CLOSE at once, the state a reset leaves too.
+///
+/// A client that has not ended by then: the reading counts what it sent until then; what
+/// it sends later crosses the wire uncounted.
+#[cfg(target_os = "linux")]
+pub fn read_at_end(fd: i32, close_session: impl FnOnce(), wait: std::time::Duration) -> Option<Sample> {
+    const TCP_CLOSE: u8 = 7;
+    let start = read_raw(fd)?;
+    if start.state == TCP_CLOSE {
+        return Some(start.payload());
+    }
+    close_session();
+    // SAFETY: shutdown(2) on a socket descriptor; a failure (already reset) changes nothing.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    wait_for_the_peers_end(fd, wait);
+    let mut end = read_out(fd);
+    if end == End::Open {
+        // Still open: a reading, then a second look. If it has not ended by the second
+        // look, it had not at the reading, whose counters then hold no FIN.
+        let reading = read_raw(fd)?;
+        end = read_out(fd);
+        if end == End::Open {
+            return Some(reading.sample);
+        }
+    }
+    // Ended: nothing more can arrive, so this reading is final.
+    let last = read_raw(fd)?;
+    let fin = (end == End::Fin) as u64;
+    Some(Sample { bytes_in: last.sample.bytes_in.map(|b| b.saturating_sub(fin)), ..last.sample })
+}
+
+/// How the receive side of a socket stands once what waits in it has been read out.
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The peer's FIN is in.
+    Fin,
+    /// Gone without a FIN (a reset, a timeout).
+    Reset,
+    /// Neither yet (or more data than we read out).
+    Open,
+}
+
+/// Waits until the peer's FIN or a reset is in, at most `wait`.
+#[cfg(target_os = "linux")]
+fn wait_for_the_peers_end(fd: i32, wait: std::time::Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32) };
+        let interrupted = n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+        // A signal, or a timeout that came a little early: wait out what is left.
+        if n > 0 || (n < 0 && !interrupted) || left.is_zero() {
+            return;
+        }
+    }
+}
+
+/// Reads out and discards what waits in the socket (nobody reads it any more), up to
+/// 1 MiB, and says how the receive side ends. A read returns 0 when the peer's FIN is in
+/// (the kernel checks for it before any pending error) and an error after a reset
+/// without one; an error is reported once, so this is asked only of a socket whose
+/// error nobody has taken (`read_at_end` never gets here once the connection is gone).
+#[cfg(target_os = "linux")]
+fn read_out(fd: i32) -> End {
+    let mut buf = [0u8; 16384];
+    for _ in 0..64 {
+        // SAFETY: `buf` is writable for its length; MSG_DONTWAIT never blocks.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return End::Fin;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return End::Open,
+            _ => return End::Reset,
+        }
+    }
+    End::Open
+}
+
 #[cfg(target_os = "linux")]
 fn read_raw(fd: i32) -> Option<Raw> {
     use std::mem::{offset_of, size_of};
@@ -193,6 +292,11 @@ pub fn read(_fd: i32) -> Option<Sample> {
 
 #[cfg(not(target_os = "linux"))]
 pub fn read_final(_fd: i32) -> Option<Sample> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn read_at_end(_fd: i32, _close_session: impl FnOnce(), _wait: std::time::Duration) -> Option<Sample> {
     None
 }
 
@@ -266,6 +370,119 @@ mod tests {
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).unwrap();
         assert_eq!(read_final(server.as_raw_fd()).unwrap().bytes_in, Some(9));
+    }
+
+    /// A connected pair on 127.0.0.1: (client, server).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (client, server)
+    }
+
+    /// The server's end of a session after the client's Terminate (9 bytes, read), as
+    /// the backend's exit does it: its own close message (`alert`, 24 bytes, written by
+    /// `close_session`), its FIN, the wait, the reading.
+    fn end_after_terminate(server: &mut TcpStream, wait: Duration) -> (Sample, Duration) {
+        let mut terminate = [0u8; 9];
+        server.read_exact(&mut terminate).unwrap();
+        let t = Instant::now();
+        let mut s2 = server.try_clone().unwrap();
+        let got = read_at_end(server.as_raw_fd(), move || drop(s2.write_all(&[0x15; 24])), wait).unwrap();
+        (got, t.elapsed())
+    }
+
+    use std::time::{Duration, Instant};
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_client_that_waits_for_the_server_to_close_is_answered_at_once_and_counted_whole() {
+        // asyncpg: Terminate, then it waits for the server's close; under TLS it answers
+        // the server's close_notify with its own (24 bytes), then closes.
+        let (mut client, mut server) = pair();
+        let c = std::thread::spawn(move || {
+            client.write_all(b"Terminate").unwrap();
+            let mut from_server = Vec::new();
+            client.read_to_end(&mut from_server).unwrap(); // until the server's FIN
+            client.write_all(&[0x15; 24]).unwrap();
+            from_server.len()
+        });
+        let (got, took) = end_after_terminate(&mut server, LONG);
+        assert_eq!(c.join().unwrap(), 24);
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9 + 24), Some(24)));
+        assert!(took < LONG / 2, "waited {took:?} for a client that waited for us");
+    }
+
+    #[test]
+    fn a_client_slow_to_close_is_counted_to_its_last_byte() {
+        // A busy machine: the client's last record and FIN come 300 ms after Terminate.
+        let (mut client, mut server) = pair();
+        let c = std::thread::spawn(move || {
+            client.write_all(b"Terminate").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            client.write_all(&[0x15; 24]).unwrap();
+        });
+        let (got, _) = end_after_terminate(&mut server, LONG);
+        c.join().unwrap();
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9 + 24), Some(24)));
+    }
+
+    #[test]
+    fn a_client_that_closed_first_and_resets_the_servers_alert_is_counted_without_its_fin() {
+        // libpq: Terminate, its close_notify and its FIN at once; the server's alert then
+        // reaches a closed socket, which answers with a reset. The FIN came before.
+        let (mut client, mut server) = pair();
+        client.write_all(b"Terminate").unwrap();
+        client.write_all(&[0x15; 24]).unwrap();
+        drop(client);
+        let mut p = libc::pollfd { fd: server.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 10_000) }, 1); // the FIN is in
+        let (got, _) = end_after_terminate(&mut server, LONG);
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9 + 24), Some(24)));
+    }
+
+    #[test]
+    fn a_reset_without_a_fin_keeps_every_byte_received() {
+        // The client leaves the server's alert unread and closes: its kernel sends a
+        // reset, no FIN. Every byte it sent is payload.
+        let (mut client, mut server) = pair();
+        let c = std::thread::spawn(move || {
+            client.write_all(b"Terminate").unwrap();
+            client.write_all(&[0x15; 24]).unwrap();
+            let mut one = [0u8; 1];
+            client.read_exact(&mut one).unwrap(); // the alert has arrived, unread but 1 byte
+            drop(client); // unread data: a reset
+        });
+        let (got, _) = end_after_terminate(&mut server, LONG);
+        c.join().unwrap();
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9 + 24), Some(24)));
+    }
+
+    #[test]
+    fn a_client_that_never_closes_costs_the_bound_and_what_it_sent_is_counted() {
+        let (mut client, mut server) = pair();
+        client.write_all(b"Terminate").unwrap();
+        client.write_all(&[1; 5]).unwrap();
+        let (got, took) = end_after_terminate(&mut server, Duration::from_millis(100));
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9 + 5), Some(24)));
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        drop(client);
+    }
+
+    #[test]
+    fn a_connection_already_reset_is_read_as_it_is_and_not_closed_again() {
+        let (client, mut server) = pair();
+        (&client).write_all(b"Terminate").unwrap();
+        socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(client); // a reset, no FIN
+        let mut buf = [0u8; 64];
+        assert_eq!(server.read(&mut buf).unwrap(), 9);
+        assert!(server.read(&mut buf).is_err()); // the server has taken the error
+        let mut closed = false;
+        let got = read_at_end(server.as_raw_fd(), || closed = true, LONG).unwrap();
+        assert!(!closed);
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9), Some(0)));
     }
 
     #[test]

@@ -371,13 +371,17 @@ def turns(path, server_port, client_port, resent=True):
     (it waits for each result before it sends the next statement, so under TLS, where
     the Query messages cannot be read, each statement is one turn): [{'bytes_in',
     'bytes_out'}, ...]. The first turns are the TLS handshake and the startup; the last
-    is the client's Terminate and TLS close, and the server's close."""
+    is the client's Terminate and TLS close, and the server's close: one turn, or two when
+    the server's close_notify left before the client's arrived (the client's then ends
+    the capture, with nothing out after it, and joins the turn before)."""
     parts, last = [], None
     for direction, n, _ in pcap_payloads(path, server_port, client_port, resent):
         if not parts or (direction == "in" and last == "out"):
             parts.append(dict(bytes_in=0, bytes_out=0))
         parts[-1]["bytes_" + direction] += n
         last = direction
+    if len(parts) > 1 and parts[-1]["bytes_out"] == 0:
+        parts[-2]["bytes_in"] += parts.pop()["bytes_in"]
     return parts
 
 
