@@ -173,9 +173,14 @@ pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
         tracker.authenticated(sample);
     }
     // SAFETY: backend-local, see LOCAL; the exit callback is registered once, here.
+    // An on_shmem_exit callback: it runs after every before_shmem_exit one, so after
+    // ShutdownPostgres has ended the session's transaction and released its locks (the
+    // server's FIN, which the exit sends, must not reach a client before that), and,
+    // registered after InitProcess's, before ProcKill: this backend's PGPROC, and so its
+    // LWLocks, are still there.
     unsafe {
         LOCAL = Some(Local { tracker, sock, in_statement: false, stale: !on });
-        pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+        pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
     }
@@ -422,7 +427,8 @@ fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
 
 /// The longest an exiting backend waits for the client's FIN after its own (the server's
 /// side is closed by then: no client waits on this). Only a client that keeps its socket
-/// open after Terminate meets it; the backend keeps its connection slot meanwhile.
+/// open after Terminate meets it; the backend keeps its process slot (and its row in
+/// pg_stat_activity) meanwhile, its transaction ended and its locks released already.
 const EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 unsafe extern "C-unwind" {

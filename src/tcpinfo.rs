@@ -168,42 +168,63 @@ fn settle(first: Raw, second: Raw) -> Sample {
 /// client slow to close (a busy machine) is still counted to its last byte.
 ///
 /// In order: a reading of the socket as it is; if the connection is already gone (a
-/// reset: nothing more can cross it), that reading. Otherwise `close_session` ends what
-/// runs over the socket (PostgreSQL's TLS close sends its close_notify alert), the
-/// server's FIN follows (`shutdown(SHUT_WR)`), and the wait lasts until the client's FIN
-/// or reset is in, at most `wait`. Then the receive queue is read out: whether it ends in
-/// a FIN (the read returns 0) or an error (a reset without FIN) says whether
-/// `tcpi_bytes_received` holds the FIN's one byte. The socket's state cannot say it
-/// here: once the server's FIN has gone, the client's FIN takes the socket through
-/// TIME_WAIT to CLOSE at once, the state a reset leaves too.
+/// reset), that reading, nothing more can cross it. Otherwise what waits in the receive
+/// queue is read out (the client may have ended already: libpq closes right after its
+/// Terminate), `close_session` ends what runs over the socket (PostgreSQL's TLS close
+/// sends its close_notify alert), the server's FIN follows (`shutdown(SHUT_WR)`), and
+/// unless the client had ended, the wait lasts until its FIN or reset is in, at most
+/// `wait`. The final reading's `tcpi_bytes_received` holds the FIN's one sequence byte
+/// when the receive queue ended in a FIN (`End`). The socket's state cannot say it here:
+/// once the server's FIN has gone, the client's FIN takes the socket through TIME_WAIT
+/// to CLOSE at once, the state a reset leaves too.
 ///
 /// A client that has not ended by then: the reading counts what it sent until then; what
 /// it sends later crosses the wire uncounted.
 #[cfg(target_os = "linux")]
 pub fn read_at_end(fd: i32, close_session: impl FnOnce(), wait: std::time::Duration) -> Option<Sample> {
     const TCP_CLOSE: u8 = 7;
+    let deadline = std::time::Instant::now() + wait;
     let start = read_raw(fd)?;
     if start.state == TCP_CLOSE {
-        return Some(start.payload());
+        let end = end_of_a_reset(fd);
+        return Some(without_fin(read_raw(fd)?, end));
     }
+    let before = read_out_until(fd, Some(deadline));
     close_session();
-    // SAFETY: shutdown(2) on a socket descriptor; a failure (already reset) changes nothing.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-    wait_for_the_peers_end(fd, wait);
-    let mut end = read_out(fd);
-    if end == End::Open {
-        // Still open: a reading, then a second look. If it has not ended by the second
-        // look, it had not at the reading, whose counters then hold no FIN.
-        let reading = read_raw(fd)?;
-        end = read_out(fd);
-        if end == End::Open {
-            return Some(reading.sample);
+    // SAFETY: shutdown(2) on a socket descriptor. It fails (ENOTCONN) only once the
+    // connection is gone: a reset came after the first reading.
+    let gone = unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0;
+    let end = match before {
+        End::Fin | End::Reset => before,
+        _ if gone => end_of_a_reset(fd),
+        _ => {
+            match wait_for_the_peers_end(fd, deadline) {
+                End::Open | End::More => {
+                    // Still open: a reading, then a second look. If it has not ended by
+                    // the second look, it had not at the reading, which then holds no FIN.
+                    let reading = read_raw(fd)?;
+                    match read_out_until(fd, Some(deadline)) {
+                        End::Open => return Some(reading.sample),
+                        // Still more than we could read out by the deadline: its state,
+                        // the best there is for a client that keeps sending after Terminate.
+                        End::More => return Some(reading.payload()),
+                        end => end,
+                    }
+                }
+                end => end,
+            }
         }
-    }
+    };
     // Ended: nothing more can arrive, so this reading is final.
-    let last = read_raw(fd)?;
+    Some(without_fin(read_raw(fd)?, end))
+}
+
+/// A final reading's counters, the FIN's sequence byte taken out of `bytes_in` if the
+/// receive side ended in one.
+#[cfg(target_os = "linux")]
+fn without_fin(last: Raw, end: End) -> Sample {
     let fin = (end == End::Fin) as u64;
-    Some(Sample { bytes_in: last.sample.bytes_in.map(|b| b.saturating_sub(fin)), ..last.sample })
+    Sample { bytes_in: last.sample.bytes_in.map(|b| b.saturating_sub(fin)), ..last.sample }
 }
 
 /// How the receive side of a socket stands once what waits in it has been read out.
@@ -214,32 +235,79 @@ enum End {
     Fin,
     /// Gone without a FIN (a reset, a timeout).
     Reset,
-    /// Neither yet (or more data than we read out).
+    /// Neither yet.
     Open,
+    /// More data than one call reads out.
+    More,
 }
 
-/// Waits until the peer's FIN or a reset is in, at most `wait`.
+/// `End` of a connection that was reset before the server's FIN went (the socket was
+/// already closed when it tried), its receive queue read out: did the client's FIN come before the reset? A read
+/// returns 0 after the FIN, but also after a reset whose error has already been taken
+/// (by PostgreSQL's own read, or by the TLS close's send); the error the reset left says
+/// which: EPIPE when it came after the client's FIN (the kernel's choice for a reset in
+/// CLOSE_WAIT), ECONNRESET before. Taken already: assumed to be without a FIN, which is
+/// wrong by one byte only if a FIN and then a reset both arrived within the few
+/// microseconds between the server's last read and its send.
 #[cfg(target_os = "linux")]
-fn wait_for_the_peers_end(fd: i32, wait: std::time::Duration) {
-    let deadline = std::time::Instant::now() + wait;
+fn end_of_a_reset(fd: i32) -> End {
+    if read_out_until(fd, None) != End::Fin {
+        return End::Reset;
+    }
+    if socket_error(fd) == Some(libc::EPIPE) {
+        End::Fin
+    } else {
+        End::Reset
+    }
+}
+
+/// The socket's pending error (SO_ERROR, which also clears it).
+#[cfg(target_os = "linux")]
+fn socket_error(fd: i32) -> Option<i32> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` is a writable c_int and `len` its size.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &mut len) };
+    (rc == 0 && err != 0).then_some(err)
+}
+
+/// Reads out what arrives until the peer's FIN or a reset is in (its `End`), or until
+/// `deadline` (`Open`, or `More` while data keeps coming).
+#[cfg(target_os = "linux")]
+fn wait_for_the_peers_end(fd: i32, deadline: std::time::Instant) -> End {
     loop {
+        let end = read_out(fd);
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32) };
-        let interrupted = n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
-        // A signal, or a timeout that came a little early: wait out what is left.
-        if n > 0 || (n < 0 && !interrupted) || left.is_zero() {
-            return;
+        if matches!(end, End::Fin | End::Reset) || left.is_zero() {
+            return end;
+        }
+        if end == End::More {
+            continue;
+        }
+        let mut p = libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call. Whatever it returns (data,
+        // the end, a signal, the time up), the queue is read out again above.
+        unsafe { libc::poll(&mut p, 1, left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32) };
+    }
+}
+
+/// `read_out` until the receive side says how it stands, or (with a deadline, while data
+/// keeps coming) until the deadline has passed. Without one, only for a connection that
+/// is gone: what waits in it is all there will be.
+#[cfg(target_os = "linux")]
+fn read_out_until(fd: i32, deadline: Option<std::time::Instant>) -> End {
+    loop {
+        let end = read_out(fd);
+        if end != End::More || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return end;
         }
     }
 }
 
 /// Reads out and discards what waits in the socket (nobody reads it any more), up to
-/// 1 MiB, and says how the receive side ends. A read returns 0 when the peer's FIN is in
-/// (the kernel checks for it before any pending error) and an error after a reset
-/// without one; an error is reported once, so this is asked only of a socket whose
-/// error nobody has taken (`read_at_end` never gets here once the connection is gone).
+/// 1 MiB a call, and says how the receive side ends. A read returns 0 when the peer's FIN
+/// is in (the kernel checks for it before any pending error) and an error after a reset
+/// without one, reported once (see `end_of_a_reset`).
 #[cfg(target_os = "linux")]
 fn read_out(fd: i32) -> End {
     let mut buf = [0u8; 16384];
@@ -258,7 +326,7 @@ fn read_out(fd: i32) -> End {
             _ => return End::Reset,
         }
     }
-    End::Open
+    End::More
 }
 
 #[cfg(target_os = "linux")]
@@ -483,6 +551,74 @@ mod tests {
         let got = read_at_end(server.as_raw_fd(), || closed = true, LONG).unwrap();
         assert!(!closed);
         assert_eq!((got.bytes_in, got.bytes_out), (Some(9), Some(0)));
+    }
+
+    /// Waits until the socket's connection is gone (a reset is in: POLLHUP).
+    fn until_reset(fd: i32) {
+        let mut p = libc::pollfd { fd, events: 0, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 10_000) }, 1);
+        assert!(p.revents & libc::POLLHUP != 0, "{:#x}", p.revents);
+    }
+
+    #[test]
+    fn a_fin_then_a_reset_before_the_exit_is_counted_without_the_fin() {
+        // The client sends Terminate and closes; something the server sends after that
+        // (a notification) is answered with a reset: CLOSE_WAIT, then CLOSE, before the
+        // exit reads the socket. Its state no longer shows the FIN.
+        let (mut client, mut server) = pair();
+        client.write_all(b"Terminate").unwrap();
+        drop(client);
+        let mut terminate = [0u8; 9];
+        server.read_exact(&mut terminate).unwrap();
+        let mut p = libc::pollfd { fd: server.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 10_000) }, 1); // the FIN is in
+        server.write_all(b"NOTIFY").unwrap();
+        until_reset(server.as_raw_fd());
+        let mut closed = false;
+        let got = read_at_end(server.as_raw_fd(), || closed = true, LONG).unwrap();
+        assert!(!closed);
+        assert_eq!((got.bytes_in, got.bytes_out), (Some(9), Some(6)));
+    }
+
+    #[test]
+    fn a_reset_taken_by_the_servers_own_close_message_is_not_a_fin() {
+        // The client resets (no FIN) after the first reading; the server's close
+        // message then fails and takes the error, and the socket is gone before its FIN.
+        let (mut client, mut server) = pair();
+        client.write_all(b"Terminate").unwrap();
+        let mut terminate = [0u8; 9];
+        server.read_exact(&mut terminate).unwrap();
+        let fd = server.as_raw_fd();
+        let got = read_at_end(
+            fd,
+            || {
+                socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+                drop(client);
+                until_reset(fd);
+                assert!(server.write_all(&[0x15; 24]).is_err()); // takes the error
+            },
+            LONG,
+        )
+        .unwrap();
+        assert_eq!(got.bytes_in, Some(9));
+    }
+
+    #[test]
+    fn more_than_one_read_out_before_the_fin_is_counted_whole() {
+        const BIG: usize = 3 << 20;
+        let (mut client, mut server) = pair();
+        let c = std::thread::spawn(move || {
+            client.write_all(b"Terminate").unwrap();
+            client.write_all(&vec![1u8; BIG]).unwrap();
+            // Closed with nothing unread (the server sends no close message here): a FIN.
+        });
+        let mut terminate = [0u8; 9];
+        server.read_exact(&mut terminate).unwrap();
+        let got = read_at_end(server.as_raw_fd(), || (), LONG).unwrap();
+        c.join().unwrap();
+        assert_eq!(got.bytes_in, Some((9 + BIG) as u64));
     }
 
     #[test]

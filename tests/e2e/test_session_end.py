@@ -16,6 +16,10 @@ import asyncpg
 import pytest
 from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_connections, pcap_payloads, run, wait_for
 
+# Runs alone (docs/testing.md): close times compared with a server without the library,
+# and a test that loads both CPUs.
+pytestmark = pytest.mark.alone
+
 PSQL = str(PGBIN / "psql")
 TLS_CONF = ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
 ROLES = ("pgn_async", "pgn_many")
@@ -108,6 +112,35 @@ def test_asyncpg_close_is_not_kept_waiting_and_its_rows_equal_tcpdump(servers, t
     counted, wire = role_rows(w, "pgn_async"), payload(td.path, w.port)
     # 5 ms of room for this machine's noise; the wait this replaces cost 20.
     assert counted == wire and median["with"] <= median["without"] + 5, (counted, wire, median)
+
+
+async def lock_after_close(port, tls, n):
+    """n times: one connection takes a session advisory lock and closes; another, already
+    open, tries the lock as soon as close() has returned. The number of tries that found
+    it still held."""
+    other = await asyncpg.connect(host="127.0.0.1", port=port, user="pgn_async", database="postgres",
+                                  ssl="require" if tls else "disable")
+    held = 0
+    for _ in range(n):
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="pgn_async", database="postgres",
+                                     ssl="require" if tls else "disable")
+        await conn.execute("SELECT pg_advisory_lock(4242)")
+        await conn.close()
+        got = await other.fetchval("SELECT pg_try_advisory_lock(4242)")
+        held += not got
+        if got:
+            await other.execute("SELECT pg_advisory_unlock(4242)")
+    await other.close()
+    return held
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_a_session_has_released_its_locks_when_asyncpg_sees_the_server_close(servers, mode):
+    """asyncpg's close() returns when the server has closed the connection; PostgreSQL
+    releases the session's locks before that (its exit's first steps), and pg_netstat's
+    early close of the server's side must keep it so: a lock the closed session held is
+    free for another session at once, every time."""
+    assert asyncio.run(lock_after_close(servers["with"].port, mode == "tls", 30)) == 0
 
 
 # Statements of different sizes each short session runs: results of 200 kB, a few kB,
