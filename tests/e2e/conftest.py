@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import PGBIN, Cluster, Netns, free_port, run, wait_for  # noqa: E402
+from harness import PGBIN, Cluster, Netns, enter_private_world, free_port, run, wait_for  # noqa: E402
 
 INTERVAL = 2
 # Which build is installed: "native" (the default) or "portable" (cargo feature portable:
@@ -25,17 +25,28 @@ CRASH_MARKERS = ("PANIC", "terminated by signal", "server process (PID", "was te
                  "all server processes terminated", "terminating any other active server processes")
 
 
-@pytest.fixture(scope="session")
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: runs after the others, one test at a time: it measures CPU time, floods, loads the "
+        "CPUs, or changes files other servers load (docs/testing.md lists them and why)")
+    # Each test process in a world of its own (harness.enter_private_world): with
+    # pytest-xdist, each worker; the tests of one file run in one worker (--dist loadfile).
+    if os.environ.get("PG_NETSTAT_E2E_HOST_NAMESPACE") != "1":
+        enter_private_world()
+
+
+@pytest.fixture(scope="module")
 def netns():
     ns = Netns(str(os.getpid() % 100000))
     yield ns
     ns.teardown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(netns):
-    """One capturing cluster for the session: loopback plus the host end of the veth
-    pair, 2-second intervals, a short retire timeout so intervals close quickly."""
+    """A capturing cluster for each test file: loopback plus the host end of the veth
+    pair, 2-second intervals, a short retire timeout so intervals close quickly. Tests of
+    one file share it and leave it as they found it; no other file sees it."""
     c = Cluster(
         free_port(),
         conf=[

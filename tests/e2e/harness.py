@@ -3,6 +3,7 @@ namespaces, tcpdump as the independent packet count, and a small pcap reader.
 
 Traffic only ever goes to loopback or to the namespace this harness creates."""
 
+import ctypes
 import json
 import os
 import re
@@ -44,6 +45,31 @@ def wait_for(what, predicate, timeout=30.0, every=0.2):
             return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def enter_private_world():
+    """Moves this process (its calling thread, and so every process it starts from now on)
+    into a network namespace of its own, with its own `lo`, and a mount namespace in
+    which /sys shows that network namespace's devices, as `ip netns exec` does. Servers,
+    clients, tcpdump and the test hosts' veth pairs made afterwards live there: no other
+    test process sees their packets, addresses or names, and none of theirs reach here.
+    The namespaces go when the process ends. Every test process (each pytest-xdist
+    worker, or pytest alone) does this once, at start (conftest.py)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc, what):
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    clone_newns, clone_newnet = 0x00020000, 0x40000000
+    ms_rec, ms_slave, mnt_detach = 0x4000, 1 << 19, 2
+    check(libc.unshare(clone_newnet | clone_newns), "unshare(CLONE_NEWNET | CLONE_NEWNS)")
+    # Mounts made here (sysfs, `ip netns add`'s) stay here.
+    check(libc.mount(b"none", b"/", None, ms_rec | ms_slave, None), "mount --make-rslave /")
+    check(libc.umount2(b"/sys", mnt_detach), "umount /sys")
+    check(libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "mount -t sysfs sysfs /sys")
+    run(["ip", "link", "set", "lo", "up"])
 
 
 class SqlError(Exception):

@@ -98,7 +98,8 @@ def test_walsenders_are_their_own_egress_row(cluster, tmp_path):
     with Tcpdump("lo", cluster.port, tmp_path) as td:
         before = egress(cluster)
         run(["env", "PGAPPNAME=pgn_backup", str(PGBIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(cluster.port),
-             "-U", "postgres", "-D", str(tmp_path / "backup"), "-Ft", "-X", "stream", "--no-sync"])
+             "-U", "postgres", "-D", str(tmp_path / "backup"), "-Ft", "-X", "stream", "--no-sync",
+             "-c", "fast"])  # the checkpoint at once: a spread one took minutes
         td.wait_closed()
     by_port = pcap_by_client(td.path, cluster.port)
     assert len(by_port) == 2, by_port.keys()

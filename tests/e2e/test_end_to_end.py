@@ -137,6 +137,7 @@ def test_view_is_for_pg_monitor_not_public(cluster):
         cluster.sql("DROP ROLE pgn_plain; DROP ROLE pgn_monitor")
 
 
+@pytest.mark.alone  # measures the worker's CPU time
 def test_missing_device_is_reported_and_others_keep_counting(cluster, netns):
     mark = len(cluster.log())
     cluster.sql(f"ALTER SYSTEM SET pg_netstat.devices = '{netns.host_if},pgn-nosuch0'")

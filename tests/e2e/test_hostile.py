@@ -13,6 +13,9 @@ import pytest
 from conftest import CAPTURE_METHOD
 from harness import PGBIN, Cluster, Netns, Tcpdump, cpu_ticks, free_port, interval_sums, run, wait_for
 
+# Runs alone (docs/testing.md): a SYN flood, and the collector's CPU time measured through it.
+pytestmark = pytest.mark.alone
+
 SYNFLOOD = str(Path(__file__).parent / "synflood.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Flood source ports 2000-51999; the test host's own clients use ports above them, so no

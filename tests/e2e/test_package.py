@@ -21,6 +21,10 @@ import pytest
 from conftest import INTERVAL
 from harness import PG_MAJOR, Cluster, SqlError, free_port, pg_config, run, wait_for
 
+# Runs alone (docs/testing.md): installs the .deb (dpkg -i, dpkg -r) into the PostgreSQL
+# every other test's servers load.
+pytestmark = pytest.mark.alone
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = f"postgresql-{PG_MAJOR}-pg-netstat"
 # Where the package puts its files (Debian's and PGDG's layout for PostgreSQL N) ...
@@ -44,15 +48,19 @@ def put_in_place(src, dst):
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory):
-    """Builds the package for the PostgreSQL under test and installs it: with dpkg where
+    """Builds the package for the PostgreSQL under test (or takes the one PG_NETSTAT_DEB
+    names, made from this tree by scripts/package) and installs it: with dpkg where
     it can (15), else its files from the .deb (see above). Afterwards removes it and puts
     back the files scripts/build had installed (the other tests run on those)."""
     saved = tmp_path_factory.mktemp("installed")
     before = [LIBDIR / "pg_netstat.so", *EXTDIR.glob("pg_netstat*")]
     for f in before:
         shutil.copy2(f, saved / f.name)
-    out = run([str(ROOT / "scripts" / "package"), "--pg", str(PG_MAJOR)], cwd=ROOT).stdout.strip().splitlines()
-    path = ROOT / out[-1]
+    if os.environ.get("PG_NETSTAT_DEB"):
+        path = Path(os.environ["PG_NETSTAT_DEB"])  # made once per major by scripts/test
+    else:
+        out = run([str(ROOT / "scripts" / "package"), "--pg", str(PG_MAJOR)], cwd=ROOT).stdout.strip().splitlines()
+        path = ROOT / out[-1]
     added = []
     try:
         if BY_DPKG:

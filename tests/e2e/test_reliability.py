@@ -283,6 +283,7 @@ def test_least_privilege_keeps_the_capabilities_the_administrator_granted():
         c.remove()
 
 
+@pytest.mark.alone  # measures the worker's CPU time
 def test_without_cap_net_raw_the_server_runs_and_says_why():
     c = Cluster(free_port(), conf=["pg_netstat.capture_loopback = on", "pg_netstat.interval = 1",
                                    f"pg_netstat.capture_method = {CAPTURE_METHOD}"])
