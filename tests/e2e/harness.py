@@ -158,6 +158,17 @@ class Cluster:
     def remove(self):
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def make_certificate(self):
+        """A self-signed certificate and key (server.crt, server.key) in the data
+        directory, for `ssl = on` with `ssl_cert_file = 'server.crt'` and `ssl_key_file =
+        'server.key'`; before start."""
+        data = self.dir / "data"
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+             "-keyout", str(data / "server.key"), "-out", str(data / "server.crt")])
+        for name in ("server.key", "server.crt"):
+            shutil.chown(data / name, "postgres", "postgres")
+        os.chmod(data / "server.key", 0o600)
+
     def psql_result(self, sql, user="postgres", host=None, dbname="postgres", netns=None):
         """Runs SQL; over the Unix socket unless `host` is given (then over TCP, which the
         extension counts). Returns the CompletedProcess."""

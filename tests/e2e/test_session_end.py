@@ -7,14 +7,13 @@ side. The module owns its two servers (TLS on, plain text allowed), neither with
 CAP_NET_RAW: statements need no capture."""
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import time
 
 import asyncpg
 import pytest
-from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_connections, pcap_payloads, run, wait_for
+from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_connections, pcap_payloads, wait_for
 
 # Runs alone (docs/testing.md): close times compared with a server without the library,
 # and a test that loads both CPUs.
@@ -27,12 +26,7 @@ ROLES = ("pgn_async", "pgn_many")
 
 def tls_cluster(preload):
     c = Cluster(free_port(), conf=TLS_CONF, preload=preload)
-    data = c.dir / "data"
-    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-keyout", str(data / "server.key"), "-out", str(data / "server.crt")])
-    for name in ("server.key", "server.crt"):
-        shutil.chown(data / name, "postgres", "postgres")
-    os.chmod(data / "server.key", 0o600)
+    c.make_certificate()
     c.start(cap_net_raw=False)
     for role in ROLES:
         c.sql(f"CREATE ROLE {role} LOGIN")

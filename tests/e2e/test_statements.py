@@ -5,7 +5,6 @@ privilege) and with pg_stat_statements, whose query texts the view shows."""
 import contextlib
 import math
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -349,12 +348,7 @@ def tls(tmp_path_factory):
     c = Cluster(free_port(), conf=["shared_preload_libraries = 'pg_netstat,pg_stat_statements'", "ssl = on",
                                    "ssl_min_protocol_version = 'TLSv1.3'",  # the record overhead below
                                    "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"])
-    data = c.dir / "data"
-    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-keyout", str(data / "server.key"), "-out", str(data / "server.crt")])
-    for name in ("server.key", "server.crt"):
-        shutil.chown(data / name, "postgres", "postgres")
-    os.chmod(data / "server.key", 0o600)
+    c.make_certificate()
     c.start(cap_net_raw=False)
     try:
         c.sql("CREATE EXTENSION pg_netstat; CREATE EXTENSION pg_stat_statements")
