@@ -563,7 +563,7 @@ def test_extended_protocol_each_statement_equals_tcpdump(stmts, tmp_path):
         answers = [w.write(*messages) for _, writes, _, _ in plan for messages in writes]
         assert ["E" in a for a in answers] == [i == 6 for i in range(len(answers))], answers
         w.close()
-        td.wait_closed()
+        td.wait_closed(expect=[w.port])
     st = pcap_stream(td.path, stmts.port, w.port)
     cmsgs = pg_messages(st["in_"], True)
     smsgs = pg_messages(st["out"], cmsgs)
