@@ -199,7 +199,10 @@ class Netns:
     BIG = "185000"
 
     def __init__(self, tag, host_ip="169.254.77.1", peer_ip="169.254.77.2", host_ip6="fd77::1", peer_ip6="fd77::2"):
-        self.name = f"pgn_{tag}"
+        # The process's PID in the name: `ip netns` keeps names as files in /run/netns,
+        # which every test process shares although each mounts its namespaces privately.
+        # Device names and addresses are per network namespace, so they may repeat.
+        self.name = f"pgn_{tag}_{os.getpid()}"
         self.host_if = f"pgnh{tag}"[:15]
         self.peer_if = f"pgnp{tag}"[:15]
         self.host_ip, self.peer_ip = host_ip, peer_ip

@@ -2,6 +2,7 @@
 from real connections through the veth pair, checked against tcpdump's packets split by
 client port."""
 
+import re
 import subprocess
 import time
 
@@ -189,10 +190,9 @@ def nft(netns, *rules):
         netns.exec(["nft", *r.split()])
 
 
-# Alone (docs/testing.md): its connection without loss must not retransmit more than the
-# lossy one, and on a loaded machine slow ACKs make TCP's tail loss probe resend (seen: 4
-# resent without loss, 1 with 5% loss, with six tiers side by side; the counts still
-# equal tcpdump's).
+# Alone (docs/testing.md): how often TCP resends on the connection without loss depends
+# on the machine's load (seen: 4 segments resent without loss and 1 with 5% loss, with six
+# tiers side by side; 11 and 6 alone; every count equal to tcpdump's).
 @pytest.mark.alone
 def test_retransmissions_counted_under_loss_and_zero_without(cluster, netns, tmp_path):
     # Megabytes each way: a long statement up, a long result down.
@@ -236,13 +236,19 @@ def test_retransmissions_counted_under_loss_and_zero_without(cluster, netns, tmp
         clean = bulk()
         ended(clean)
         # 5% of the segments each way dropped in the client's namespace (no netem here).
+        # The server's segments with data (over 200 bytes) and the rest by rules of their
+        # own, each dropping 5%: the first counts what it dropped.
         nft(netns, "add table inet pgn_loss",
             "add chain inet pgn_loss out { type filter hook output priority 0 ; }",
             "add chain inet pgn_loss in { type filter hook input priority 0 ; }",
             f"add rule inet pgn_loss out tcp dport {cluster.port} numgen random mod 100 < 5 drop",
-            f"add rule inet pgn_loss in tcp sport {cluster.port} numgen random mod 100 < 5 drop")
+            f"add rule inet pgn_loss in tcp sport {cluster.port} ip length > 200 numgen random mod 100 < 5 "
+            "counter drop",
+            f"add rule inet pgn_loss in tcp sport {cluster.port} ip length <= 200 numgen random mod 100 < 5 drop")
         try:
             lossy = bulk()
+            rules = netns.exec(["nft", "list", "chain", "inet", "pgn_loss", "in"]).stdout
+            dropped = int(re.search(r"counter packets (\d+)", rules).group(1))
         finally:
             netns.exec(["nft", "delete", "table", "inet", "pgn_loss"], check=False)
         ended(lossy)
@@ -257,7 +263,10 @@ def test_retransmissions_counted_under_loss_and_zero_without(cluster, netns, tmp
     assert got[clean] == ref[clean], (got, ref)
     # With loss, server data dropped in the client's namespace was sent twice, and the
     # capture saw both copies: retransmissions out, exactly as counted from the pcap.
-    assert got[lossy][1] == ref[lossy][1] and got[lossy][1] > got[clean][1], (got, ref)
+    # (Not "more than without loss": on this VM a clean connection resends too, in bursts
+    # 200 ms apart, its retransmission timeout; as many as 11 segments where the lossy
+    # one had 6.)
+    assert dropped > 0 and got[lossy][1] == ref[lossy][1] and got[lossy][1] > 0, (dropped, got, ref)
     # The client's own segments: its OUTPUT hook's drops go back to TCP as a local
     # error and are sent again later, not lost on the way. Every count agrees with the
     # capture exactly, out of order too now that both captures see one order (Netns).
