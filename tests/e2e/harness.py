@@ -494,11 +494,63 @@ def pcap_connections(path, ports):
             for (client, _), c in conns.items()}
 
 
-def start_in_a_fresh_interval(interval):
-    """The test's input, not a wait for an event: sleeps one interval and a little more, so
-    the traffic that follows starts in an interval no earlier packet reached, and the
-    intervals that overlap the test's capture hold nothing but the test's traffic."""
-    time.sleep(interval + 0.1)
+def open_connections(port, netns=None):
+    """The TCP sockets of connections to or from `port` that can still send a packet: every
+    state but LISTEN, TIME-WAIT and CLOSED, in this process's namespace or in `netns`'s
+    (a peer's)."""
+    cmd = ["ss", "-Htan", "state", "connected", "exclude", "time-wait", f"( sport = :{port} or dport = :{port} )"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return run(cmd).stdout.strip()
+
+
+def wait_quiet(port, netns=(), timeout=30):
+    """Waits until no connection to or from `port` can send another packet, here and in
+    each peer namespace of `netns` (every FIN sent and acknowledged, resets included);
+    returns the time it saw that: every packet of those connections is stamped before it."""
+    peers = [netns] if isinstance(netns, str) else list(netns)
+    wait_for(f"every connection of port {port} to end", lambda: not any(
+        open_connections(port, ns) for ns in [None, *peers]), timeout=timeout)
+    return time.time()
+
+
+def next_interval(interval, lead=0.05):
+    """Waits for the clock: returns `lead` seconds into the next interval of `interval`
+    seconds (intervals are aligned on multiples of their length since the epoch)."""
+    time.sleep(interval - time.time() % interval + lead)
+    return time.time()
+
+
+def start_in_a_fresh_interval(cluster, interval, netns=()):
+    """Waits until every earlier connection of the server's port has ended (its FIN and
+    ACKs seen, here and in `netns`), then for the next interval: the traffic that follows
+    starts in an interval no earlier packet reached, so the intervals that overlap the
+    test's capture hold nothing but the test's traffic."""
+    wait_quiet(cluster.port, netns)
+    next_interval(interval)
+
+
+def published_through(cluster, t, timeout=30):
+    """Waits until every capturing device has published the interval that holds time `t`
+    (idle intervals are published too, as zeros): every packet stamped before `t` is then
+    in the views."""
+    wait_for(f"every device to publish the interval holding {t:.3f}", lambda: cluster.sql(f"""
+        SELECT count(*) FROM pg_netstat_devices d
+         WHERE d.state = 'capturing' AND NOT EXISTS (
+               SELECT 1 FROM pg_netstat_intervals i
+                WHERE i.device = d.device
+                  AND i.ts + make_interval(secs => i.interval_seconds) > to_timestamp({t}))""") == "0",
+             timeout=timeout)
+
+
+def quiesce(cluster, netns=(), timeout=60):
+    """Waits until the server's TCP traffic so far is all in the views: every TCP backend
+    has exited (its exit callback, which charges what was left to its statement, runs
+    before its pg_stat_activity row goes), every connection of the port has ended, and
+    every device has published the interval in which the last of them did."""
+    wait_for("every TCP backend to exit", lambda: cluster.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE client_addr IS NOT NULL") == "0", timeout=timeout)
+    published_through(cluster, wait_quiet(cluster.port, netns, timeout), timeout)
 
 
 def pcap_by_client(path, server_port):

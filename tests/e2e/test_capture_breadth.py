@@ -36,7 +36,7 @@ def test_extra_ports_are_counted_with_the_server_port(cluster, tmp_path):
     echo_server(extra)
     try:
         cluster.change_settings(f"ALTER SYSTEM SET pg_netstat.ports = '{extra}'")
-        start_in_a_fresh_interval(INTERVAL)
+        start_in_a_fresh_interval(cluster, INTERVAL)
         with Tcpdump("lo", [cluster.port, extra], tmp_path) as dump:
             cluster.sql("SELECT 1", host="127.0.0.1")
             with socket.create_connection(("127.0.0.1", extra)) as c:
@@ -85,7 +85,7 @@ def expected_in(specs_counted, lengths):
 
 
 def test_crafted_frames_count_like_tcpdump_and_like_the_sender(cluster, netns, tmp_path):
-    start_in_a_fresh_interval(INTERVAL)
+    start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
     cases = frame_specs(cluster.port)
     # From the namespace: received by the host end (802.1Q tags arrive in metadata).
     # From the host end: sent by this host (802.1Q tags stay in-band).
@@ -110,7 +110,7 @@ def test_packets_over_64_kib_count_their_full_length(cluster, netns, tmp_path):
     """GRO/GSO packets longer than any IP length field (as BIG TCP makes them): sent as
     single GSO frames through a packet socket with a virtio-net header, they cross the
     veth pair whole (both ends allow 185,000-byte packets)."""
-    start_in_a_fresh_interval(INTERVAL)
+    start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
     specs = [{"ip": 6, "sport": 40200, "dport": cluster.port, "payload": 100_000, "gso": True, "count": 3},
              {"ip": 6, "sport": 40201, "dport": cluster.port, "payload": 150_000, "gso": True, "count": 2}]
     with Tcpdump(netns.host_if, cluster.port, tmp_path) as dump:
@@ -138,7 +138,7 @@ def test_kernel_drops_are_reported_and_nothing_goes_unaccounted(cluster, netns, 
         worker = cluster.worker_pid()
         drops_before, freezes_before = map(int, cluster.rows(
             f"SELECT kernel_drops, ring_freezes FROM pg_netstat_devices WHERE device = '{netns.host_if}'")[0])
-        start_in_a_fresh_interval(INTERVAL)
+        start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
         start = int(time.time())
         veth_drops = veth_dropped(netns)
         # Freeze the worker so the small ring fills, then send more than it can hold,

@@ -4,13 +4,14 @@ client port."""
 
 import re
 import subprocess
+import threading
 import time
 
 import pytest
 
 from conftest import INTERVAL
-from harness import (PGBIN, Cluster, Tcpdump, free_port, pcap_by_client, pcap_retransmissions, pcap_tally, run,
-                     wait_for)
+from harness import (PGBIN, Cluster, Tcpdump, free_port, pcap_by_client, pcap_retransmissions, pcap_tally,
+                     published_through, run, start_in_a_fresh_interval, wait_for, wait_quiet)
 
 PSQL = str(PGBIN / "psql")
 
@@ -123,7 +124,7 @@ def test_refused_terminated_and_reset_connections(cluster, netns, people, tmp_pa
         with Tcpdump(netns.host_if, cluster.port, tmp_path) as td:
             # tcpdump sees every packet of the intervals compared below: it starts before
             # the first and stops after the last has ended.
-            time.sleep(INTERVAL - time.time() % INTERVAL + 0.05)
+            start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
             t0 = time.time()
             refused = client(cluster, netns, "SELECT 1", "pgn_alice", "pgn_sales", check=False)
             assert "pg_hba.conf rejects connection" in refused.stderr
@@ -217,18 +218,27 @@ def test_retransmissions_counted_under_loss_and_zero_without(cluster, netns, tmp
             latest[port] = row
 
     def ended(port):
-        """Waits until the connection has ended and its row has not moved for 2 s (under
-        loss a FIN can be re-sent after its ACK was dropped)."""
-        deadline, last, since = time.monotonic() + 60, None, time.monotonic()
-        while time.monotonic() < deadline:
-            look()
-            row = latest.get(port)
-            if row != last:
-                last, since = row, time.monotonic()
-            elif row and row["state"] != "open" and time.monotonic() - since >= 2:
-                return row
-            time.sleep(0.2)
-        raise AssertionError(f"connection {port} did not end and go quiet: {last}")
+        """Waits until no connection of the port can send another packet on either end
+        (under loss a FIN is re-sent until its ACK arrives), then until the device has
+        published the interval in which that was seen, looking at the rows meanwhile: the
+        newest row of the connection then holds every packet it had."""
+        stop = threading.Event()
+
+        def keep_looking():
+            while not stop.is_set():
+                look()
+                time.sleep(0.2)
+        looker = threading.Thread(target=keep_looking)
+        looker.start()
+        try:
+            published_through(cluster, wait_quiet(cluster.port, netns.name, timeout=60))
+        finally:
+            stop.set()
+            looker.join()
+        look()
+        row = latest.get(port)
+        assert row and row["state"] != "open", f"connection {port} did not end: {row}"
+        return row
 
     # tcpdump runs until both connections have ended, so the reference holds every
     # packet the counters hold.

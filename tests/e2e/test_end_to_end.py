@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import BUILD, EXPECTED_METHOD, INTERVAL
-from harness import PGBIN, Cluster, SqlError, Tcpdump, cpu_ticks, free_port, run, start_in_a_fresh_interval, wait_for
+from harness import PGBIN, Cluster, SqlError, Tcpdump, cpu_ticks, free_port, next_interval, run, start_in_a_fresh_interval, wait_for
 
 ORIGINAL_COLUMNS = [
     ("device", "text"), ("ts", "timestamp with time zone"),
@@ -59,7 +59,7 @@ def view_sums(cluster, device, first_sec, last_sec):
 
 
 def test_counts_equal_tcpdump_on_loopback_and_veth(cluster, netns, tmp_path):
-    start_in_a_fresh_interval(INTERVAL)
+    start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
     with Tcpdump("lo", cluster.port, tmp_path) as lo_dump, \
             Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
         make_traffic(cluster, netns)
@@ -75,13 +75,13 @@ def test_counts_equal_tcpdump_on_loopback_and_veth(cluster, netns, tmp_path):
 
 
 def test_speeds_are_per_second_of_the_interval(cluster):
-    # Input, not a wait: begin on an interval boundary, so that rows of this test's own
+    # Waits for the clock: begin on an interval boundary, so that rows of this test's own
     # traffic begin at or after `start`. Length, alignment and publication time are
     # checked on those rows: the history may also hold what earlier tests' reloads left
     # on purpose — rows of other lengths, a shorter row where the length changed at a
     # boundary that is not a multiple of the new one, rows published early when a device
     # left the list. Every row's speeds follow its own length.
-    time.sleep(INTERVAL - time.time() % INTERVAL + 0.05)
+    next_interval(INTERVAL)
     start = int(time.time())
     for _ in range(3):
         cluster.sql("SELECT repeat('s', 20000)", host="127.0.0.1")

@@ -11,7 +11,7 @@ def state(cluster, device):
 
 
 def counted_exactly_after(cluster, netns, tmp_path):
-    start_in_a_fresh_interval(INTERVAL)
+    start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
     with Tcpdump(netns.host_if, cluster.port, tmp_path) as dump:
         for _ in range(5):
             assert cluster.sql("SELECT count(*) FROM generate_series(1, 1000)", host=netns.host_ip,

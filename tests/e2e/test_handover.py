@@ -22,7 +22,7 @@ def test_rebuilds_under_load_lose_and_double_nothing(cluster, tmp_path):
     try:
         cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = '4MB'")
         mark = len(cluster.log())
-        start_in_a_fresh_interval(INTERVAL)
+        start_in_a_fresh_interval(cluster, INTERVAL)
         with Tcpdump("lo", cluster.port, tmp_path) as dump:
             load = subprocess.Popen(
                 [str(PGBIN / "pgbench"), "-n", "-S", "-c", "4", "-j", "2", "-T", "9", "-h", "127.0.0.1",

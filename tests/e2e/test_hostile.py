@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CAPTURE_METHOD
-from harness import PGBIN, Cluster, Netns, Tcpdump, cpu_ticks, free_port, interval_sums, run, wait_for
+from harness import PGBIN, Cluster, Netns, Tcpdump, cpu_ticks, free_port, interval_sums, run, start_in_a_fresh_interval, wait_for
 
 # Runs alone (docs/testing.md): a SYN flood, and the collector's CPU time measured through it.
 pytestmark = pytest.mark.alone
@@ -76,8 +76,8 @@ def test_syn_flood_stalls_neither_logins_nor_capture(big_table_cluster, flood_ho
     worker = c.worker_pid()
     logins = []
     # The rows compared with tcpdump must hold nothing from before it started: begin in
-    # a fresh second (1-second intervals). The test's input, not a wait for an event.
-    time.sleep(1.2 - time.time() % 1)
+    # a fresh second (1-second intervals), after the baseline logins' connections ended.
+    start_in_a_fresh_interval(c, 1, ns.name)
     with Tcpdump(ns.host_if, c.port, tmp_path) as dump:
         ticks_before = cpu_ticks(worker)
         flood_result = {}

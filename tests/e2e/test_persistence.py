@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import CAPTURE_METHOD
-from harness import PGBIN, Cluster, free_port, run, wait_for
+from harness import PGBIN, Cluster, free_port, quiesce, run, wait_for
 from savefile_format import saved_file as saved_file_bytes
 from savefile_format import statement_row
 
@@ -77,13 +77,8 @@ def bytes_out_in_history(snapshot):
 
 
 def settled(c):
-    """Everything the views show, once the traffic so far is all published: two reads an
-    interval apart (plus the wait) that agree on the totals."""
-    def same():
-        a = (c.rows(DEVICES), c.rows(ROLES))
-        time.sleep(2.2)
-        return a == (c.rows(DEVICES), c.rows(ROLES))
-    wait_for("the counts to settle", same, timeout=30)
+    """Everything the views show, once the traffic so far is all in them (`quiesce`)."""
+    quiesce(c)
     return everything(c)
 
 
@@ -134,16 +129,10 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
 
 
 def statements_settled(c, role):
-    """The statement rows once `role`'s TCP backends have exited (their exit callbacks
-    have charged what was left) and two reads agree."""
+    """The statement rows once `role`'s TCP backends have exited: a backend's exit
+    callback charges what was left to its statement before its pg_stat_activity row goes."""
     wait_for(f"{role}'s backends to exit", lambda: c.sql(
         f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND client_addr IS NOT NULL") == "0")
-
-    def same():
-        a = c.rows(STATEMENTS)
-        time.sleep(0.3)
-        return a == c.rows(STATEMENTS)
-    wait_for("the statement rows to settle", same)
     return c.rows(STATEMENTS)
 
 
@@ -244,7 +233,6 @@ def test_an_immediate_stop_keeps_what_the_last_periodic_save_held(server):
     tcp_traffic(c, "alice", 200)
     saved = settled(c)
     # A periodic save after the settled state: the file is newer than the newest row.
-    time.sleep(1.5)
     newest_row = c.sql("SELECT extract(epoch FROM max(created_at)) FROM pg_netstat_intervals")
     wait_for("a periodic save after the last row", lambda: saved_file(c).stat().st_mtime > float(newest_row) + 0.5)
     # From here on only a shutdown would save; then more traffic, and a crash.

@@ -7,16 +7,14 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import INTERVAL
 from dashboard import convention_problems, metric_names, panels, plain_promql, queries
-from harness import free_port, wait_for
+from harness import free_port, quiesce, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUERIES = ROOT / "monitoring" / "postgres_exporter_queries.yaml"
@@ -89,14 +87,9 @@ def test_prometheus_reports_the_views(cluster, tmp_path):
     roles_sql = "SELECT coalesce(role, ''), bytes_out FROM pg_netstat_roles"
     egress_sql = ("SELECT peer_class, coalesce(backend_type, ''), coalesce(bytes_out, 0), coalesce(socket_bytes_out, 0) "
                   "FROM pg_netstat_egress")
-
-    def settled():
-        a = (view(cluster, devices_sql), view(cluster, roles_sql), view(cluster, egress_sql))
-        # The span the figures must stand still over (longer than an interval plus the
-        # packet wait, so a publication would show), not a guess at when they settle.
-        time.sleep(INTERVAL + 1.5)
-        return a if a == (view(cluster, devices_sql), view(cluster, roles_sql), view(cluster, egress_sql)) else None
-    wait_for("the figures to settle", settled, timeout=60, every=0)
+    # The figures stand still from here on: every connection has ended, its backend
+    # exited, and the interval it ended in is published.
+    quiesce(cluster)
 
     prom_port, stop = start_monitoring(cluster, tmp_path)
     try:

@@ -58,7 +58,7 @@ def traffic_compared_with_tcpdump(cluster, netns, tmp_path, seconds, min_packets
     intervals over each dump's span must sum to its tally exactly, with no kernel drops,
     from more than `min_packets_in` packets in. Yields a dict that then holds the
     interval lengths published on each device."""
-    start_in_a_fresh_interval(INTERVAL)
+    start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
     lengths = {}
     with Tcpdump("lo", cluster.port, tmp_path) as lo_dump, \
             Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
@@ -121,7 +121,7 @@ def test_reloading_every_setting_during_traffic_keeps_exact_counts(cluster, netn
 
 
 def test_turning_loopback_off_leaves_the_other_device_untouched(cluster, netns, tmp_path):
-    start_in_a_fresh_interval(INTERVAL)
+    start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
     opened = cluster.log().count(f'capturing on device "{netns.host_if}"')
     try:
         with Tcpdump(netns.host_if, cluster.port, tmp_path) as veth_dump:
