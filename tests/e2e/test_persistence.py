@@ -86,6 +86,8 @@ def test_a_fast_restart_keeps_every_row_and_total_and_counting_goes_on(server):
     c = server
     for user, kib in (("alice", 300), ("bob", 40), ("alice", 7)):
         tcp_traffic(c, user, kib)
+    # Rows to keep: a few one-second intervals (idle ones are rows too).
+    wait_for("three rows of history", lambda: len(c.rows(HISTORY)) >= 3)
     before = settled(c)
     assert {r[0] for r in before["roles"]} >= {"alice", "bob"}
     assert len(before["history"]) >= 3
