@@ -7,6 +7,7 @@ pub mod attrib;
 pub mod conns;
 pub mod nesting;
 pub mod pending;
+pub mod seqcell;
 pub mod table;
 
 pub use attrib::{Charge, Charges, Figures, Sample, Target, Tracker};

@@ -7,6 +7,7 @@
 
 use super::attrib::Figures;
 use super::conns::Socket;
+use super::seqcell::{SeqCell, Words};
 use super::table::{Row, StmtKey};
 use std::collections::HashMap;
 
@@ -27,8 +28,16 @@ pub struct PendingEntry {
     pub last_seen_us: i64,
 }
 
-/// 968 bytes, one per connection slot (docs/how-it-works.md gives the region's sizes).
-const _: () = assert!(std::mem::size_of::<Pending>() == 968);
+/// `Pending` as the words its shared copy holds (`Words`): 8 bytes per word.
+pub const PENDING_WORDS: usize = 1 + 7 + 1 + PENDING_KEYS * ENTRY_WORDS;
+const ENTRY_WORDS: usize = 3 + FIGURES_WORDS + 2;
+const FIGURES_WORDS: usize = 9;
+const SOCKET_WORDS: usize = 6;
+
+/// A backend's pending charges as other processes read them: one per connection slot,
+/// 976 bytes (docs/how-it-works.md gives the region's sizes).
+pub type PendingCell = SeqCell<PENDING_WORDS>;
+const _: () = assert!(std::mem::size_of::<PendingCell>() == 976);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -90,6 +99,81 @@ impl Pending {
     }
 }
 
+fn figures_words(f: &Figures) -> [u64; FIGURES_WORDS] {
+    [f.calls, f.bytes_in, f.bytes_out, f.segs_in, f.segs_out, f.retrans, f.rtt_sum_us, f.rtt_samples, f.rtt_max_us]
+}
+
+fn figures_from(w: &[u64]) -> Figures {
+    Figures {
+        calls: w[0],
+        bytes_in: w[1],
+        bytes_out: w[2],
+        segs_in: w[3],
+        segs_out: w[4],
+        retrans: w[5],
+        rtt_sum_us: w[6],
+        rtt_samples: w[7],
+        rtt_max_us: w[8],
+    }
+}
+
+/// Field by field, so no padding byte is ever copied: [generation | count << 32], the
+/// socket (present?, then its six counters), `since_us`, then each entry (key, figures,
+/// first and last seen).
+impl Words<PENDING_WORDS> for Pending {
+    fn encode(&self) -> [u64; PENDING_WORDS] {
+        let mut w = [0u64; PENDING_WORDS];
+        w[0] = self.generation as u64 | (self.count as u64) << 32;
+        if let Some(s) = self.socket {
+            w[1] = 1;
+            w[2..2 + SOCKET_WORDS].copy_from_slice(&[
+                s.bytes_in,
+                s.bytes_out,
+                s.segments_in,
+                s.segments_out,
+                s.retransmits,
+                s.rtt_us,
+            ]);
+        }
+        w[8] = self.since_us as u64;
+        for (i, e) in self.entries.iter().enumerate() {
+            let at = 9 + i * ENTRY_WORDS;
+            w[at..at + 3].copy_from_slice(&e.key.to_words());
+            w[at + 3..at + 3 + FIGURES_WORDS].copy_from_slice(&figures_words(&e.figures));
+            w[at + 3 + FIGURES_WORDS] = e.first_seen_us as u64;
+            w[at + 4 + FIGURES_WORDS] = e.last_seen_us as u64;
+        }
+        w
+    }
+
+    fn decode(w: &[u64; PENDING_WORDS]) -> Pending {
+        let socket = (w[1] != 0).then(|| Socket {
+            bytes_in: w[2],
+            bytes_out: w[3],
+            segments_in: w[4],
+            segments_out: w[5],
+            retransmits: w[6],
+            rtt_us: w[7],
+        });
+        Pending {
+            generation: w[0] as u32,
+            // A count past the places (words of no valid value) holds every place.
+            count: ((w[0] >> 32) as u32).min(PENDING_KEYS as u32),
+            socket,
+            since_us: w[8] as i64,
+            entries: std::array::from_fn(|i| {
+                let at = 9 + i * ENTRY_WORDS;
+                PendingEntry {
+                    key: StmtKey::from_words([w[at], w[at + 1], w[at + 2]]),
+                    figures: figures_from(&w[at + 3..at + 3 + FIGURES_WORDS]),
+                    first_seen_us: w[at + 3 + FIGURES_WORDS] as i64,
+                    last_seen_us: w[at + 4 + FIGURES_WORDS] as i64,
+                }
+            }),
+        }
+    }
+}
+
 /// Adds backends' pending charges to a copy of the table: to the row of the same key, or
 /// as a row of its own (a key not yet in the table).
 pub fn merge<'a>(rows: &mut Vec<Row>, pending: impl IntoIterator<Item = &'a PendingEntry>) {
@@ -147,6 +231,44 @@ mod tests {
         assert!(!p.add(key(99), &out(1), 400));
         assert_eq!(p.entries().len(), PENDING_KEYS);
         assert!(p.add(key(3), &out(1), 400), "a held key still adds when full");
+    }
+
+    #[test]
+    fn pending_charges_survive_their_words_and_zero_words_are_no_charges() {
+        let mut p = Pending::default();
+        assert_eq!(Pending::decode(&p.encode()).entries().len(), 0);
+        p.clear(u32::MAX);
+        for q in 1..=PENDING_KEYS as u64 {
+            let f = Figures {
+                calls: q,
+                bytes_in: q << 40,
+                bytes_out: u64::MAX - q,
+                segs_in: 1,
+                segs_out: 2,
+                retrans: 3,
+                rtt_sum_us: 4,
+                rtt_samples: 5,
+                rtt_max_us: 6,
+            };
+            p.add(StmtKey::new(Kind::Setup, u32::MAX, q as u32, 0), &f, -(q as i64));
+            p.add(StmtKey::new(Kind::Statement, 1, u32::MAX, u64::MAX - q), &f, i64::MAX);
+            if p.entries().len() == PENDING_KEYS {
+                break;
+            }
+        }
+        p.socket = Some(Socket {
+            bytes_in: 1,
+            bytes_out: u64::MAX,
+            segments_in: 3,
+            segments_out: 4,
+            retransmits: 5,
+            rtt_us: 6,
+        });
+        let back = Pending::decode(&p.encode());
+        assert_eq!((back.generation, back.socket, back.since_us), (p.generation, p.socket, p.since_us));
+        assert_eq!(back.entries(), p.entries());
+        assert_eq!(back.entries().len(), PENDING_KEYS);
+        assert_eq!(Pending::decode(&[0; PENDING_WORDS]).encode(), [0; PENDING_WORDS]);
     }
 
     #[test]

@@ -63,6 +63,15 @@ impl StmtKey {
         }
     }
 
+    /// The key as three words (`pending`'s shared copy) and back: every field whole.
+    pub fn to_words(&self) -> [u64; 3] {
+        [self.queryid, (self.role as u64) << 32 | self.database as u64, self.kind as u64]
+    }
+
+    pub fn from_words(w: [u64; 3]) -> StmtKey {
+        StmtKey { queryid: w[0], role: (w[1] >> 32) as u32, database: w[1] as u32, kind: w[2] as u8 }
+    }
+
     fn other(&self) -> StmtKey {
         StmtKey::new(Kind::Other, self.role, self.database, 0)
     }
@@ -70,7 +79,7 @@ impl StmtKey {
     fn hash(&self) -> u64 {
         // Multiply-rotate, as the flow keys: a few instructions, keys are not secret.
         let mut h = 0u64;
-        for w in [self.queryid, (self.role as u64) << 32 | self.database as u64, self.kind as u64] {
+        for w in self.to_words() {
             h = (h.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
         }
         h ^ (h >> 29)
