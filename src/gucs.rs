@@ -195,10 +195,9 @@ const BOOL_SETTINGS: [&CStr; 2] = [c"pg_netstat.capture_loopback", c"pg_netstat.
 
 const BOOL_ALLOWED: &str = "Allowed values: on, off, true, false, yes, no, 1, 0.";
 
+/// Defines the settings. After the log hook (`log_hook::install`): a bad value in
+/// postgresql.conf, refused while they are defined, is then logged with what is allowed.
 pub fn init() {
-    // First, so that a bad value in postgresql.conf, refused while the settings below are
-    // defined, is already logged with what is allowed.
-    install_hint_hook();
     for s in &INT_SETTINGS {
         let context = if s.restart { GucContext::Postmaster } else { GucContext::Sighup };
         GucRegistry::define_int_guc(s.name, s.short, s.long, s.value, s.min, s.max, context, s.unit.flags());
@@ -373,39 +372,28 @@ fn set_check_detail(detail: &str) {
 /// PostgreSQL reads a number before any check hook could see it, so a value it cannot
 /// read at all ("ten", "5 parsecs", "3GB" past the integer range) or a Boolean it does
 /// not know is refused with a message that names the value but not what is allowed.
-/// This log hook adds that as a hint, for pg_netstat's own settings only: to the error
-/// ALTER SYSTEM returns, and to the log lines of a reload or of the server start.
-/// PostgreSQL documents that a log hook should change no more of the report than
-/// whether it is logged; adding a hint that was missing (or appending to PostgreSQL's
-/// units hint) is as small as that can be, and it is done before the report is sent
-/// anywhere.
-fn install_hint_hook() {
-    // SAFETY: hook chaining in _PG_init, in the postmaster, before any backend exists.
+/// The settings' part of the log hook (`log_hook`) adds that as a hint, for pg_netstat's
+/// own settings only: to the error ALTER SYSTEM returns, and to the log lines of a reload
+/// or of the server start. PostgreSQL documents that a log hook should change no more of
+/// the report than whether it is logged; adding a hint that was missing (or appending to
+/// PostgreSQL's units hint) is as small as that can be, and it is done before the report
+/// is sent anywhere.
+///
+/// # Safety
+/// `edata` is the report being emitted (its strings NUL-terminated or NULL), in the
+/// memory context current here.
+pub unsafe fn on_report(edata: &mut pg_sys::ErrorData) {
+    // SAFETY: by the caller's promise. The new hint is palloc'd in the report's own
+    // context, which is current here, so it lives as long as the report.
     unsafe {
-        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
-        pg_sys::emit_log_hook = Some(add_allowed_values);
-    }
-}
-
-static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn add_allowed_values(edata: *mut pg_sys::ErrorData) {
-    // SAFETY: PostgreSQL passes the report being emitted; its strings are NUL-terminated
-    // or NULL. The new hint is palloc'd in the report's own context, which is current
-    // here, so it lives as long as the report.
-    unsafe {
-        if !edata.is_null() && !(*edata).message_id.is_null() && !(*edata).message.is_null() {
-            let id = CStr::from_ptr((*edata).message_id).to_bytes();
-            let old = (!(*edata).hint.is_null()).then(|| CStr::from_ptr((*edata).hint).to_string_lossy());
-            if let Some(hint) = refusal_hint(id, &CStr::from_ptr((*edata).message).to_string_lossy(), old.as_deref()) {
+        if !edata.message_id.is_null() && !edata.message.is_null() {
+            let id = CStr::from_ptr(edata.message_id).to_bytes();
+            let old = (!edata.hint.is_null()).then(|| CStr::from_ptr(edata.hint).to_string_lossy());
+            if let Some(hint) = refusal_hint(id, &CStr::from_ptr(edata.message).to_string_lossy(), old.as_deref()) {
                 if let Ok(c) = CString::new(hint) {
-                    (*edata).hint = pg_sys::pstrdup(c.as_ptr());
+                    edata.hint = pg_sys::pstrdup(c.as_ptr());
                 }
             }
-        }
-        if let Some(prev) = PREV_EMIT_LOG_HOOK {
-            prev(edata);
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod tcpinfo;
 
 mod flowshm;
 mod gucs;
+mod log_hook;
 mod owner_hooks;
 mod persist;
 mod region;
@@ -48,14 +49,21 @@ pub extern "C-unwind" fn _PG_init() {
         .set_hint("Add pg_netstat to shared_preload_libraries in postgresql.conf and restart the server.")
         .report(PgLogLevel::ERROR);
     }
+    // SAFETY: here is _PG_init, which the postmaster runs once. First, so that a bad value
+    // in postgresql.conf, refused while the settings are defined, is already logged with
+    // what is allowed (`gucs::on_report`).
+    unsafe { log_hook::install() };
     gucs::init();
-    shmem::init(gucs::HISTORY.get().max(1) as usize);
-    flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
-    owner_hooks::install_log_hook();
     // SAFETY: plain reads of settings the postmaster has loaded before preload libraries.
     let connections = unsafe { pg_sys::MaxConnections + pg_sys::max_wal_senders }.max(1) as usize;
-    stmtshm::init(gucs::MAX_STATEMENTS.get().max(1) as usize, connections);
-    stmt_hooks::install();
+    // SAFETY: here is _PG_init, in the postmaster, which runs it once.
+    unsafe {
+        shmem::init(gucs::HISTORY.get().max(1) as usize);
+        flowshm::init(gucs::MAX_FLOWS.get().max(0) as usize);
+        stmtshm::init(gucs::MAX_STATEMENTS.get().max(1) as usize, connections);
+    }
+    // SAFETY: as above.
+    unsafe { stmt_hooks::install() };
     worker::register();
     least_privilege();
 }
@@ -98,9 +106,12 @@ unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be
     } else {
         flows::OwnerStatus::AuthFailed
     };
-    owner_hooks::register(port, outcome);
-    if status == pg_sys::STATUS_OK as i32 {
-        stmt_hooks::authenticated(port);
+    // SAFETY: the hook's own Port, which lives as long as the backend.
+    unsafe {
+        owner_hooks::register(port, outcome);
+        if status == pg_sys::STATUS_OK as i32 {
+            stmt_hooks::authenticated(port);
+        }
     }
     // SAFETY: calling the hook that was installed before ours, with the same arguments.
     unsafe {

@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Set once this backend has a record, and once its exit callback is registered.
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 static EXIT_HOOKED: AtomicBool = AtomicBool::new(false);
-static mut MY_KEY: OwnerKey = OwnerKey { client_addr: [0; 16], client_port: 0, server_port: 0, ipv6: false };
+thread_local! {
+    /// This backend's connection, for its exit callback (a backend runs on one thread).
+    static MY_KEY: std::cell::Cell<Option<OwnerKey>> = const { std::cell::Cell::new(None) };
+}
 
 /// The start of PostgreSQL's `Port` (libpq/libpq-be.h), up to the fields read here, as
 /// each major lays it out. pgrx's own `Port` is wrong for 17 (it keeps
@@ -75,11 +78,15 @@ fn inet(sa: &pg_sys::SockAddr) -> Option<([u8; 16], u16, bool)> {
     }
 }
 
-fn cstr_bytes(p: *const std::ffi::c_char) -> &'static [u8] {
+/// The bytes of a C string, or none for NULL.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string that lives and stays unchanged for `'a`.
+unsafe fn cstr_bytes<'a>(p: *const std::ffi::c_char) -> &'a [u8] {
     if p.is_null() {
         b""
     } else {
-        // SAFETY: a NUL-terminated string owned by the Port, alive for the backend's life.
+        // SAFETY: by the caller's promise.
         unsafe { CStr::from_ptr(p).to_bytes() }
     }
 }
@@ -91,18 +98,25 @@ fn now_us() -> i64 {
 /// The names and client address of a TCP connection as its startup packet and socket
 /// gave them (the backends' own per-connection figures key on these); `None` for Unix
 /// sockets.
-pub(crate) fn describe(port: *const Port) -> Option<AppKeyParts> {
+///
+/// # Safety
+/// `port` is NULL or this backend's Port (MyProcPort, or the one the authentication hook
+/// was given), which lives as long as the backend.
+pub(crate) unsafe fn describe(port: *const Port) -> Option<AppKeyParts> {
     if port.is_null() {
         return None;
     }
-    // SAFETY: MyProcPort / the hook's port, valid for the backend's life; PortHead is the
-    // layout of its first fields in the major this library was built for.
+    // SAFETY: by the caller's promise; PortHead is the layout of its first fields in the
+    // major this library was built for, and its strings live as long as it.
     let port = unsafe { &*(port as *const PortHead) };
     let (client_addr, client_port, ipv6) = inet(&port.raddr)?;
     Some(AppKeyParts {
-        role: name_bytes(cstr_bytes(port.user_name)),
-        database: name_bytes(cstr_bytes(port.database_name)),
-        application: name_bytes(cstr_bytes(port.application_name)),
+        // SAFETY: the Port's strings, as above.
+        role: name_bytes(unsafe { cstr_bytes(port.user_name) }),
+        // SAFETY: as above.
+        database: name_bytes(unsafe { cstr_bytes(port.database_name) }),
+        // SAFETY: as above.
+        application: name_bytes(unsafe { cstr_bytes(port.application_name) }),
         client_addr,
         client_port,
         ipv6,
@@ -120,22 +134,28 @@ pub(crate) struct AppKeyParts {
 
 /// Records this backend's connection, once. Called from the ClientAuthentication hook
 /// with the outcome of authentication.
-pub fn register(port: *const Port, status: OwnerStatus) {
+///
+/// # Safety
+/// As `describe`.
+pub unsafe fn register(port: *const Port, status: OwnerStatus) {
     if REGISTERED.swap(true, Ordering::AcqRel) {
         return;
     }
-    record(port, status);
+    // SAFETY: by the caller's promise.
+    unsafe { record(port, status) };
 }
 
 /// Writes (or rewrites, for a backend refused after it authenticated: unknown role or
 /// database) this backend's record.
-fn record(port: *const Port, status: OwnerStatus) {
+///
+/// # Safety
+/// As `describe`.
+unsafe fn record(port: *const Port, status: OwnerStatus) {
     if !flowshm::enabled() || port.is_null() {
         return;
     }
     REGISTERED.store(true, Ordering::Release);
-    // SAFETY: MyProcPort / the hook's port is valid for the whole backend, and PortHead
-    // is the layout of its first fields in the major this library was built for.
+    // SAFETY: by the caller's promise, as in `describe`.
     let port = unsafe { &*(port as *const PortHead) };
     let (Some((client_addr, client_port, ipv6)), Some((server_addr, server_port, _))) =
         (inet(&port.raddr), inet(&port.laddr))
@@ -151,9 +171,12 @@ fn record(port: *const Port, status: OwnerStatus) {
         status,
         // SAFETY: a plain read of this process's PID.
         pid: unsafe { pg_sys::MyProcPid },
-        role: name_bytes(cstr_bytes(port.user_name)),
-        database: name_bytes(cstr_bytes(port.database_name)),
-        application: name_bytes(cstr_bytes(port.application_name)),
+        // SAFETY: the Port's strings, as above.
+        role: name_bytes(unsafe { cstr_bytes(port.user_name) }),
+        // SAFETY: as above.
+        database: name_bytes(unsafe { cstr_bytes(port.database_name) }),
+        // SAFETY: as above.
+        application: name_bytes(unsafe { cstr_bytes(port.application_name) }),
         // SAFETY: a plain read of a flag set from the startup packet, before authentication.
         kind: if unsafe { pg_sys::am_walsender } { BackendKind::WalSender } else { BackendKind::Client },
         started_us: now,
@@ -165,67 +188,50 @@ fn record(port: *const Port, status: OwnerStatus) {
     // flood of connections cannot make logins wait on each other here.
     flowshm::write(|t| t.register_owner(owner, server_addr));
     if !ended && !EXIT_HOOKED.swap(true, Ordering::AcqRel) {
-        // SAFETY: written once, before the exit callback that reads it can run.
-        unsafe {
-            MY_KEY = key;
-            pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
-        }
+        let _ = MY_KEY.try_with(|k| k.set(Some(key)));
+        // SAFETY: PostgreSQL's callback registration, in the backend, once.
+        unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     }
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
-    // SAFETY: MY_KEY was set before this callback was registered.
-    let key = unsafe { MY_KEY };
+    let Some(key) = MY_KEY.try_with(|k| k.get()).ok().flatten() else { return };
+    // SAFETY: a plain read of this process's PID.
     let pid = unsafe { pg_sys::MyProcPid };
     flowshm::write(|t| t.end_owner(&key, pid, now_us()));
 }
 
-static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
-
-pub fn install_log_hook() {
-    if !flowshm::configured() {
+/// The owners' part of the log hook (`log_hook`). A connection refused while it starts
+/// (pg_hba.conf "reject" or no line, wrong password, unknown role or database, too many
+/// clients) ends in a FATAL with one of these codes: record it then, with the role and
+/// database it asked for. Nothing while this backend holds the flows lock (the report
+/// came from inside our own work there: it would wait for itself).
+pub fn on_report(edata: &pg_sys::ErrorData) {
+    use pgrx::PgSqlErrorCode as E;
+    if edata.elevel != pg_sys::FATAL as i32 || flowshm::held_by_me() {
         return;
     }
-    // SAFETY: hook chaining in _PG_init, in the postmaster, before any backend exists.
-    unsafe {
-        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
-        pg_sys::emit_log_hook = Some(on_log);
+    // SAFETY: plain reads of this backend's globals.
+    let (port, proc_) = unsafe { (pg_sys::libpq::be::MyProcPort, pg_sys::MyProc) };
+    if port.is_null() || proc_.is_null() {
+        return;
     }
-}
-
-/// A connection refused while it starts (pg_hba.conf "reject" or no line, wrong
-/// password, unknown role or database, too many clients) ends in a FATAL with one of
-/// these codes: record it then, with the role and database it asked for. Everything
-/// else passes straight through.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
-    use pgrx::PgSqlErrorCode as E;
-    // SAFETY: PostgreSQL passes a valid ErrorData; the globals are this backend's.
-    unsafe {
-        let port = pg_sys::libpq::be::MyProcPort;
-        if !edata.is_null() && (*edata).elevel == pg_sys::FATAL as i32 && !port.is_null() && !pg_sys::MyProc.is_null() {
-            let code = (*edata).sqlerrcode;
-            let status = if code == E::ERRCODE_INVALID_PASSWORD as i32 {
-                Some(OwnerStatus::AuthFailed)
-            } else if [
-                E::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
-                E::ERRCODE_INVALID_CATALOG_NAME, // 3D000, "database does not exist"
-                E::ERRCODE_TOO_MANY_CONNECTIONS,
-            ]
-            .iter()
-            .any(|c| *c as i32 == code)
-            {
-                Some(OwnerStatus::Rejected)
-            } else {
-                None
-            };
-            if let Some(status) = status {
-                record(port, status);
-            }
-        }
-        if let Some(prev) = PREV_EMIT_LOG_HOOK {
-            prev(edata);
-        }
-    }
+    let code = edata.sqlerrcode;
+    let status = if code == E::ERRCODE_INVALID_PASSWORD as i32 {
+        OwnerStatus::AuthFailed
+    } else if [
+        E::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+        E::ERRCODE_INVALID_CATALOG_NAME, // 3D000, "database does not exist"
+        E::ERRCODE_TOO_MANY_CONNECTIONS,
+    ]
+    .iter()
+    .any(|c| *c as i32 == code)
+    {
+        OwnerStatus::Rejected
+    } else {
+        return;
+    };
+    // SAFETY: MyProcPort, valid for the backend's life.
+    unsafe { record(port, status) };
 }

@@ -15,6 +15,7 @@ use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, pg_sys};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64};
+use std::sync::OnceLock;
 
 const NAME_BYTES: usize = MAX_DEVICE_NAME + 1;
 const ERROR_BYTES: usize = 256;
@@ -157,23 +158,22 @@ pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_netstat
 /// `stopped` since then. An atomic, so the exit path (after an error too) takes no lock.
 pub static WORKER_EXITED_US: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"pg_netstat_worker_exited_us") };
 
-// Set once in _PG_init, in the postmaster, before any child exists.
-static mut ROWS: Option<(RegionId, usize)> = None;
+/// The history rows' region and rows per device: set once in _PG_init, in the
+/// postmaster, and inherited by every child. The rows are under STATE's lock.
+static ROWS: OnceLock<(RegionId, usize)> = OnceLock::new();
 
 /// Sets up shared memory: the state, and `history` rows for each of MAX_DEVICES devices.
-pub fn init(history: usize) {
+///
+/// # Safety
+/// From _PG_init only, once.
+pub unsafe fn init(history: usize) {
     let history = history.max(1);
-    // SAFETY: _PG_init runs once, single-threaded, in the postmaster.
-    unsafe {
-        ROWS = Some((
-            region::reserve(region::Spec {
-                name: ROWS_NAME,
-                size: rows_bytes(history),
-                tranche: None,
-                on_create: |_| {},
-            }),
-            history,
-        ));
+    // SAFETY: by the caller's promise.
+    let id = unsafe {
+        region::reserve(region::Spec { name: ROWS_NAME, size: rows_bytes(history), tranche: None, on_create: |_| {} })
+    };
+    if ROWS.set((id, history)).is_err() {
+        panic!("pg_netstat: shared memory set up twice");
     }
     pg_shmem_init!(STATE);
     pg_shmem_init!(INJECT_ERROR);
@@ -188,9 +188,8 @@ pub fn rows_bytes(history: usize) -> usize {
 }
 
 fn rows() -> (*mut Slot, usize) {
-    // SAFETY: written once in _PG_init, in the postmaster, before any child exists.
-    match unsafe { std::ptr::read(&raw const ROWS) } {
-        Some((id, per_device)) => (region::base(id) as *mut Slot, per_device),
+    match ROWS.get() {
+        Some(&(id, per_device)) => (region::base(id) as *mut Slot, per_device),
         None => (std::ptr::null_mut(), 0),
     }
 }
@@ -224,15 +223,6 @@ pub fn share() -> Shared {
     let guard = STATE.share();
     let (rows, per_device) = rows();
     Shared { guard, rows: rows as *const Slot, per_device }
-}
-
-fn rows_of<'a>(base: *const Slot, per_device: usize, place: usize) -> &'a [Slot] {
-    if base.is_null() || place >= MAX_DEVICES {
-        return &[];
-    }
-    // SAFETY: the region holds MAX_DEVICES * per_device rows; the caller holds the lock
-    // for as long as it borrows the guard the slice is tied to.
-    unsafe { std::slice::from_raw_parts(base.add(place * per_device), per_device) }
 }
 
 impl std::ops::Deref for Exclusive {
@@ -275,6 +265,16 @@ impl Exclusive {
 }
 
 impl Shared {
+    /// Device place `place`'s rows, for as long as the shared lock is held (`self`).
+    fn rows_of(&self, place: usize) -> &[Slot] {
+        if self.rows.is_null() || place >= MAX_DEVICES {
+            return &[];
+        }
+        // SAFETY: the region holds MAX_DEVICES * per_device rows; the borrow of `self`
+        // keeps the shared lock held while the slice lives, and writers take it exclusively.
+        unsafe { std::slice::from_raw_parts(self.rows.add(place * self.per_device), self.per_device) }
+    }
+
     /// Every device in use, with its rows oldest first.
     pub fn devices_with_history(&self) -> impl Iterator<Item = (&DeviceEntry, impl Iterator<Item = &Slot>)> + '_ {
         self.guard
@@ -282,7 +282,7 @@ impl Shared {
             .iter()
             .enumerate()
             .filter(|(_, d)| d.in_use)
-            .map(move |(place, d)| (d, d.ring.iter(rows_of(self.rows, self.per_device, place))))
+            .map(move |(place, d)| (d, d.ring.iter(self.rows_of(place))))
     }
 
     /// Every row of every device in use, device by device, oldest first.

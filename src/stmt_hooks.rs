@@ -12,7 +12,7 @@
 //! - an ERROR reaching the top while no statement is running: a statement that failed
 //!   before it started (syntax error, unknown table, planning error) is a statement of
 //!   its own, with the query id parse analysis gave it, if any;
-//! - backend exit (before_shmem_exit): what is left goes to the last statement.
+//! - backend exit (on_shmem_exit): what is left goes to the last statement.
 //!
 //! Unix-socket connections have no TCP counters: they are recognised at authentication
 //! (getsockopt fails once) and cost nothing afterwards.
@@ -24,6 +24,7 @@ use crate::statements::pending::Pending;
 use crate::statements::{Charges, Figures, Kind, Sample, StmtKey, Target, Tracker};
 use crate::{gucs, owner_hooks, stmtshm, tcpinfo};
 use pgrx::pg_sys;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int};
 
 /// This backend's state; `None` in every process that is not a client backend on TCP.
@@ -36,13 +37,18 @@ struct Local {
     stale: bool,
 }
 
-// Backend-local (each process has its own copy) and only touched by this module's
-// hooks, which PostgreSQL calls on its one thread; no reference to them outlives a call
-// into PostgreSQL, so a hook re-entered from a nested statement never aliases one.
-static mut LOCAL: Option<Local> = None;
-/// This backend's connection in the per-connection figures (client backends and
-/// walsenders on TCP); `None` elsewhere. Same rules as LOCAL.
-static mut CONN: Option<ConnLocal> = None;
+thread_local! {
+    // A backend's own state: PostgreSQL runs a backend on one thread, so a thread-local
+    // is the process's. Each is reached only through the functions below, which lend it
+    // for one call and refuse a hook that runs while it is lent (an error reported in the
+    // middle of our own work): nothing is ever reachable twice at once, and no hook
+    // waits or panics for it.
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+    /// This backend's connection in the per-connection figures (client backends and
+    /// walsenders on TCP); `None` elsewhere.
+    static CONN: Cell<Option<ConnLocal>> = const { Cell::new(None) };
+    static NESTING: RefCell<Nesting> = RefCell::new(Nesting::default());
+}
 
 #[derive(Clone, Copy)]
 struct ConnLocal {
@@ -51,19 +57,21 @@ struct ConnLocal {
     /// `None` when every slot was taken: the figures reach the totals at exit only.
     slot: Option<SlotId>,
 }
-static mut NESTING: Option<Nesting> = None;
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
 static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
-static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
 /// Installs the hooks and makes PostgreSQL compute query ids (compute_query_id = auto).
-/// From _PG_init, in the postmaster.
-pub fn install() {
-    // SAFETY: hook chaining in _PG_init, single-threaded, before any backend exists.
+/// (The log hook's part is `on_report`.)
+///
+/// # Safety
+/// From _PG_init only, once.
+pub unsafe fn install() {
+    // SAFETY: by the caller's promise: hook chaining, single-threaded, before any
+    // backend exists.
     unsafe {
         pg_sys::EnableQueryId();
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
@@ -76,17 +84,17 @@ pub fn install() {
         pg_sys::ExecutorEnd_hook = Some(executor_end);
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
-        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
-        pg_sys::emit_log_hook = Some(on_log);
     }
 }
 
-fn nesting() -> &'static mut Nesting {
-    // SAFETY: backend-local and single-threaded, see LOCAL.
-    #[allow(static_mut_refs)]
-    unsafe {
-        NESTING.get_or_insert_with(Nesting::default)
-    }
+/// Runs `f` on this backend's statement nesting; `None` when it is lent already.
+fn with_nesting<R>(f: impl FnOnce(&mut Nesting) -> R) -> Option<R> {
+    NESTING.try_with(|n| n.try_borrow_mut().ok().map(|mut n| f(&mut n))).ok().flatten()
+}
+
+/// The nesting level (0: top level; when lent already, as if nested: nothing starts).
+fn nesting_level() -> i32 {
+    with_nesting(|n| n.level()).unwrap_or(i32::MAX)
 }
 
 // PostgreSQL's own functions, declared here without pgrx's guard: through pgrx's
@@ -133,7 +141,7 @@ unsafe extern "C-unwind" {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE) {
-        nesting().xact_end();
+        with_nesting(Nesting::xact_end);
     }
 }
 
@@ -146,24 +154,35 @@ unsafe extern "C-unwind" fn on_subxact(
 ) {
     use pg_sys::SubXactEvent::*;
     match event {
-        SUBXACT_EVENT_START_SUB => nesting().sub_start(my_subid),
-        SUBXACT_EVENT_COMMIT_SUB => nesting().sub_commit(my_subid),
-        SUBXACT_EVENT_ABORT_SUB => nesting().sub_abort(my_subid),
+        SUBXACT_EVENT_START_SUB => {
+            with_nesting(|n| n.sub_start(my_subid));
+        }
+        SUBXACT_EVENT_COMMIT_SUB => {
+            with_nesting(|n| n.sub_commit(my_subid));
+        }
+        SUBXACT_EVENT_ABORT_SUB => {
+            with_nesting(|n| n.sub_abort(my_subid));
+        }
         _ => {}
     }
 }
 
 /// Called when authentication succeeded: a TCP client backend starts counting; any
 /// other connection (Unix socket, walsender) never does.
-pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
-    // SAFETY: a plain read of a flag set before authentication; `port` is MyProcPort,
-    // valid for the backend's life, and `sock` its first field in every major.
+///
+/// # Safety
+/// `port` is NULL or this backend's Port (the authentication hook's), which lives as
+/// long as the backend.
+pub unsafe fn authenticated(port: *const pg_sys::libpq::be::Port) {
+    // SAFETY: a plain read of a flag set before authentication; `port` by the caller's
+    // promise, `sock` its first field in every major.
     let (walsender, sock) = unsafe { (pg_sys::am_walsender, if port.is_null() { -1 } else { (*port).sock }) };
     if sock < 0 {
         return;
     }
     let Some(sample) = tcpinfo::read(sock) else { return };
-    open_connection(port, sock, walsender, &sample);
+    // SAFETY: by the caller's promise.
+    unsafe { open_connection(port, sock, walsender, &sample) };
     if walsender {
         return;
     }
@@ -172,14 +191,16 @@ pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
     if on {
         tracker.authenticated(sample);
     }
-    // SAFETY: backend-local, see LOCAL; the exit callback is registered once, here.
+    let local = Local { tracker, sock, in_statement: false, stale: !on };
+    let _ = LOCAL.try_with(|l| l.try_borrow_mut().map(|mut l| *l = Some(local)));
+    // The exit callback is registered once, here.
     // An on_shmem_exit callback: it runs after every before_shmem_exit one, so after
     // ShutdownPostgres has ended the session's transaction and released its locks (the
     // server's FIN, which the exit sends, must not reach a client before that), and,
     // registered after InitProcess's, before ProcKill: this backend's PGPROC, and so its
     // LWLocks, are still there.
+    // SAFETY: PostgreSQL's callback registration, in the backend, once per backend.
     unsafe {
-        LOCAL = Some(Local { tracker, sock, in_statement: false, stale: !on });
         pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
@@ -187,11 +208,15 @@ pub fn authenticated(port: *const pg_sys::libpq::be::Port) {
 }
 
 /// Takes this connection's slot in the per-connection figures, with its first reading.
-fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender: bool, sample: &Sample) {
+///
+/// # Safety
+/// As `authenticated`.
+unsafe fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender: bool, sample: &Sample) {
     if !gucs::TRACK_STATEMENTS.get() {
         return;
     }
-    let Some(p) = owner_hooks::describe(port as *const _) else { return };
+    // SAFETY: by the caller's promise.
+    let Some(p) = (unsafe { owner_hooks::describe(port as *const _) }) else { return };
     let kind = if walsender { BackendKind::WalSender } else { BackendKind::Client };
     let key = AppKey {
         role: p.role,
@@ -212,19 +237,16 @@ fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender:
         ..Conn::default()
     };
     let slot = stmtshm::open_slot(conn);
-    // SAFETY: backend-local, see CONN; set once, before the callback that reads it.
-    unsafe {
-        CONN = Some(ConnLocal { key, sock, slot });
-        if walsender {
-            // Client backends close theirs in `on_exit`, after the last statement's charge.
-            pg_sys::before_shmem_exit(Some(on_walsender_exit), pg_sys::Datum::from(0));
-        }
+    let _ = CONN.try_with(|c| c.set(Some(ConnLocal { key, sock, slot })));
+    if walsender {
+        // Client backends close theirs in `on_exit`, after the last statement's charge.
+        // SAFETY: PostgreSQL's callback registration, in the backend, once.
+        unsafe { pg_sys::before_shmem_exit(Some(on_walsender_exit), pg_sys::Datum::from(0)) };
     }
 }
 
 fn conn_local() -> Option<ConnLocal> {
-    // SAFETY: backend-local and single-threaded, see CONN.
-    unsafe { std::ptr::read(&raw const CONN) }
+    CONN.try_with(Cell::get).ok().flatten()
 }
 
 /// The connection ends: its figures go to the totals. `last` is the final reading, if one
@@ -258,29 +280,29 @@ fn boundary_with(
     exiting: bool,
     f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>,
 ) -> Option<Sample> {
-    let local = local()?;
-    if !gucs::TRACK_STATEMENTS.get() {
-        local.stale = true;
-        return None;
-    }
-    let sample = read(local.sock)?;
-    if local.stale {
-        local.stale = false;
-        local.tracker.resync(sample);
-    }
-    let charges = f(&mut local.tracker, sample);
-    apply(charges, &sample, exiting);
-    Some(sample)
+    with_local(|local| {
+        if !gucs::TRACK_STATEMENTS.get() {
+            local.stale = true;
+            return None;
+        }
+        let sample = read(local.sock)?;
+        if local.stale {
+            local.stale = false;
+            local.tracker.resync(sample);
+        }
+        let charges = f(&mut local.tracker, sample);
+        apply(charges, &sample, exiting);
+        Some(sample)
+    })
+    .flatten()
 }
 
 fn set_in_statement(v: bool) {
-    if let Some(l) = local() {
-        l.in_statement = v;
-    }
+    with_local(|l| l.in_statement = v);
 }
 
 fn in_statement() -> bool {
-    local().is_some_and(|l| l.in_statement)
+    with_local(|l| l.in_statement).unwrap_or(false)
 }
 
 fn statement_key(queryid: u64) -> StmtKey {
@@ -299,17 +321,14 @@ fn start(queryid: u64) {
 }
 
 fn in_local() -> bool {
-    local().is_some()
+    with_local(|_| ()).is_some()
 }
 
-/// This backend's state. Callers keep the reference only while they make no call into
-/// PostgreSQL that could run a hook of ours (see LOCAL).
-fn local() -> Option<&'static mut Local> {
-    // SAFETY: backend-local and single-threaded, see LOCAL.
-    #[allow(static_mut_refs)]
-    unsafe {
-        LOCAL.as_mut()
-    }
+/// Runs `f` on this backend's state; `None` when it has none (not a client backend on
+/// TCP), or when the state is lent already: a hook of ours that runs from inside our own
+/// work (an error reported meanwhile) does nothing rather than reach it twice.
+fn with_local<R>(f: impl FnOnce(&mut Local) -> R) -> Option<R> {
+    LOCAL.try_with(|l| l.try_borrow_mut().ok()?.as_mut().map(f)).ok().flatten()
 }
 
 /// Charges and the reading go to this backend's pending charges (`statements::pending`:
@@ -454,7 +473,7 @@ extern "C-unwind" fn on_copy_in_end() {
 // before and after the call down the chain cannot panic, or is in a guarded function.
 
 unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int) {
-    if nesting().level() == 0 && in_local() {
+    if nesting_level() == 0 && in_local() {
         // u64 in 15 to 17, i64 from 18: the same bits.
         // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
         #[allow(clippy::unnecessary_cast)]
@@ -477,7 +496,7 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
-    nesting().enter();
+    with_nesting(Nesting::enter);
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_RUN {
@@ -485,7 +504,7 @@ unsafe extern "C-unwind" fn executor_run(
             None => standard_executor_run(qd, direction, count, execute_once),
         }
     }
-    nesting().leave();
+    with_nesting(Nesting::leave);
 }
 
 #[cfg(feature = "pg18")]
@@ -494,7 +513,7 @@ unsafe extern "C-unwind" fn executor_run(
     direction: pg_sys::ScanDirection::Type,
     count: u64,
 ) {
-    nesting().enter();
+    with_nesting(Nesting::enter);
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_RUN {
@@ -502,11 +521,11 @@ unsafe extern "C-unwind" fn executor_run(
             None => standard_executor_run(qd, direction, count),
         }
     }
-    nesting().leave();
+    with_nesting(Nesting::leave);
 }
 
 unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
-    nesting().enter();
+    with_nesting(Nesting::enter);
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_FINISH {
@@ -514,11 +533,11 @@ unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
             None => standard_executor_finish(qd),
         }
     }
-    nesting().leave();
+    with_nesting(Nesting::leave);
 }
 
 unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
-    if nesting().level() == 0 {
+    if nesting_level() == 0 {
         set_in_statement(false);
     }
     // SAFETY: as in executor_start.
@@ -546,7 +565,7 @@ unsafe extern "C-unwind" fn process_utility(
     let (node, queryid) = unsafe { ((*pstmt).utilityStmt, (*pstmt).queryId as u64) };
     // SAFETY: a node pointer from the PlannedStmt (NULL-safe).
     let execute = unsafe { pgrx::is_a(node, pg_sys::NodeTag::T_ExecuteStmt) };
-    let top = nesting().level() == 0 && !execute && in_local();
+    let top = nesting_level() == 0 && !execute && in_local();
     let copy_in = top && is_copy_from_stdin(node);
     if top {
         // pg_stat_statements zeroes a utility statement's query id before it calls the
@@ -560,7 +579,7 @@ unsafe extern "C-unwind" fn process_utility(
     // EXECUTE adds no level: the statement it runs is the top-level one, as in
     // pg_stat_statements, so the two have the same query id.
     if !execute {
-        nesting().enter();
+        with_nesting(Nesting::enter);
     }
     // SAFETY: as in executor_start.
     unsafe {
@@ -570,7 +589,7 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     if !execute {
-        nesting().leave();
+        with_nesting(Nesting::leave);
     }
     if top {
         if copy_in {
@@ -600,25 +619,18 @@ fn is_copy_from_stdin(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-/// An ERROR that reaches the top while no statement is running belongs to a statement
-/// that failed before it could start: it becomes one, so its text (in) and its error
-/// message (out) are charged to it and not to its neighbours.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
-    // SAFETY: PostgreSQL passes a valid ErrorData.
-    let error = !edata.is_null() && unsafe { (*edata).elevel } == pg_sys::PGERROR as i32;
-    if error && in_local() {
-        if in_statement() {
-            set_in_statement(false);
-        } else {
-            start(my_query_id());
-            set_in_statement(false);
-        }
+/// The statements' part of the log hook (`log_hook`). An ERROR that reaches the top
+/// while no statement is running belongs to a statement that failed before it could
+/// start: it becomes one, so its text (in) and its error message (out) are charged to it
+/// and not to its neighbours. Nothing when the report comes from inside our own work:
+/// this backend's state lent (`with_local` refuses) or the statements lock held by this
+/// backend (a charge would wait for itself).
+pub fn on_report(edata: &pg_sys::ErrorData) {
+    if edata.elevel != pg_sys::PGERROR as i32 || stmtshm::held_by_me() || !in_local() {
+        return;
     }
-    // SAFETY: the hook installed before ours, with the same argument.
-    unsafe {
-        if let Some(prev) = PREV_EMIT_LOG_HOOK {
-            prev(edata);
-        }
+    if !in_statement() {
+        start(my_query_id());
     }
+    set_in_statement(false);
 }
