@@ -514,6 +514,14 @@ def wait_quiet(port, netns=(), timeout=30):
     return time.time()
 
 
+def packet_sockets(device):
+    """How many packet sockets in this process's network namespace are bound to
+    `device` (/proc/net/packet): after a ring rebuild, two until the old ring is closed."""
+    ifindex = open(f"/sys/class/net/{device}/ifindex").read().strip()
+    lines = Path("/proc/net/packet").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[4] == ifindex)
+
+
 def next_interval(interval, lead=0.05):
     """Waits for the clock: returns `lead` seconds into the next interval of `interval`
     seconds (intervals are aligned on multiples of their length since the epoch)."""

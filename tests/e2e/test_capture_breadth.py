@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import EXPECTED_METHOD, INTERVAL
-from harness import Tcpdump, free_port, interval_sums, start_in_a_fresh_interval
+from harness import Tcpdump, free_port, interval_sums, packet_sockets, start_in_a_fresh_interval, wait_for
 
 
 def reset(cluster):
@@ -135,6 +135,10 @@ def veth_dropped(netns):
 def test_kernel_drops_are_reported_and_nothing_goes_unaccounted(cluster, netns, tmp_path):
     try:
         cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = 131070")
+        # The rebuild done: the old ring closed (it takes a few hundred ms, make-before-
+        # break). A worker frozen while both rings are open lets both drop the burst,
+        # and the old one's drops, of packets the new one also saw, are charged too.
+        wait_for("the old ring closed", lambda: packet_sockets(netns.host_if) == 1)
         worker = cluster.worker_pid()
         drops_before, freezes_before = map(int, cluster.rows(
             f"SELECT kernel_drops, ring_freezes FROM pg_netstat_devices WHERE device = '{netns.host_if}'")[0])
