@@ -13,29 +13,31 @@ pub struct Counters {
     pub bytes_out: u64,
 }
 
+/// Counts wrap at 2^64 (a saved file may hold any count: it is not checked against
+/// what it adds to), in debug builds as in release ones.
 impl Counters {
     pub fn add(&mut self, dir: Direction, bytes: u64) {
         match dir {
             Direction::In => {
-                self.packets_in += 1;
-                self.bytes_in += bytes;
+                self.packets_in = self.packets_in.wrapping_add(1);
+                self.bytes_in = self.bytes_in.wrapping_add(bytes);
             }
             Direction::Out => {
-                self.packets_out += 1;
-                self.bytes_out += bytes;
+                self.packets_out = self.packets_out.wrapping_add(1);
+                self.bytes_out = self.bytes_out.wrapping_add(bytes);
             }
         }
     }
 
     pub fn packets(&self) -> u64 {
-        self.packets_in + self.packets_out
+        self.packets_in.wrapping_add(self.packets_out)
     }
 
     pub fn merge(&mut self, o: &Counters) {
-        self.packets_in += o.packets_in;
-        self.packets_out += o.packets_out;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
+        self.packets_in = self.packets_in.wrapping_add(o.packets_in);
+        self.packets_out = self.packets_out.wrapping_add(o.packets_out);
+        self.bytes_in = self.bytes_in.wrapping_add(o.bytes_in);
+        self.bytes_out = self.bytes_out.wrapping_add(o.bytes_out);
     }
 
     /// What was counted since `base` was taken.
@@ -76,17 +78,17 @@ pub struct TcpCounters {
 
 impl TcpCounters {
     pub fn add(&mut self, o: &TcpCounters) {
-        self.syn += o.syn;
-        self.fin_in += o.fin_in;
-        self.fin_out += o.fin_out;
-        self.rst_in += o.rst_in;
-        self.rst_out += o.rst_out;
-        self.retrans_in += o.retrans_in;
-        self.retrans_out += o.retrans_out;
-        self.zero_window_in += o.zero_window_in;
-        self.zero_window_out += o.zero_window_out;
-        self.ooo_in += o.ooo_in;
-        self.ooo_out += o.ooo_out;
+        self.syn = self.syn.wrapping_add(o.syn);
+        self.fin_in = self.fin_in.wrapping_add(o.fin_in);
+        self.fin_out = self.fin_out.wrapping_add(o.fin_out);
+        self.rst_in = self.rst_in.wrapping_add(o.rst_in);
+        self.rst_out = self.rst_out.wrapping_add(o.rst_out);
+        self.retrans_in = self.retrans_in.wrapping_add(o.retrans_in);
+        self.retrans_out = self.retrans_out.wrapping_add(o.retrans_out);
+        self.zero_window_in = self.zero_window_in.wrapping_add(o.zero_window_in);
+        self.zero_window_out = self.zero_window_out.wrapping_add(o.zero_window_out);
+        self.ooo_in = self.ooo_in.wrapping_add(o.ooo_in);
+        self.ooo_out = self.ooo_out.wrapping_add(o.ooo_out);
     }
 
     pub fn sub(&self, o: &TcpCounters) -> TcpCounters {

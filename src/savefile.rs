@@ -660,7 +660,51 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
         })?;
         d.rows.push(row);
     }
+    check_values(&s)?;
     Ok(s)
+}
+
+/// The latest second a saved moment may name: 9999-12-31 23:59:59 UTC. Moments are
+/// checked against it (and against the epoch) before anything computes with them: a
+/// start in microseconds then fits an i64 with room to spare.
+pub const LATEST_UNIX_S: i64 = 253_402_300_799;
+const LATEST_UNIX_US: i64 = LATEST_UNIX_S * 1_000_000 + 999_999;
+/// The longest interval a row can have: pg_netstat.interval's maximum.
+pub const LONGEST_INTERVAL_S: u32 = 900_000;
+
+/// Every moment and interval length the file gives is one pg_netstat could have written.
+/// (Counts are not bounded: any u64 is a count; they wrap, as counters do.)
+fn check_values(s: &SavedState) -> Result<(), BadFile> {
+    let moment = |what: &str, us: i64| {
+        if (0..=LATEST_UNIX_US).contains(&us) {
+            Ok(())
+        } else {
+            Err(BadFile::Malformed(format!("{what} at {us} µs since 1970, which is no moment pg_netstat writes")))
+        }
+    };
+    moment("the save", s.saved_at_us)?;
+    for d in &s.devices {
+        for r in &d.rows {
+            if !(1..=LONGEST_INTERVAL_S).contains(&r.secs) {
+                return Err(BadFile::Malformed(format!("an interval of {} seconds on {:?}", r.secs, d.name)));
+            }
+            if !(0..=LATEST_UNIX_S).contains(&r.start) {
+                return Err(BadFile::Malformed(format!(
+                    "an interval starting {} s since 1970 on {:?}",
+                    r.start, d.name
+                )));
+            }
+            moment("an interval's publication", r.created_at_us)?;
+        }
+    }
+    moment("the flows' last reset", s.flow_stats.stats_reset_us)?;
+    moment("the statement table's last reset", s.statement_table.stats_reset_us)?;
+    moment("the applications' last reset", s.application_table.stats_reset_us)?;
+    for r in &s.statements {
+        moment("a statement's first charge", r.first_seen_us)?;
+        moment("a statement's last charge", r.last_seen_us)?;
+    }
+    Ok(())
 }
 
 /// CRC-32 (IEEE 802.3, as zlib computes it).
@@ -1111,6 +1155,95 @@ mod tests {
         // An unknown section may hold anything; empty records of it cost nothing.
         assert!(decode(&one_section(99, 0, u32::MAX)).is_ok());
         assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    /// A crafted file passes the checksum: the same bytes with the checksum made again.
+    fn resealed(mut file: Vec<u8>) -> Vec<u8> {
+        if file.len() >= HEADER_LEN {
+            let crc = crc32(&file[HEADER_LEN..]);
+            file[24..28].copy_from_slice(&crc.to_le_bytes());
+        }
+        file
+    }
+
+    /// What the views and the worker compute with a loaded state cannot overflow.
+    fn usable(s: &SavedState) {
+        for r in s.devices.iter().flat_map(|d| &d.rows) {
+            assert!(r.secs >= 1 && r.start.checked_mul(1_000_000).is_some(), "{r:?}");
+            assert!(r.start.checked_add(r.secs as i64).is_some() && r.created_at_us >= 0, "{r:?}");
+        }
+        for us in [s.saved_at_us, s.flow_stats.stats_reset_us, s.statement_table.stats_reset_us]
+            .into_iter()
+            .chain(s.statements.iter().flat_map(|r| [r.first_seen_us, r.last_seen_us]))
+        {
+            assert!((0..=LATEST_UNIX_US).contains(&us), "{us}");
+        }
+    }
+
+    #[test]
+    fn moments_and_interval_lengths_no_writer_makes_are_malformed() {
+        type Change = fn(&mut SavedState);
+        let cases: [(&str, Change); 6] = [
+            ("an interval starting", |s| s.devices[0].rows[0].start = i64::MAX / 1000),
+            ("an interval of 0 seconds", |s| s.devices[0].rows[0].secs = 0),
+            ("an interval's publication", |s| s.devices[0].rows[0].created_at_us = -1),
+            ("the save", |s| s.saved_at_us = i64::MIN),
+            ("a statement's first charge", |s| s.statements[0].first_seen_us = LATEST_UNIX_US + 1),
+            ("the flows' last reset", |s| s.flow_stats.stats_reset_us = -5),
+        ];
+        for (what, change) in cases {
+            let mut s = sample();
+            change(&mut s);
+            match decode(&encode(&s)) {
+                Err(BadFile::Malformed(m)) => assert!(m.contains(what), "{what}: {m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    /// Every byte of a real file, changed to each of several values and sealed with a
+    /// good checksum again, loads or is refused; it never panics (tests build with
+    /// overflow checks), and what loads can be computed with.
+    #[test]
+    fn every_byte_of_a_real_file_changed_and_resealed_loads_or_is_refused() {
+        let file = encode(&sample());
+        let (mut loaded, mut refused) = (0, 0);
+        for at in 0..file.len() {
+            for v in [0x00, 0xff, 0x80, 0x7f, file[at] ^ 0x01, file[at].wrapping_add(0x40)] {
+                let mut f = file.clone();
+                f[at] = v;
+                match decode(&resealed(f)) {
+                    Ok(s) => {
+                        usable(&s);
+                        loaded += 1;
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+        assert!(loaded > 0 && refused > 0, "{loaded} loaded, {refused} refused");
+    }
+
+    /// Random bytes after a real header, sealed: refused or loaded, never a panic.
+    #[test]
+    fn random_files_are_refused_or_loaded_never_a_panic() {
+        let head = &encode(&sample())[..HEADER_LEN];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 600) as usize;
+            let mut f = head.to_vec();
+            f.extend((0..len).map(|_| next() as u8));
+            f[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+            if let Ok(s) = decode(&resealed(f)) {
+                usable(&s);
+            }
+        }
     }
 
     #[test]

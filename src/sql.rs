@@ -148,7 +148,7 @@ rows_fn! {
             let c = s.counters;
             (
                 device.to_string(),
-                timestamptz(s.start * 1_000_000),
+                timestamptz(s.start.saturating_mul(1_000_000)),
                 as_i64(c.packets_in),
                 as_i64(c.packets_out),
                 as_i64(c.packets_in / secs),
@@ -249,7 +249,7 @@ rows_fn! {
             let t = s.tcp;
             (
                 device.to_string(),
-                timestamptz(s.start * 1_000_000),
+                timestamptz(s.start.saturating_mul(1_000_000)),
                 i32::try_from(s.secs).unwrap_or(i32::MAX),
                 as_i64(s.counters.packets_in),
                 as_i64(s.counters.packets_out),

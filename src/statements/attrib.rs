@@ -46,14 +46,14 @@ pub struct Figures {
 
 impl Figures {
     pub fn add(&mut self, o: &Figures) {
-        self.calls += o.calls;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.segs_in += o.segs_in;
-        self.segs_out += o.segs_out;
-        self.retrans += o.retrans;
-        self.rtt_sum_us += o.rtt_sum_us;
-        self.rtt_samples += o.rtt_samples;
+        self.calls = self.calls.wrapping_add(o.calls);
+        self.bytes_in = self.bytes_in.wrapping_add(o.bytes_in);
+        self.bytes_out = self.bytes_out.wrapping_add(o.bytes_out);
+        self.segs_in = self.segs_in.wrapping_add(o.segs_in);
+        self.segs_out = self.segs_out.wrapping_add(o.segs_out);
+        self.retrans = self.retrans.wrapping_add(o.retrans);
+        self.rtt_sum_us = self.rtt_sum_us.wrapping_add(o.rtt_sum_us);
+        self.rtt_samples = self.rtt_samples.wrapping_add(o.rtt_samples);
         self.rtt_max_us = self.rtt_max_us.max(o.rtt_max_us);
     }
 
