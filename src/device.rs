@@ -140,8 +140,6 @@ struct LastFlow {
 /// see every packet; `handover` decides which of them counts each one (handover.rs).
 pub struct Retiring<S> {
     pub source: S,
-    /// Its running drop count already charged.
-    drops_seen: u64,
     handover: Handover<HeldFrame>,
     pub close_at: Instant,
     /// Being closed: resolve the handover with what both sources have handed over.
@@ -217,21 +215,18 @@ impl<S: CaptureSource> Device<S> {
         self.source.take()
     }
 
-    /// Closes the source being replaced, charging the drops it reported since.
-    fn close_retiring(&mut self, now: i64) {
-        if let Some(mut old) = self.retiring.take() {
-            if let Ok(st) = old.source.read_kernel_stats() {
-                let n = st.dropped.saturating_sub(old.drops_seen);
-                self.buckets.record_drops(now, n);
-                self.kernel.charge_retired(n);
-            }
-        }
+    /// Closes the source being replaced. Its drops up to the cut were charged when it was
+    /// replaced; any it reports since are of packets that arrived after the cut, which
+    /// the new source (bound before the cut, on the same device and filter) saw too and
+    /// either counted or dropped and reported itself: charging them again over-counted.
+    fn close_retiring(&mut self) {
+        self.retiring = None;
     }
 
     fn fail(&mut self, env: &mut impl Env<Source = S>, state: DeviceState, error: String) {
         let now = env.clock().wall_s();
         self.take_source(now);
-        self.close_retiring(now);
+        self.close_retiring();
         self.set_state(env, state, error);
         let delay = if state == DeviceState::NoPermission { RETRY_MAX } else { self.backoff };
         self.retry_at = env.clock().mono() + delay;
@@ -496,7 +491,7 @@ impl<S: CaptureSource> Device<S> {
             Some(old) if force || env.clock().mono() >= old.close_at => {
                 old.closing = true;
                 self.drain(env, flows, ports);
-                self.close_retiring(env.clock().wall_s());
+                self.close_retiring();
                 true
             }
             _ => false,
@@ -528,11 +523,9 @@ impl<S: CaptureSource> Device<S> {
                 env.report(&self.name, Event::Rebuilt { describe: new.describe() });
                 let now_ns = env.clock().wall_ns();
                 self.observe_kernel((now_ns / 1_000_000_000) as i64);
-                let drops_seen = self.kernel.current_source_drops();
                 let Some(old) = self.take_source((now_ns / 1_000_000_000) as i64) else { return };
                 let grace = Duration::from_millis(old.retire_ms() as u64) + RETIRE_GRACE;
                 self.retiring = Some(Retiring {
-                    drops_seen,
                     source: old,
                     handover: Handover::new(now_ns),
                     close_at: env.clock().mono() + grace,
@@ -936,6 +929,35 @@ mod tests {
         w.advance(Duration::from_secs(4));
         let charged: u64 = d.buckets.close_due(w.wall_s()).iter().map(|r| r.drops).sum();
         assert_eq!(charged, 5);
+    }
+
+    #[test]
+    fn drops_after_the_cut_are_the_new_sources_and_charged_once() {
+        let mut w = World::new();
+        w.eth0(3, true);
+        let mut d = device(&w);
+        assert!(open(&mut d, &mut w));
+        let old = w.wire();
+        old.borrow_mut().stats.dropped = 2;
+        d.rebuild(&mut w, &mut NoFlows, PORTS, CaptureMethod::Auto, SETTINGS);
+        let new = w.wire();
+        // A stall after the cut: both sources see the same 7 packets arrive and, full,
+        // drop them; the new one counts them.
+        old.borrow_mut().stats.dropped = 9;
+        {
+            let mut n = new.borrow_mut();
+            n.stats.dropped = 7;
+            n.losing = true;
+            n.blocks.push_back(frames(&w, 1, PACKET_HOST));
+        }
+        w.advance(Duration::from_millis(400));
+        d.drain(&mut w, &mut NoFlows, PORTS);
+        assert!(d.retire_due(&mut w, &mut NoFlows, PORTS, false));
+        d.observe_kernel(w.wall_s());
+        assert_eq!(d.kernel.drops(), 2 + 7);
+        w.advance(Duration::from_secs(4));
+        let charged: u64 = d.buckets.close_due(w.wall_s()).iter().map(|r| r.drops).sum();
+        assert_eq!(charged, 2 + 7);
     }
 
     #[test]

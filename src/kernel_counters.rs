@@ -38,17 +38,6 @@ impl KernelCounters {
         self.retired_freezes += std::mem::take(&mut self.seen_freezes);
     }
 
-    /// Drops of a source already retired (a ring being closed after a rebuild) that it
-    /// reported after it was retired.
-    pub fn charge_retired(&mut self, drops: u64) {
-        self.retired_drops += drops;
-    }
-
-    /// The current source's running drop count as last observed.
-    pub fn current_source_drops(&self) -> u64 {
-        self.seen_drops
-    }
-
     pub fn drops(&self) -> u64 {
         self.retired_drops + self.seen_drops
     }
@@ -91,7 +80,8 @@ mod tests {
         let mut k = KernelCounters::carried_over(40, 3);
         assert_eq!((k.drops(), k.freezes()), (40, 3));
         assert_eq!(k.observe(1, 1), 1);
-        k.charge_retired(4);
+        k.source_replaced();
+        assert_eq!(k.observe(4, 0), 4);
         assert_eq!((k.drops(), k.freezes()), (45, 4));
     }
 }

@@ -410,7 +410,6 @@ impl Worker {
             return;
         }
         let old = std::mem::replace(&mut self.settings, new.clone());
-        log!("pg_netstat: settings reloaded");
         if new.save_interval != old.save_interval {
             self.saver.set_interval(new.save_interval);
         }
@@ -462,6 +461,9 @@ impl Worker {
         }
         self.set_dirty = true;
         self.open_due();
+        // Last: a reader of the log (the tests) may take it that every ring now in place
+        // has the new settings.
+        log!("pg_netstat: settings reloaded");
     }
 
     /// Publishes rows closed outside the normal schedule (reload), by device name.

@@ -133,23 +133,31 @@ def veth_dropped(netns):
 
 @pytest.mark.alone  # floods a frozen worker's ring; the pacing that keeps the veth from dropping needs a CPU
 def test_kernel_drops_are_reported_and_nothing_goes_unaccounted(cluster, netns, tmp_path):
+    """The worker frozen right after a settings change shrank the ring, while the old ring
+    is still open (make-before-break): both rings overflow on the same burst, and every
+    packet is counted once, as captured or as dropped by the new ring."""
     try:
-        cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = 131070")
-        # The rebuild done: the old ring closed (it takes a few hundred ms, make-before-
-        # break). A worker frozen while both rings are open lets both drop the burst,
-        # and the old one's drops, of packets the new one also saw, are charged too.
-        wait_for("the old ring closed", lambda: packet_sockets(netns.host_if) == 1)
+        # The ring to be replaced: 1 MiB, too small for the burst too, so that it drops
+        # packets the new ring also sees; its retire window is its block timeout + 250 ms:
+        # 1.15 s to freeze in.
+        cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_timeout = 900",
+                                "ALTER SYSTEM SET pg_netstat.pcap_buffer_size = 1048576")
+        wait_for("the ring before that closed", lambda: packet_sockets(netns.host_if) == 1)
         worker = cluster.worker_pid()
         drops_before, freezes_before = map(int, cluster.rows(
             f"SELECT kernel_drops, ring_freezes FROM pg_netstat_devices WHERE device = '{netns.host_if}'")[0])
         start_in_a_fresh_interval(cluster, INTERVAL, netns.name)
         start = int(time.time())
         veth_drops = veth_dropped(netns)
-        # Freeze the worker so the small ring fills, then send more than it can hold,
+        # Applied once logged: the small ring is bound, the old one still open.
+        cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = 131070")
+        # Freeze the worker so the rings fill, then send more than the small one holds,
         # paced so that the veth pair itself drops nothing.
         os.kill(worker, signal.SIGSTOP)
         try:
-            sent = netns.inject([{"sport": 40100, "dport": cluster.port, "payload": 200, "count": 5000, "pace": 50}],
+            rings = packet_sockets(netns.host_if)
+            assert rings == 2, f"frozen with {rings} ring(s) open, not in the retire window: the test proves nothing"
+            sent = netns.inject([{"sport": 40100, "dport": cluster.port, "payload": 200, "count": 10000, "pace": 50}],
                                 tmp_path)
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -161,10 +169,11 @@ def test_kernel_drops_are_reported_and_nothing_goes_unaccounted(cluster, netns, 
             SELECT sum(packets_in), sum(kernel_drops), sum(packets_out) FROM pg_netstat_intervals
              WHERE device = '{netns.host_if}' AND ts >= to_timestamp({start - start % INTERVAL})""")[0]
         captured, dropped, out = int(row[0]), int(row[1]), int(row[2])
-        print(f"sent {len(sent)}: captured {captured}, dropped by the kernel {dropped}")
-        assert out == 0
-        assert dropped > 0, "the burst should have overflowed the ring"
-        assert captured + dropped == len(sent)
+        counts = f"sent {len(sent)}: captured {captured}, dropped by the kernel {dropped}"
+        print(counts)
+        assert out == 0, counts
+        assert dropped > 0, "the burst should have overflowed the ring: " + counts
+        assert captured + dropped == len(sent), counts
         drops_total, freezes = cluster.rows(
             f"SELECT kernel_drops, ring_freezes FROM pg_netstat_devices WHERE device = '{netns.host_if}'")[0]
         # Running totals: only what they gained during this test is this test's.
