@@ -308,11 +308,13 @@ class Tcpdump:
         one connection, and those of the client ports in `expect`: tcpdump writes what the
         kernel handed it when it gets the CPU, and on a busy machine the file can still be
         empty (seen: 242 packets passed its filter, none written yet) when everything
-        it will hold has long ended."""
+        it will hold has long ended. The tail of a connection that ended as the capture
+        began (seen: its client's FIN before, the server's FIN and the last ACK in it) has
+        ended once what it shows is acknowledged."""
         def settled():
             conns = pcap_connections(self.path, self.ports)
             return conns and all(p in conns for p in expect) and all(
-                c["ended"] or (p in still_open and c["acked"]) for p, c in conns.items())
+                c["ended"] or ((p in still_open or c["tail"]) and c["acked"]) for p, c in conns.items())
         wait_for(f"every connection on {self.device} to end in tcpdump's capture", settled)
 
     def wait_packets(self, packets_in, packets_out=0):
@@ -456,8 +458,10 @@ def free_port():
 def pcap_connections(path, ports):
     """Per client port, how the TCP connection on `ports` stands in a pcap: `ended` (a RST
     either way, or a FIN each way and then the last ACK, from the side that did not send
-    the second FIN) and `acked` (all that each side sent, SYN and FIN included, is
-    acknowledged by the other). A new SYN on the same ports starts afresh."""
+    the second FIN), `acked` (all that each side sent, SYN and FIN included, is
+    acknowledged by the other) and `tail` (neither its SYN nor any payload is in the
+    capture: the end of a connection that began, and may have sent its first FIN, before
+    it). A new SYN on the same ports starts afresh."""
     conns = {}
     for _, _, f in pcap_frames(path):
         at = _tcp_at(f)
@@ -473,8 +477,9 @@ def pcap_connections(path, ports):
             continue
         doff, flags = (f[l4 + 12] >> 4) * 4, f[l4 + 13]
         if flags & 0x12 == 0x02 or key not in conns:  # a SYN without ACK begins a connection
-            conns[key] = dict(fins=set(), ended=False, sent={}, acked={})
+            conns[key] = dict(fins=set(), ended=False, sent={}, acked={}, begun=False, payload=False)
         c = conns[key]
+        c["begun"] |= bool(flags & 0x02)
         if flags & 0x04:
             c["ended"] = True
         elif len(c["fins"]) == 2 and flags & 0x10 and inbound != c["second_fin_inbound"]:
@@ -485,12 +490,14 @@ def pcap_connections(path, ports):
         used = ip_end - l4 - doff + (1 if flags & 0x02 else 0) + (1 if flags & 0x01 else 0)
         if used > 0:
             c["sent"][inbound] = (seq + used) & 0xffffffff
+        c["payload"] |= used > (1 if flags & 0x03 else 0)
         if flags & 0x10:
             c["acked"][not inbound] = ack
     # "a is at or after b" in sequence space
     at_or_after = lambda a, b: (a - b) & 0xffffffff < 0x80000000  # noqa: E731
     return {client: dict(ended=c["ended"], acked=all(d in c["acked"] and at_or_after(c["acked"][d], end)
-                                                      for d, end in c["sent"].items()))
+                                                      for d, end in c["sent"].items()),
+                         tail=not c["begun"] and not c["payload"])
             for (client, _), c in conns.items()}
 
 
