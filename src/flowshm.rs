@@ -2,8 +2,8 @@
 //! starts, behind an LWLock of its own so per-connection work never waits on the
 //! interval history's lock. With `max_flows = 0` nothing is allocated and flows are off.
 
-use crate::flows::{index, Flow, FlowTable, FlowView, Header, Owner, Totals, TOTALS_ROWS};
 use crate::region::{Part, Placer, Region, Zeroable};
+use pg_netstat_core::flows::{index, Flow, FlowTable, FlowView, Header, Owner, Totals, TOTALS_ROWS};
 use pgrx::pg_sys;
 
 const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat flows";

@@ -2,8 +2,8 @@
 //! All but `max_flows` and `history` are reloadable (PGC_SIGHUP): the worker re-reads them
 //! on `pg_ctl reload`. Those two size shared memory and take a restart.
 
-use crate::capture::filter::MAX_PORTS;
-use crate::capture::{valid_device_name, CaptureMethod, MAX_DEVICES, MAX_DEVICE_NAME};
+use pg_netstat_core::capture::filter::MAX_PORTS;
+use pg_netstat_core::capture::{valid_device_name, CaptureMethod, MAX_DEVICES, MAX_DEVICE_NAME};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -41,7 +41,7 @@ static CAPTURE_METHODS: EnumEntries = EnumEntries([
 /// lower bound too.
 pub const MIN_SNAPLEN: i32 = 96;
 /// Most intervals `pg_netstat.history` may keep per device.
-const MAX_HISTORY: i32 = crate::history::MAX_HISTORY as i32;
+const MAX_HISTORY: i32 = pg_netstat_core::history::MAX_HISTORY as i32;
 
 /// The unit of a numeric setting, as PostgreSQL reads and shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,24 +1,13 @@
 //! pg_netstat: how much network traffic the server's own port moves, per device and
 //! interval, captured in the kernel by a background worker. See README.md.
+//!
+//! This crate is the PostgreSQL glue: the worker, the backends' hooks, shared memory,
+//! SQL, settings. What counts, free of PostgreSQL, is the core crate, `pg_netstat_core`
+//! (crates/core), used here by that name.
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-
-pub mod capture;
-pub mod counters;
-pub mod device;
-pub mod flows;
-pub mod handover;
-pub mod history;
-pub mod kernel_counters;
-pub mod peer;
-#[cfg(linux_native)]
-pub mod privileges;
-pub mod savefile;
-pub mod statements;
-pub mod stats;
-pub mod tcpinfo;
 
 mod flowshm;
 mod gucs;
@@ -76,7 +65,7 @@ pub extern "C-unwind" fn _PG_init() {
 /// build changes no privilege and says so in the log.
 fn least_privilege() {
     #[cfg(linux_native)]
-    if let Err(e) = privileges::postmaster_keep_net_raw_permitted_only() {
+    if let Err(e) = pg_netstat_core::privileges::postmaster_keep_net_raw_permitted_only() {
         warning!("pg_netstat: could not restrict CAP_NET_RAW in the postmaster: {e}");
     }
     #[cfg(not(linux_native))]
@@ -97,14 +86,14 @@ static mut PREV_CLIENT_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type 
 unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be::Port, status: i32) {
     // Before anything the client can make this backend do, authenticated or not.
     #[cfg(linux_native)]
-    if let Err(e) = privileges::drop_net_raw() {
+    if let Err(e) = pg_netstat_core::privileges::drop_net_raw() {
         warning!("pg_netstat: could not drop CAP_NET_RAW in this backend: {e}");
     }
     // Who this connection is, for pg_netstat_connections / _roles / _databases.
     let outcome = if status == pg_sys::STATUS_OK as i32 {
-        flows::OwnerStatus::Authenticated
+        pg_netstat_core::flows::OwnerStatus::Authenticated
     } else {
-        flows::OwnerStatus::AuthFailed
+        pg_netstat_core::flows::OwnerStatus::AuthFailed
     };
     // SAFETY: the hook's own Port, which lives as long as the backend.
     unsafe {

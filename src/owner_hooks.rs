@@ -5,9 +5,9 @@
 //! captured later when they appear, so a flow keeps its role and database after the
 //! backend is gone.
 
-use crate::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
 use crate::flowshm;
-use crate::peer::BackendKind;
+use pg_netstat_core::flows::{name_bytes, Owner, OwnerKey, OwnerStatus};
+use pg_netstat_core::peer::BackendKind;
 use pgrx::pg_sys;
 use pgrx::pg_sys::libpq::be::Port;
 use std::ffi::{c_char, c_int, CStr};
@@ -124,9 +124,9 @@ pub(crate) unsafe fn describe(port: *const Port) -> Option<AppKeyParts> {
 }
 
 pub(crate) struct AppKeyParts {
-    pub role: [u8; crate::flows::NAME_LEN],
-    pub database: [u8; crate::flows::NAME_LEN],
-    pub application: [u8; crate::flows::NAME_LEN],
+    pub role: [u8; pg_netstat_core::flows::NAME_LEN],
+    pub database: [u8; pg_netstat_core::flows::NAME_LEN],
+    pub application: [u8; pg_netstat_core::flows::NAME_LEN],
     pub client_addr: [u8; 16],
     pub client_port: u16,
     pub ipv6: bool,

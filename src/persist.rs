@@ -8,11 +8,11 @@
 //! a thread of its own, which calls nothing of PostgreSQL, encodes, writes and fsyncs it.
 
 use crate::flowshm;
-use crate::savefile::{self, SavedDevice, SavedState, DIR, FILE_NAME};
 use crate::shmem::{self, SAVE_REQUESTED};
-use crate::statements::conns;
-use crate::statements::table::Row;
 use crate::stmtshm;
+use pg_netstat_core::savefile::{self, SavedDevice, SavedState, DIR, FILE_NAME};
+use pg_netstat_core::statements::conns;
+use pg_netstat_core::statements::table::Row;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::path::{Path, PathBuf};

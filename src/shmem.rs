@@ -4,11 +4,11 @@
 //! (`history` rows for each of the MAX_DEVICES places), reached through `exclusive()`
 //! and `share()`, which hold the lock for both.
 
-use crate::capture::{MAX_DEVICES, MAX_DEVICE_NAME};
-use crate::counters::Counters;
-use crate::history::{Ring, Slot};
 use crate::region::{self, RegionId};
-use crate::stats::Closed;
+use pg_netstat_core::capture::{MAX_DEVICES, MAX_DEVICE_NAME};
+use pg_netstat_core::counters::Counters;
+use pg_netstat_core::history::{Ring, Slot};
+use pg_netstat_core::stats::Closed;
 use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::{PgLwLock, PgLwLockExclusiveGuard, PgLwLockShareGuard};
 use pgrx::prelude::*;
@@ -21,7 +21,7 @@ const NAME_BYTES: usize = MAX_DEVICE_NAME + 1;
 const ERROR_BYTES: usize = 256;
 const ROWS_NAME: &std::ffi::CStr = c"pg_netstat history";
 
-pub use crate::device::DeviceState;
+pub use pg_netstat_core::device::DeviceState;
 
 #[repr(C)]
 #[derive(Copy, Clone)]

@@ -4,18 +4,18 @@
 // signature: that tuple is the column list, not a type to factor out.
 #![allow(clippy::type_complexity)]
 
-use crate::capture::CaptureMethod;
-use crate::counters::align;
-use crate::flows::{name_str, Flow, Totals};
 use crate::flowshm;
 use crate::gucs::Settings;
-use crate::history::Slot;
-use crate::peer::{self, BackendKind};
 use crate::persist;
 use crate::shmem::{self, DeviceState, INJECT_ERROR, STATE, WORKER_EXITED_US, WORKER_PID};
-use crate::statements::conns::{self, AppKey, Conn};
-use crate::statements::Kind;
 use crate::stmtshm;
+use pg_netstat_core::capture::CaptureMethod;
+use pg_netstat_core::counters::align;
+use pg_netstat_core::flows::{name_str, Flow, Totals};
+use pg_netstat_core::history::Slot;
+use pg_netstat_core::peer::{self, BackendKind};
+use pg_netstat_core::statements::conns::{self, AppKey, Conn};
+use pg_netstat_core::statements::Kind;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;

@@ -17,12 +17,13 @@
 //! Unix-socket connections have no TCP counters: they are recognised at authentication
 //! (getsockopt fails once) and cost nothing afterwards.
 
-use crate::peer::{self, BackendKind};
-use crate::statements::conns::{AppKey, Conn, SlotId, Socket};
-use crate::statements::nesting::Nesting;
-use crate::statements::pending::Pending;
-use crate::statements::{Charges, Figures, Kind, Sample, StmtKey, Target, Tracker};
-use crate::{gucs, owner_hooks, stmtshm, tcpinfo};
+use crate::{gucs, owner_hooks, stmtshm};
+use pg_netstat_core::peer::{self, BackendKind};
+use pg_netstat_core::statements::conns::{AppKey, Conn, SlotId, Socket};
+use pg_netstat_core::statements::nesting::Nesting;
+use pg_netstat_core::statements::pending::Pending;
+use pg_netstat_core::statements::{Charges, Figures, Kind, Sample, StmtKey, Target, Tracker};
+use pg_netstat_core::tcpinfo;
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int};
@@ -270,15 +271,15 @@ fn now_us() -> i64 {
 
 /// Reads the socket and lets `f` turn the reading into charges, which go to shared
 /// memory. Nothing when this backend does not count, or counting is off.
-fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>) {
+fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, pg_netstat_core::statements::Sample) -> Charges<StmtKey>) {
     boundary_with(tcpinfo::read, false, f);
 }
 
 /// `boundary` with the reading `read` makes (`exiting`: the last one); returns the reading.
 fn boundary_with(
-    read: fn(c_int) -> Option<crate::statements::Sample>,
+    read: fn(c_int) -> Option<pg_netstat_core::statements::Sample>,
     exiting: bool,
-    f: impl FnOnce(&mut Tracker<StmtKey>, crate::statements::Sample) -> Charges<StmtKey>,
+    f: impl FnOnce(&mut Tracker<StmtKey>, pg_netstat_core::statements::Sample) -> Charges<StmtKey>,
 ) -> Option<Sample> {
     with_local(|local| {
         if !gucs::TRACK_STATEMENTS.get() {
@@ -379,7 +380,11 @@ fn apply(charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
     }
 }
 
-fn charge_all(t: &mut crate::statements::StatementTable<'_>, charges: &[Option<(StmtKey, Figures)>; 2], now: i64) {
+fn charge_all(
+    t: &mut pg_netstat_core::statements::StatementTable<'_>,
+    charges: &[Option<(StmtKey, Figures)>; 2],
+    now: i64,
+) {
     for (key, f) in charges.iter().flatten() {
         t.charge(*key, f, now);
     }
@@ -429,7 +434,7 @@ unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
 /// After a FATAL error (pg_terminate_backend, a timeout) messages may still go out during
 /// exit, so nothing is ended early: the reading is the socket as it is, and the TLS
 /// alert is left to socket_close, uncounted.
-fn read_at_exit(fd: c_int) -> Option<crate::statements::Sample> {
+fn read_at_exit(fd: c_int) -> Option<pg_netstat_core::statements::Sample> {
     // SAFETY: plain reads of this backend's globals; MyProcPort is valid until the
     // process ends.
     let (port, closing) = unsafe {

@@ -4,12 +4,12 @@
 //! capture worker only to copy the table for a save and once to load it, never while it
 //! captures.
 
-use crate::flows::index;
 use crate::region::{Exclusive, LockFree, LockFreePart, Part, Placer, Region, Zeroable};
-use crate::statements::conns::{AppRow, Conn, ConnHeader, Conns, SlotId, APP_ROWS};
-use crate::statements::pending::{self, Pending, PendingCell, PendingEntry};
-use crate::statements::table::{self, Row, TableCounters};
-use crate::statements::{Entry, Header, StatementTable};
+use pg_netstat_core::flows::index;
+use pg_netstat_core::statements::conns::{AppRow, Conn, ConnHeader, Conns, SlotId, APP_ROWS};
+use pg_netstat_core::statements::pending::{self, Pending, PendingCell, PendingEntry};
+use pg_netstat_core::statements::table::{self, Row, TableCounters};
+use pg_netstat_core::statements::{Entry, Header, StatementTable};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat statements";

@@ -1,16 +1,14 @@
 //! The worker's side of a device's surroundings (`device::Env`): real device lookups
 //! and capture sources, the system clocks, the server log, and the flow table's lock.
 
-use crate::capture::filter::LinkLayer;
-use crate::capture::source::Source;
-use crate::capture::{self, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo};
-use crate::capture::{DrainStats, Frame, KernelStats};
-use crate::device::{CaptureSource, Clocks, DeviceState, Env, Event, FlowLock};
-use crate::flows::FlowTable;
+use pg_netstat_core::capture::source::Source;
+use pg_netstat_core::capture::{self, CaptureError, CaptureMethod, CaptureSettings, DeviceInfo};
+
 use crate::flowshm;
+use pg_netstat_core::device::{Clocks, DeviceState, Env, Event, FlowLock};
+use pg_netstat_core::flows::FlowTable;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -136,33 +134,5 @@ fn report_state(device: &str, state: DeviceState, error: &str) {
             Some("Capture is retried with a growing delay."),
         ),
         DeviceState::Starting | DeviceState::Stopped => {}
-    }
-}
-
-/// The real capture backends are what a device drains.
-impl CaptureSource for Source {
-    fn drain_blocks(&mut self, max_blocks: u32, on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
-        Source::drain_blocks(self, max_blocks, on_frame)
-    }
-    fn blocks_per_lap(&self) -> u32 {
-        Source::blocks_per_lap(self)
-    }
-    fn read_kernel_stats(&mut self) -> io::Result<KernelStats> {
-        Source::read_kernel_stats(self)
-    }
-    fn take_error(&self) -> io::Result<Option<io::Error>> {
-        Source::take_error(self)
-    }
-    fn link(&self) -> LinkLayer {
-        Source::link(self)
-    }
-    fn direction_by_ports(&self, device: &DeviceInfo) -> bool {
-        Source::direction_by_ports(self, device)
-    }
-    fn retire_ms(&self) -> u32 {
-        Source::retire_ms(self)
-    }
-    fn describe(&self) -> String {
-        Source::describe(self)
     }
 }

@@ -2,17 +2,17 @@
 //! and every ring socket at once. It drains rings as soon as the kernel hands over a
 //! block, buckets packets by their own timestamps, and publishes closed intervals.
 
-use crate::capture::source::Source;
-use crate::capture::MAX_DEVICES;
-use crate::device;
 use crate::flowshm;
 use crate::gucs::Settings;
-use crate::kernel_counters::KernelCounters;
 use crate::persist;
-#[cfg(linux_native)]
-use crate::privileges;
 use crate::shmem::{self, INJECT_ERROR, STATE, WORKER_EXITED_US, WORKER_PID};
-use crate::stats::{Bucketing, Closed};
+use pg_netstat_core::capture::source::Source;
+use pg_netstat_core::capture::MAX_DEVICES;
+use pg_netstat_core::device;
+use pg_netstat_core::kernel_counters::KernelCounters;
+#[cfg(linux_native)]
+use pg_netstat_core::privileges;
+use pg_netstat_core::stats::{Bucketing, Closed};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;

@@ -2,8 +2,8 @@
 //! the ports, the capture settings, and whether the wall clock stepped.
 
 use super::wall_now;
-use crate::capture::{self, CaptureSettings, MAX_DEVICES};
 use crate::gucs::Settings;
+use pg_netstat_core::capture::{self, CaptureSettings, MAX_DEVICES};
 use pgrx::prelude::*;
 use std::time::Instant;
 

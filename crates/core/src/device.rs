@@ -556,6 +556,34 @@ impl<S: CaptureSource> Device<S> {
     }
 }
 
+/// The real capture backends are what a device drains.
+impl CaptureSource for crate::capture::source::Source {
+    fn drain_blocks(&mut self, max_blocks: u32, on_frame: impl FnMut(&Frame<'_>)) -> Result<DrainStats, CaptureError> {
+        crate::capture::source::Source::drain_blocks(self, max_blocks, on_frame)
+    }
+    fn blocks_per_lap(&self) -> u32 {
+        crate::capture::source::Source::blocks_per_lap(self)
+    }
+    fn read_kernel_stats(&mut self) -> io::Result<KernelStats> {
+        crate::capture::source::Source::read_kernel_stats(self)
+    }
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        crate::capture::source::Source::take_error(self)
+    }
+    fn link(&self) -> LinkLayer {
+        crate::capture::source::Source::link(self)
+    }
+    fn direction_by_ports(&self, device: &DeviceInfo) -> bool {
+        crate::capture::source::Source::direction_by_ports(self, device)
+    }
+    fn retire_ms(&self) -> u32 {
+        crate::capture::source::Source::retire_ms(self)
+    }
+    fn describe(&self) -> String {
+        crate::capture::source::Source::describe(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,7 +68,7 @@ fn frame(src_mac: [u8; 6], dport: u16, payload: usize) -> Vec<u8> {
 }
 
 fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
-    let info = pg_netstat::capture::device_info(iface).ok().flatten().unwrap_or_else(|| {
+    let info = pg_netstat_core::capture::device_info(iface).ok().flatten().unwrap_or_else(|| {
         eprintln!("no device {iface}");
         std::process::exit(1)
     });
@@ -169,8 +169,8 @@ fn report(method: &str, packets: u64, bytes: u64, drops: u64, at_ready: (f64, f6
 }
 
 fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u32>) {
-    use pg_netstat::capture::{source::Source, CaptureMethod, CaptureSettings};
-    let info = pg_netstat::capture::device_info(iface).ok().flatten().unwrap_or_else(|| usage());
+    use pg_netstat_core::capture::{source::Source, CaptureMethod, CaptureSettings};
+    let info = pg_netstat_core::capture::device_info(iface).ok().flatten().unwrap_or_else(|| usage());
     let settings = CaptureSettings { buffer_size: buffer.unwrap_or(1_000_000), snaplen: 96, timeout_ms: 1000 };
     if method == "original" {
         return original(&info, port, seconds);
@@ -220,7 +220,7 @@ fn capture(method: &str, iface: &str, port: u16, seconds: u64, buffer: Option<u3
 }
 
 #[cfg(feature = "pcap")]
-fn original(info: &pg_netstat::capture::DeviceInfo, port: u16, seconds: u64) {
+fn original(info: &pg_netstat_core::capture::DeviceInfo, port: u16, seconds: u64) {
     let open = |dir: &str| {
         let mut c = pcap::Capture::from_device(info.name.as_str())
             .and_then(|c| c.buffer_size(1_000_000).snaplen(96).timeout(1000).open())
@@ -257,7 +257,7 @@ fn original(info: &pg_netstat::capture::DeviceInfo, port: u16, seconds: u64) {
 }
 
 #[cfg(not(feature = "pcap"))]
-fn original(_: &pg_netstat::capture::DeviceInfo, _: u16, _: u64) {
+fn original(_: &pg_netstat_core::capture::DeviceInfo, _: u16, _: u64) {
     eprintln!("the original-design model needs libpcap: build with --features pcap");
     std::process::exit(1)
 }
@@ -270,13 +270,13 @@ enum Work {
 }
 
 impl Work {
-    fn run(self, acc: &mut Accountant, f: &pg_netstat::capture::Frame<'_>, loopback: bool) {
+    fn run(self, acc: &mut Accountant, f: &pg_netstat_core::capture::Frame<'_>, loopback: bool) {
         match self {
             Work::Count => {}
             Work::Parse => {
-                let meta = pg_netstat::capture::packet::parse(
+                let meta = pg_netstat_core::capture::packet::parse(
                     f.data,
-                    pg_netstat::capture::filter::LinkLayer::Ethernet,
+                    pg_netstat_core::capture::filter::LinkLayer::Ethernet,
                     f.protocol,
                 );
                 acc.counted += meta.map_or(0, |m| m.src_port as u64 & 1);
@@ -290,27 +290,31 @@ impl Work {
 /// rule, interval bucketing and the flow table, in process memory instead of shared; with
 /// the worker's shortcut for the next packet of the last connection.
 struct Accountant {
-    storage: pg_netstat::flows::Storage,
-    buckets: pg_netstat::stats::Bucketing,
+    storage: pg_netstat_core::flows::Storage,
+    buckets: pg_netstat_core::stats::Bucketing,
     device: [u8; 16],
     port: u16,
     counted: u64,
-    last:
-        Option<(pg_netstat::capture::packet::Ipv4Conn, u8, pg_netstat::capture::Direction, pg_netstat::flows::FlowKey)>,
+    last: Option<(
+        pg_netstat_core::capture::packet::Ipv4Conn,
+        u8,
+        pg_netstat_core::capture::Direction,
+        pg_netstat_core::flows::FlowKey,
+    )>,
 }
 
 impl Accountant {
     fn new(port: u16, start_s: i64) -> Self {
-        use pg_netstat::flows::{device_bytes, Storage};
-        let buckets = pg_netstat::stats::Bucketing::new(1, 2, start_s);
+        use pg_netstat_core::flows::{device_bytes, Storage};
+        let buckets = pg_netstat_core::stats::Bucketing::new(1, 2, start_s);
         let (storage, device) = (Storage::new(1024, 1024), device_bytes("veth0"));
         Accountant { storage, buckets, device, port, counted: 0, last: None }
     }
 
     fn count(&mut self, data: &[u8], len: u32, sec: i64, nsec: i64, loopback: bool, pkttype: u8) {
-        use pg_netstat::capture::filter::LinkLayer;
-        use pg_netstat::capture::{classify, packet};
-        use pg_netstat::flows::{Clock, FlowKey};
+        use pg_netstat_core::capture::filter::LinkLayer;
+        use pg_netstat_core::capture::{classify, packet};
+        use pg_netstat_core::flows::{Clock, FlowKey};
         let ports = [self.port];
         let plain = packet::plain_ipv4(data);
         let (dir, flow) = match (plain, self.last.as_ref()) {

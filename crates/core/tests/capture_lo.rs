@@ -8,10 +8,10 @@
 #![cfg(target_os = "linux")]
 
 #[cfg(linux_native)]
-use pg_netstat::capture::ring::{Ring, RingGeometry};
-use pg_netstat::capture::source::Source;
-use pg_netstat::capture::{classify, device_info, packet, CaptureMethod, CaptureSettings, Direction};
-use pg_netstat::counters::Counters;
+use pg_netstat_core::capture::ring::{Ring, RingGeometry};
+use pg_netstat_core::capture::source::Source;
+use pg_netstat_core::capture::{classify, device_info, packet, CaptureMethod, CaptureSettings, Direction};
+use pg_netstat_core::counters::Counters;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -158,7 +158,7 @@ fn exchange(listener: &TcpListener, addr: std::net::SocketAddr, rounds: usize) {
     server.unwrap();
 }
 
-fn drain_source(src: &mut Source, port: u16, device: &pg_netstat::capture::DeviceInfo) -> (Tally, u64) {
+fn drain_source(src: &mut Source, port: u16, device: &pg_netstat_core::capture::DeviceInfo) -> (Tally, u64) {
     let mut t = Tally::default();
     let mut foreign = 0;
     let link = src.link();

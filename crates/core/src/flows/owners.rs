@@ -57,8 +57,10 @@ pub struct Owner {
     pub started_us: i64,
     /// 0 while the backend lives.
     pub ended_us: i64,
-    /// Place in the list of ended records, or in the free list.
-    pub(crate) links: Links,
+    /// Place in the list of ended records, or in the free list: the table's own (its
+    /// fields are private; `register_owner` sets them), public so that a record can be
+    /// built with `..Owner::default()`.
+    pub links: Links,
 }
 
 impl Default for Owner {
