@@ -4,6 +4,9 @@
 //! its running totals. What it needs from outside — looking devices up, opening sources,
 //! the clocks, the log — comes through `Env`, and the flows lock through `FlowLock`, so
 //! the unit tests below drive it with a fake source and a clock they move by hand.
+//! The drain itself, the one path every packet takes, is `drain`.
+
+mod drain;
 
 use crate::capture::filter::LinkLayer;
 use crate::capture::{
@@ -125,15 +128,6 @@ pub trait Clocks {
 pub trait FlowLock {
     fn enabled(&self) -> bool;
     fn with<R>(&mut self, f: impl FnOnce(&mut FlowTable<'_>) -> R) -> Option<R>;
-}
-
-/// What the per-frame shortcut in `Device::drain_into` remembers of the last connection.
-struct LastFlow {
-    conn: packet::Ipv4Conn,
-    pkttype: u8,
-    by_ports: bool,
-    dir: Direction,
-    key: FlowKey,
 }
 
 /// The source being replaced after a settings change. Until it is closed, both sources
@@ -341,141 +335,6 @@ impl<S: CaptureSource> Device<S> {
             }
         }
         blocks
-    }
-
-    /// Reads at most `max_blocks` blocks from each of the device's sources. Returns the
-    /// blocks read, the current source's failure, and a resolved handover to report.
-    // About 90 lines on purpose: the per-frame closure and both sources' drains borrow
-    // the same fields of the device at once; split up, each piece would take them all
-    // as parameters.
-    fn drain_into(
-        &mut self,
-        clock: &dyn Clocks,
-        ports: &[u16],
-        mut flows: Option<&mut FlowTable<'_>>,
-        max_blocks: u32,
-    ) -> (u32, Option<CaptureError>, Option<Event>) {
-        // The wall clock bounds the packets' own stamps (a stamp from the future after a
-        // clock step counts now). Read again whenever a frame is stamped later than the
-        // last reading, so no frame is ever pulled back across an interval edge.
-        let mut now = clock.wall_s();
-        let device_key = device_bytes(&self.name);
-        let Device { source, retiring, info, buckets, total, more, kernel, .. } = self;
-        let Some(info) = info.as_ref() else {
-            return (0, None, None);
-        };
-        let interval_secs = buckets.secs();
-        // The last connection seen in the commonest layout, and what the general path
-        // made of it: the next packet of the same connection (a bulk transfer sends long
-        // runs of them) reuses its direction and flow key without parsing its addresses.
-        // What it reuses depends only on the connection bytes, the packet type and the
-        // direction rule, all compared, and on the device and ports, fixed for this call.
-        let mut last: Option<LastFlow> = None;
-        let mut count = |f: &Frame<'_>, link, by_ports: bool| {
-            if f.sec as i64 > now {
-                now = clock.wall_s();
-            }
-            let plain = if flows.is_some() && link == LinkLayer::Ethernet { packet::plain_ipv4(f.data) } else { None };
-            let hit = match (&plain, &last) {
-                (Some((conn, _)), Some(l)) => l.conn == *conn && l.pkttype == f.pkttype && l.by_ports == by_ports,
-                _ => false,
-            };
-            // The key and TCP fields of a frame outside the shortcut's layout.
-            let mut other = None;
-            let dir = match (hit, &last) {
-                (true, Some(l)) => l.dir,
-                _ => {
-                    // Off loopback the kernel's packet type is the direction, so without
-                    // flows only loopback pays for parsing.
-                    let meta =
-                        if by_ports || flows.is_some() { packet::parse(f.data, link, f.protocol).ok() } else { None };
-                    let Some(dir) = classify(by_ports, f.pkttype, meta.as_ref(), ports) else { return };
-                    if let (true, Some(m)) = (flows.is_some(), meta) {
-                        let key = FlowKey::of(device_key, dir, &m, ports);
-                        match plain {
-                            Some((conn, _)) => last = Some(LastFlow { conn, pkttype: f.pkttype, by_ports, dir, key }),
-                            None => other = Some((key, m.tcp)),
-                        }
-                    }
-                    dir
-                }
-            };
-            buckets.record(f.sec as i64, now, dir, f.len as u64);
-            total.add(dir, f.len as u64);
-            // The key is read where it lies (no copy): in `last` for the shortcut's layout.
-            let (Some(t), Some((key, tcp))) = (
-                flows.as_deref_mut(),
-                match (&plain, &last, &other) {
-                    (Some((_, tcp)), Some(l), _) => Some((&l.key, Some(tcp))),
-                    (None, _, Some((key, tcp))) => Some((key, tcp.as_ref())),
-                    _ => None,
-                },
-            ) else {
-                return;
-            };
-            let clock = FlowClock { ts_us: f.sec as i64 * 1_000_000 + f.nsec as i64 / 1000, interval_secs };
-            let ev = t.record(key, dir, tcp, f.len, clock);
-            if !ev.is_empty() {
-                buckets.record_tcp(f.sec as i64, now, ev);
-            }
-        };
-        let (mut blocks, mut failure, mut dropped, mut resolved) = (0, None, 0, None);
-        if let Some(old) = retiring.as_mut() {
-            let (link, by_ports) = (old.source.link(), old.source.direction_by_ports(info));
-            let Retiring { source: old_source, handover: h, .. } = old;
-            let drained = old_source.drain_blocks(max_blocks, |f| match h.old_fate(handover::ts_ns(f)) {
-                Fate::Count => count(f, link, by_ports),
-                Fate::Hold => h.hold_old(handover::hold(f, link, by_ports)),
-                Fate::Ignore => {}
-            });
-            match drained {
-                Ok(st) => blocks += st.blocks,
-                // The old source is on its way out; the new one carries on.
-                Err(_) => old.closing = true,
-            }
-        }
-        *more = false;
-        let mut hand = retiring.as_mut().map(|o| &mut o.handover);
-        if let Some(r) = source.as_mut() {
-            let (link, by_ports) = (r.link(), r.direction_by_ports(info));
-            let drained = r.drain_blocks(max_blocks, |f| {
-                let fate = hand.as_deref_mut().map_or(Fate::Count, |h| h.new_fate(handover::ts_ns(f)));
-                match (fate, hand.as_deref_mut()) {
-                    (Fate::Count, _) => count(f, link, by_ports),
-                    (Fate::Hold, Some(h)) => h.hold_new(handover::hold(f, link, by_ports)),
-                    _ => {}
-                }
-            });
-            match drained {
-                Ok(st) => {
-                    blocks += st.blocks;
-                    *more = st.more;
-                    // The kernel flags blocks written after it had to drop: learn how
-                    // many now, so they are charged to the interval they happened in.
-                    if st.losing {
-                        if let Ok(k) = r.read_kernel_stats() {
-                            dropped = kernel.observe(k.dropped, k.freezes);
-                        }
-                    }
-                }
-                Err(e) => failure = Some(e),
-            }
-        }
-        // Once both sources have handed over everything in the window around the cut
-        // (or the old one is closing), what they held is counted: oldest first, twins
-        // once, before anything newer.
-        if let Some(old) = retiring.as_mut() {
-            if old.handover.ready() || (old.closing && !old.handover.resolved()) {
-                let held = old.handover.resolve();
-                let (held_old, held_new, in_window, twins) = old.handover.stats;
-                resolved = Some(Event::Handover { held_old, held_new, in_window, twins });
-                for h in &held {
-                    count(&h.frame.frame(), h.frame.link, h.frame.by_ports);
-                }
-            }
-        }
-        buckets.record_drops(clock.wall_s(), dropped);
-        (blocks, failure, resolved)
     }
 
     /// Closes the replaced source once everything it stamped before the cut has had
