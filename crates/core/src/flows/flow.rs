@@ -5,7 +5,9 @@ use super::list::{Linked, Links};
 use super::owners::OwnerStatus;
 use super::seq::SeqTrack;
 use super::totals::Contribution;
-use crate::counters::{Counters, TcpCounters};
+use crate::capture::packet::{TcpFields, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::capture::Direction;
+use crate::counters::{Counters, TcpCounters, TcpEvents};
 use crate::peer::BackendKind;
 
 #[repr(C)]
@@ -135,4 +137,55 @@ impl Flow {
             connections: (self.tcp.syn > self.base_tcp.syn) as u64,
         }
     }
+}
+
+/// The TCP events of one segment of flow `f` (flags, sequence space, window), with the
+/// flow's own state brought up to date.
+pub(super) fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us: i64) -> TcpEvents {
+    let mut ev = TcpEvents::empty();
+    let d = match dir {
+        Direction::In => 0,
+        Direction::Out => 1,
+    };
+    let (inbound, syn, fin, rst) = (d == 0, t.flags & TCP_SYN != 0, t.flags & TCP_FIN != 0, t.flags & TCP_RST != 0);
+    let by_dir = |in_flag, out_flag| TcpEvents::by_dir(inbound, in_flag, out_flag);
+    if syn && t.flags & TCP_ACK == 0 && inbound {
+        ev |= TcpEvents::SYN;
+    }
+    if rst {
+        ev |= by_dir(TcpEvents::RST_IN, TcpEvents::RST_OUT);
+        if f.closed_us == 0 {
+            // 0 means open (and decides list membership), whatever the clock says.
+            f.closed_us = ts_us.max(1);
+        }
+        return ev;
+    }
+    // Sequence space: SYN and FIN take one number each, data its length.
+    let payload = t.payload_len(wire_len);
+    let used = payload + syn as u32 + fin as u32;
+    if used > 0 {
+        let (retrans, ooo) = f.seq[d].segment(t.seq, t.seq.wrapping_add(used));
+        if retrans {
+            ev |= by_dir(TcpEvents::RETRANS_IN, TcpEvents::RETRANS_OUT);
+        }
+        if ooo {
+            ev |= by_dir(TcpEvents::OOO_IN, TcpEvents::OOO_OUT);
+        }
+    }
+    // A side that has sent its FIN closes its receive window when the application lets
+    // go of the socket: that zero is the end, not a slow reader.
+    if t.window == 0 && !syn && !fin && !f.fin_seen[d] {
+        ev |= by_dir(TcpEvents::ZERO_WINDOW_IN, TcpEvents::ZERO_WINDOW_OUT);
+    }
+    if fin && !f.fin_seen[d] {
+        f.fin_seen[d] = true;
+        if f.first_fin == 0 {
+            f.first_fin = d as u8 + 1;
+        }
+        ev |= by_dir(TcpEvents::FIN_IN, TcpEvents::FIN_OUT);
+        if f.fin_seen[0] && f.fin_seen[1] && f.closed_us == 0 {
+            f.closed_us = ts_us.max(1);
+        }
+    }
+    ev
 }

@@ -24,6 +24,7 @@ pub mod index;
 mod key;
 pub mod list;
 mod owners;
+mod saved;
 mod seq;
 mod totals;
 
@@ -36,6 +37,7 @@ use crate::capture::packet::{TcpFields, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::capture::{Direction, MAX_DEVICES};
 use crate::counters::{align, Counters, TcpEvents};
 use crate::peer::{self, BackendKind, EGRESS_ROWS};
+use flow::tcp_events;
 use list::List;
 
 /// Fixed-size bookkeeping at the head of the table. All-zero bytes are an empty table.
@@ -449,105 +451,6 @@ impl FlowTable<'_> {
         self.header.owner_overflow = 0;
         self.header.stats_reset_us = now_us;
     }
-}
-
-impl FlowTable<'_> {
-    /// Adds role and database totals and the table's counters saved before a restart
-    /// (see `persist`): each saved row goes to the row of its name (row 0 to row 0), taken
-    /// as a new name would be, so rows that filled up and emptied before the restart are
-    /// not carried over, and anything counted before the load is kept.
-    pub fn restore_totals(&mut self, roles: &[Totals], databases: &[Totals], counters: [u64; 3], stats_reset_us: i64) {
-        for (rows, saved) in [(&mut *self.roles, roles), (&mut *self.databases, databases)] {
-            for t in saved {
-                let at = if t.name[0] == 0 { 0 } else { totals::row_for(rows, &t.name) };
-                rows[at as usize].merge(t);
-            }
-        }
-        self.header.evictions += counters[0];
-        self.header.folded += counters[1];
-        self.header.owner_overflow += counters[2];
-        if stats_reset_us != 0 {
-            self.header.stats_reset_us = stats_reset_us;
-        }
-    }
-}
-
-impl FlowTable<'_> {
-    /// Adds the egress rows saved before a restart, each to its own row.
-    pub fn restore_egress(&mut self, rows: &[(u8, Totals)]) {
-        for (row, t) in rows {
-            if let Some(r) = self.header.egress.get_mut(*row as usize) {
-                r.merge(t);
-            }
-        }
-    }
-}
-
-impl FlowView<'_> {
-    /// The egress rows that hold anything, by position, for the saved file.
-    pub fn saved_egress(&self) -> Vec<(u8, Totals)> {
-        let rows = self.header.egress.iter().enumerate().filter(|(_, r)| !r.is_empty());
-        rows.map(|(i, r)| (i as u8, *r)).collect()
-    }
-
-    /// The role or database rows worth saving, with their positions: those that hold
-    /// anything (a name whose figures are all zero is not carried over a restart, so the
-    /// rows never fill up for good).
-    pub fn saved_rows(&self, by_role: bool) -> Vec<(u16, Totals)> {
-        let rows = if by_role { self.roles } else { self.databases };
-        rows.iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(i, r)| (i as u16, *r)).collect()
-    }
-}
-
-/// The TCP events of one segment of flow `f` (flags, sequence space, window), with the
-/// flow's own state brought up to date.
-fn tcp_events(f: &mut Flow, dir: Direction, t: &TcpFields, wire_len: u32, ts_us: i64) -> TcpEvents {
-    let mut ev = TcpEvents::empty();
-    let d = match dir {
-        Direction::In => 0,
-        Direction::Out => 1,
-    };
-    let (inbound, syn, fin, rst) = (d == 0, t.flags & TCP_SYN != 0, t.flags & TCP_FIN != 0, t.flags & TCP_RST != 0);
-    let by_dir = |in_flag, out_flag| TcpEvents::by_dir(inbound, in_flag, out_flag);
-    if syn && t.flags & TCP_ACK == 0 && inbound {
-        ev |= TcpEvents::SYN;
-    }
-    if rst {
-        ev |= by_dir(TcpEvents::RST_IN, TcpEvents::RST_OUT);
-        if f.closed_us == 0 {
-            // 0 means open (and decides list membership), whatever the clock says.
-            f.closed_us = ts_us.max(1);
-        }
-        return ev;
-    }
-    // Sequence space: SYN and FIN take one number each, data its length.
-    let payload = t.payload_len(wire_len);
-    let used = payload + syn as u32 + fin as u32;
-    if used > 0 {
-        let (retrans, ooo) = f.seq[d].segment(t.seq, t.seq.wrapping_add(used));
-        if retrans {
-            ev |= by_dir(TcpEvents::RETRANS_IN, TcpEvents::RETRANS_OUT);
-        }
-        if ooo {
-            ev |= by_dir(TcpEvents::OOO_IN, TcpEvents::OOO_OUT);
-        }
-    }
-    // A side that has sent its FIN closes its receive window when the application lets
-    // go of the socket: that zero is the end, not a slow reader.
-    if t.window == 0 && !syn && !fin && !f.fin_seen[d] {
-        ev |= by_dir(TcpEvents::ZERO_WINDOW_IN, TcpEvents::ZERO_WINDOW_OUT);
-    }
-    if fin && !f.fin_seen[d] {
-        f.fin_seen[d] = true;
-        if f.first_fin == 0 {
-            f.first_fin = d as u8 + 1;
-        }
-        ev |= by_dir(TcpEvents::FIN_IN, TcpEvents::FIN_OUT);
-        if f.fin_seen[0] && f.fin_seen[1] && f.closed_us == 0 {
-            f.closed_us = ts_us.max(1);
-        }
-    }
-    ev
 }
 
 #[cfg(test)]
