@@ -192,7 +192,7 @@ static INT_SETTINGS: [IntSetting; 10] = [
     IntSetting {
         name: c"pg_netstat.max_statements",
         short: c"Most statements (role, database, query id) counted apart in pg_netstat_statements.",
-        long: c"Sized in shared memory at server start (about 150 bytes each). When full, the statement charged least recently is folded into its role's and database's 'other' row.",
+        long: c"Sized in shared memory at server start (at most 144 bytes each). When full, the statement charged least recently is folded into its role's and database's 'other' row.",
         value: &MAX_STATEMENTS,
         min: 10,
         max: 1_000_000,
@@ -323,5 +323,38 @@ impl Settings {
             flow_idle_timeout: FLOW_IDLE_TIMEOUT.get().max(0) as u32,
             save_interval: SAVE_INTERVAL.get().max(0) as u32,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/configuration.md's row of each numeric setting states the bounds the code
+    /// defines, as "(MIN – MAX UNIT" (then ")" or "; ..."), and says **restart** exactly
+    /// when the setting takes one: the table cannot drift from the code.
+    #[test]
+    fn the_settings_table_in_the_docs_states_the_codes_bounds() {
+        let doc = include_str!("../../docs/configuration.md");
+        let mut problems = Vec::new();
+        for s in &INT_SETTINGS {
+            let name = s.name.to_str().unwrap();
+            let Some(row) = doc.lines().find(|l| l.starts_with(&format!("| `{name}` |"))) else {
+                problems.push(format!("{name}: no row"));
+                continue;
+            };
+            let bounds = match s.unit.words() {
+                Some((symbol, _)) => format!("({} – {} {symbol}", s.min, s.max),
+                None => format!("({} – {}", s.min, s.max),
+            };
+            if ![")", ";"].iter().any(|end| row.contains(&format!("{bounds}{end}"))) {
+                problems.push(format!("{name}: the row does not say {bounds})"));
+            }
+            if row.contains("**restart**") != s.restart {
+                problems
+                    .push(format!("{name}: **restart** is {} in the row", if s.restart { "missing" } else { "wrong" }));
+            }
+        }
+        assert!(problems.is_empty(), "docs/configuration.md: {problems:#?}");
     }
 }

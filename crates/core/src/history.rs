@@ -25,6 +25,10 @@ pub struct Slot {
     pub tcp: TcpCounters,
 }
 
+/// docs/configuration.md, how-it-works.md and pg_netstat.history's description say 160
+/// bytes per interval kept.
+const _: () = assert!(std::mem::size_of::<Slot>() == 160);
+
 impl Slot {
     pub fn from_closed(closed: &Closed, created_at_us: i64) -> Slot {
         Slot {

@@ -98,6 +98,10 @@ pub struct Entry {
     pub last_seen_us: i64,
 }
 
+/// docs/configuration.md (pg_netstat.max_statements) and the setting's description say
+/// what an entry costs: these 128 bytes, and 8 to 16 of index.
+const _: () = assert!(std::mem::size_of::<Entry>() == 128);
+
 impl Linked for Entry {
     fn links(&self) -> &Links {
         &self.links
@@ -126,11 +130,11 @@ pub struct Header {
     pub stats_reset_us: i64,
 }
 
-/// The most entries a table can have: the largest `pg_netstat.max_statements` (gucs.rs).
+/// The most entries a table can have: the largest `pg_netstat.max_statements` (the extension's gucs/).
 /// A saved file holds at most this many rows and the overflow row.
 pub const MOST_ENTRIES: usize = 1_000_000;
 
-/// One row as a copy of the table holds it (and the saved file, src/savefile.rs): the
+/// One row as a copy of the table holds it (and the saved file, crates/core/src/savefile/): the
 /// key (`None`: the table-wide overflow row), the figures and when they were charged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Row {
