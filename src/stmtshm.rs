@@ -10,6 +10,7 @@ use pg_netstat_core::statements::conns::{AppRow, Conn, ConnHeader, Conns, SlotId
 use pg_netstat_core::statements::pending::{self, Pending, PendingCell, PendingEntry};
 use pg_netstat_core::statements::table::{self, Row, TableCounters};
 use pg_netstat_core::statements::{Entry, Header, StatementTable};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const SHMEM_NAME: &std::ffi::CStr = c"pg_netstat statements";
@@ -102,7 +103,26 @@ fn pending_cells() -> Option<(&'static [PendingCell], &'static AtomicU32)> {
 pub fn pending_write<R>(pos: u32, f: impl FnOnce(&mut Pending, u32) -> R) -> Option<R> {
     let (cells, generation) = pending_cells()?;
     let generation = generation.load(Ordering::Acquire);
-    Some(cells.get(pos as usize)?.update(|p: &mut Pending| f(p, generation)))
+    let cell = cells.get(pos as usize)?;
+    MINE.try_with(|mine| {
+        // Never lent twice (nothing in `f` writes pending charges); if it were, refuse
+        // rather than write the cell behind the copy's back.
+        let mut mine = mine.try_borrow_mut().ok()?;
+        if mine.as_ref().is_none_or(|(p, _)| *p != pos) {
+            // The slot's holder is the cell's one writer: its value is whole to read.
+            *mine = Some((pos, cell.read()?));
+        }
+        let (_, value) = mine.as_mut()?;
+        Some(cell.update_from(value, |p: &mut Pending| f(p, generation)))
+    })
+    .ok()
+    .flatten()
+}
+
+thread_local! {
+    /// This backend's copy of what its pending cell holds (and the cell's slot): the cell's
+    /// one writer need not read it back, and writes only the words a charge changed.
+    static MINE: RefCell<Option<(u32, Pending)>> = const { RefCell::new(None) };
 }
 
 /// A copy of slot `i`'s pending charges, or `None` when its backend kept writing them

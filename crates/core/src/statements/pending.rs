@@ -123,27 +123,12 @@ fn figures_from(w: &[u64]) -> Figures {
 impl Words<PENDING_WORDS> for Pending {
     fn encode(&self) -> [u64; PENDING_WORDS] {
         let mut w = [0u64; PENDING_WORDS];
-        w[0] = self.generation as u64 | (self.count as u64) << 32;
-        if let Some(s) = self.socket {
-            w[1] = 1;
-            w[2..2 + SOCKET_WORDS].copy_from_slice(&[
-                s.bytes_in,
-                s.bytes_out,
-                s.segments_in,
-                s.segments_out,
-                s.retransmits,
-                s.rtt_us,
-            ]);
-        }
-        w[8] = self.since_us as u64;
-        for (i, e) in self.entries.iter().enumerate() {
-            let at = 9 + i * ENTRY_WORDS;
-            w[at..at + 3].copy_from_slice(&e.key.to_words());
-            w[at + 3..at + 3 + FIGURES_WORDS].copy_from_slice(&figures_words(&e.figures));
-            w[at + 3 + FIGURES_WORDS] = e.first_seen_us as u64;
-            w[at + 4 + FIGURES_WORDS] = e.last_seen_us as u64;
-        }
+        self.store_words(None, |i, v| w[i] = v);
         w
+    }
+
+    fn encode_changes(&self, before: &Pending, store: impl FnMut(usize, u64)) {
+        self.store_words(Some(before), store);
     }
 
     fn decode(w: &[u64; PENDING_WORDS]) -> Pending {
@@ -170,6 +155,40 @@ impl Words<PENDING_WORDS> for Pending {
                     last_seen_us: w[at + 4 + FIGURES_WORDS] as i64,
                 }
             }),
+        }
+    }
+}
+
+impl Pending {
+    /// Stores the words of the header ([generation | count << 32]), the socket,
+    /// `since_us` and each entry: all of them, or (with `before`) those of the parts that
+    /// differ from `before`'s.
+    fn store_words(&self, before: Option<&Pending>, mut store: impl FnMut(usize, u64)) {
+        let changed = |same: bool| before.is_none() || !same;
+        if changed(before.is_some_and(|b| (b.generation, b.count) == (self.generation, self.count))) {
+            store(0, self.generation as u64 | (self.count as u64) << 32);
+        }
+        if changed(before.is_some_and(|b| b.socket == self.socket)) {
+            let words = match self.socket {
+                Some(s) => [1, s.bytes_in, s.bytes_out, s.segments_in, s.segments_out, s.retransmits, s.rtt_us],
+                None => [0; 1 + SOCKET_WORDS],
+            };
+            for (i, v) in words.into_iter().enumerate() {
+                store(1 + i, v);
+            }
+        }
+        if changed(before.is_some_and(|b| b.since_us == self.since_us)) {
+            store(8, self.since_us as u64);
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            if changed(before.is_some_and(|b| b.entries[i] == *e)) {
+                let at = 9 + i * ENTRY_WORDS;
+                let (key, figures) = (e.key.to_words(), figures_words(&e.figures));
+                let times = [e.first_seen_us as u64, e.last_seen_us as u64];
+                for (j, v) in key.iter().chain(&figures).chain(&times).enumerate() {
+                    store(at + j, *v);
+                }
+            }
         }
     }
 }
@@ -320,5 +339,29 @@ mod tests {
                 last_seen_us: 80
             }
         );
+    }
+
+    #[test]
+    fn a_writer_with_its_own_copy_leaves_the_cell_word_for_word_as_a_full_rewrite_does() {
+        // Two cells, the same changes: one by update (read back, rewrite what differs),
+        // the other by update_from (this writer's copy, only the parts that changed).
+        let (full, mine_cell) = (PendingCell::default(), PendingCell::default());
+        let mut mine = Pending::default();
+        let mut rng = crate::capture::testframes::xorshift(23);
+        for step in 0..20_000u64 {
+            let r = rng();
+            let change = |p: &mut Pending| match r % 8 {
+                0 => p.clear(r >> 8 & 3),
+                1 => p.socket = Some(Socket { bytes_in: step, bytes_out: r as u64, ..Socket::default() }),
+                2 => p.socket = None,
+                _ => {
+                    p.add(key((r >> 8) as u64 % 12), &out(r as u64 % 1000), step as i64);
+                }
+            };
+            full.update(change);
+            mine_cell.update_from(&mut mine, change);
+            assert_eq!(mine_cell.raw_words(), full.raw_words(), "step {step}");
+        }
+        assert_eq!(mine_cell.read::<Pending>().map(|p| p.encode()), Some(mine.encode()));
     }
 }
