@@ -1,4 +1,4 @@
-"""The saved-state file's documented format (src/savefile.rs), written independently of
+"""The saved-state file's documented format (crates/core/src/savefile/), written independently of
 the Rust encoder: the tests load what it writes to prove the format is what the docs say,
 and scripts/bench writes full histories with it to time loading and saving."""
 

@@ -1,6 +1,6 @@
 """Ring rebuilds under load: every rebuild hands capture from the old ring to the new one
 without losing or doubling a packet, even though the two rings stamp each packet a few
-microseconds apart (see src/handover.rs)."""
+microseconds apart (see crates/core/src/handover.rs)."""
 
 import subprocess
 import time

@@ -286,7 +286,7 @@ impl Work {
     }
 }
 
-/// The worker's per-frame work (see Device::drain_into): header parsing, the direction
+/// The worker's per-frame work (see device/drain.rs): header parsing, the direction
 /// rule, interval bucketing and the flow table, in process memory instead of shared; with
 /// the worker's shortcut for the next packet of the last connection.
 struct Accountant {

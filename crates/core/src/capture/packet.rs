@@ -174,7 +174,7 @@ pub type Ipv4Conn = [u8; 12];
 /// a frame: its connection's bytes and its TCP fields, exactly as `parse` reports them
 /// (tested below); `None` for every other frame, which `parse` then handles.
 ///
-/// The worker's same-flow shortcut (device.rs) compares the connection bytes with the
+/// The worker's same-flow shortcut (device/drain.rs) compares the connection bytes with the
 /// previous packet's and, when they match, reuses that packet's flow key: a bulk transfer
 /// then skips the general parse, the copies of its result and the building of the key.
 #[inline]

@@ -1,6 +1,6 @@
 //! Per-connection figures from the backends' own sockets, and their totals per role,
 //! database, application, peer class and backend type — what a server without
-//! CAP_NET_RAW can still tell. Pure: the glue is in `stmt_hooks.rs` / `stmtshm.rs`.
+//! CAP_NET_RAW can still tell. Pure: the glue is in the extension's `stmt_hooks/` / `stmtshm.rs`.
 //!
 //! Each TCP backend takes a slot when it authenticates and writes its socket's counters
 //! (`tcp_info`, since the socket was accepted: setup included) into it whenever it
