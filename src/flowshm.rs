@@ -22,7 +22,7 @@ struct Layout {
     databases: Part<Totals>,
 }
 
-// SAFETY (each): plain data, no pointer; all-zero is a valid value: an unused place, a
+// SAFETY: (each of these) plain data, no pointer; all-zero is a valid value: an unused place, a
 // zero count, OwnerStatus::Unknown and BackendKind::Unknown (both 0).
 unsafe impl Zeroable for Header {}
 // SAFETY: as above.

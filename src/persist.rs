@@ -36,6 +36,7 @@ pub fn collect(at_exit: bool) -> SavedState {
         // SAFETY: plain reads of the control file's copy in shared memory and of this
         // process's recovery state; both are valid in any process attached to it.
         system_identifier: unsafe { pg_sys::GetSystemIdentifier() },
+        // SAFETY: as above.
         in_recovery: unsafe { pg_sys::RecoveryInProgress() },
         at_exit,
         writer: env!("CARGO_PKG_VERSION").to_string(),

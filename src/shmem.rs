@@ -137,25 +137,30 @@ impl NetstatShared {
     }
 }
 
-// SAFETY (STATE, INJECT_ERROR, SAVE_REQUESTED, WORKER_PID and WORKER_EXITED_US): each name is this extension's own, and pg_shmem_init! in
-// _PG_init (preload only) places the value in shared memory before any process uses it.
+// SAFETY: (this static and the four below) each name is this extension's own, and
+// pg_shmem_init! in _PG_init (preload only) places the value in shared memory before
+// any process uses it.
 pub static STATE: PgLwLock<NetstatShared> = unsafe { PgLwLock::new(c"pg_netstat") };
 
 /// Set by `pg_netstat_inject_worker_error()`; the worker raises an ERROR when it sees it.
 /// An atomic, not under the lock, because the worker checks it on every wake-up.
+// SAFETY: as STATE\'s above.
 pub static INJECT_ERROR: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_inject_error") };
 
 /// Set by `pg_netstat_reset()`: the worker saves the state file at its next wake-up, so
 /// a crash cannot bring back what was reset.
+// SAFETY: as STATE\'s above.
 pub static SAVE_REQUESTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_netstat_save_requested") };
 
 /// PID of the running capture worker; 0 while none runs (until a starting worker has
 /// taken its devices over, and from its exit until the next one has). An atomic: the
 /// worker clears it as it exits.
+// SAFETY: as STATE\'s above.
 pub static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_netstat_worker_pid") };
 
 /// Unix microseconds of the last worker's exit: while none runs, its devices are shown
 /// `stopped` since then. An atomic, so the exit path (after an error too) takes no lock.
+// SAFETY: as STATE\'s above.
 pub static WORKER_EXITED_US: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"pg_netstat_worker_exited_us") };
 
 /// The history rows' region and rows per device: set once in _PG_init, in the

@@ -35,7 +35,7 @@ struct Layout {
     pending: LockFreePart<PendingCell>,
 }
 
-// SAFETY (each): plain data, no pointer; all-zero is a valid value (an unused entry or
+// SAFETY: (each of these) plain data, no pointer; all-zero is a valid value (an unused entry or
 // slot, zero counts, pending cells of no charges).
 unsafe impl Zeroable for Header {}
 // SAFETY: as above.

@@ -75,6 +75,7 @@ fn send(iface: &str, port: u16, noise_port: u16, rate: u64, count: u64) {
     // SAFETY: plain socket calls on a socket owned here; the buffers outlive the calls.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_ifindex = info.ifindex as i32;

@@ -24,6 +24,7 @@ fn have_capture_rights() -> bool {
     // SAFETY: plain socket call; the fd is closed right away.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     if fd >= 0 {
+        // SAFETY: the fd was opened just above and is closed once.
         unsafe { libc::close(fd) };
         return true;
     }

@@ -141,7 +141,8 @@ pub struct Ring {
     stats: KernelStats,
 }
 
-// The mapping is owned by this value alone; nothing else aliases it from Rust.
+// SAFETY: the mapping is owned by this value alone; nothing else aliases it from Rust,
+// so moving it to another thread moves its only user.
 unsafe impl Send for Ring {}
 
 fn os_err(what: &'static str) -> impl FnOnce(io::Error) -> CaptureError {
