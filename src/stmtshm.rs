@@ -112,11 +112,23 @@ pub fn pending_write<R>(pos: u32, f: impl FnOnce(&mut Pending, u32) -> R) -> Opt
             // The slot's holder is the cell's one writer: its value is whole to read.
             *mine = Some((pos, cell.read()?));
         }
-        let (_, value) = mine.as_mut()?;
+        let guard = ForgetOnUnwind(&mut mine);
+        let (_, value) = guard.0.as_mut()?;
         Some(cell.update_from(value, |p: &mut Pending| f(p, generation)))
     })
     .ok()
     .flatten()
+}
+
+/// Drops the copy if `f` panicked: it may then hold changes the cell does not.
+struct ForgetOnUnwind<'a>(&'a mut Option<(u32, Pending)>);
+
+impl Drop for ForgetOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            *self.0 = None;
+        }
+    }
 }
 
 thread_local! {
@@ -187,7 +199,7 @@ fn pending_entries(slots: &[Conn]) -> Vec<PendingEntry> {
     let generation = generation.load(Ordering::Acquire);
     let mut out = Vec::new();
     for (i, _) in slots.iter().enumerate().filter(|(_, c)| c.in_use) {
-        if let Some(p) = pending_read(i).filter(|p| p.generation == generation) {
+        if let Some(p) = pending_read(i).filter(|p| p.generation() == generation) {
             out.extend_from_slice(p.entries());
         }
     }
@@ -199,7 +211,7 @@ fn pending_entries(slots: &[Conn]) -> Vec<PendingEntry> {
 fn live_slots(slots: &[Conn]) -> Vec<Conn> {
     let mut out = Vec::new();
     for (i, c) in slots.iter().enumerate().filter(|(_, c)| c.in_use) {
-        let latest = pending_read(i).and_then(|p| p.socket);
+        let latest = pending_read(i).and_then(|p| p.socket());
         out.push(Conn { socket: latest.unwrap_or(c.socket), ..*c });
     }
     out
@@ -210,12 +222,12 @@ fn live_slots(slots: &[Conn]) -> Vec<Conn> {
 pub fn flush_pending<R>(id: SlotId, f: impl FnOnce(&mut StatementTable<'_>, &mut Conns<'_>) -> R) -> Option<R> {
     write_all(|t, c| {
         pending_write(id.pos, |p, generation| {
-            if p.generation == generation {
+            if p.generation() == generation {
                 for e in p.entries() {
                     t.charge_between(e.key, &e.figures, e.first_seen_us, e.last_seen_us);
                 }
             }
-            if let Some(s) = p.socket {
+            if let Some(s) = p.socket() {
                 c.update(id, s);
             }
             p.clear(generation);
@@ -241,7 +253,7 @@ pub fn reset(now_us: i64) {
     write_all(|t, c| {
         if let Some((_, generation)) = pending_cells() {
             for (i, slot) in c.slots.iter_mut().enumerate().filter(|(_, s)| s.in_use) {
-                if let Some(s) = pending_read(i).and_then(|p| p.socket) {
+                if let Some(s) = pending_read(i).and_then(|p| p.socket()) {
                     slot.socket = s;
                 }
             }

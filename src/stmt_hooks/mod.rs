@@ -199,7 +199,7 @@ fn apply(charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
         return;
     }
     let add = |p: &mut Pending, generation: u32| {
-        if p.generation != generation {
+        if p.generation() != generation {
             // A reset since: what waited here was reset away.
             p.clear(generation);
         }
@@ -209,7 +209,7 @@ fn apply(charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
         for (k, f) in charges.iter().flatten() {
             p.add(*k, f, now);
         }
-        p.socket = Some(socket);
+        p.set_socket(Some(socket));
         Some(p.due(now))
     };
     match stmtshm::pending_write(id.pos, add) {

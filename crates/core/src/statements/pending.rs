@@ -43,16 +43,47 @@ const _: () = assert!(std::mem::size_of::<PendingCell>() == 976);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pending {
     /// The table's reset generation these charges belong to: older ones were reset away.
-    pub generation: u32,
+    generation: u32,
     count: u32,
     /// The backend's latest socket reading (`Conn::socket` until the next flush).
-    pub socket: Option<Socket>,
+    socket: Option<Socket>,
     /// When the charges were last moved into the table (or the first was added).
-    pub since_us: i64,
+    since_us: i64,
     entries: [PendingEntry; PENDING_KEYS],
+    /// The parts changed since their words were last stored (`Words::store_changes`):
+    /// bit 0 the header word, 1 the socket, 2 `since_us`, 3 + i entry i. Not in the words.
+    changed: u16,
 }
 
+const HEADER: u16 = 1;
+const SOCKET: u16 = 1 << 1;
+const SINCE: u16 = 1 << 2;
+const fn entry_bit(i: usize) -> u16 {
+    1 << (3 + i)
+}
+const EVERYTHING: u16 = (1 << (3 + PENDING_KEYS)) - 1;
+
 impl Pending {
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    pub fn socket(&self) -> Option<Socket> {
+        self.socket
+    }
+
+    pub fn since_us(&self) -> i64 {
+        self.since_us
+    }
+
+    /// The backend's latest socket reading.
+    pub fn set_socket(&mut self, socket: Option<Socket>) {
+        if self.socket != socket {
+            self.socket = socket;
+            self.changed |= SOCKET;
+        }
+    }
+
     pub fn entries(&self) -> &[PendingEntry] {
         &self.entries[..(self.count as usize).min(PENDING_KEYS)]
     }
@@ -71,9 +102,11 @@ impl Pending {
     /// Adds a charge; false (nothing added) when its key is new and every place is taken.
     pub fn add(&mut self, key: StmtKey, f: &Figures, now_us: i64) -> bool {
         let n = self.count as usize;
-        if let Some(e) = self.entries[..n].iter_mut().find(|e| e.key == key) {
+        if let Some(i) = self.entries[..n].iter().position(|e| e.key == key) {
+            let e = &mut self.entries[i];
             e.figures.add(f);
             e.last_seen_us = now_us;
+            self.changed |= entry_bit(i);
             return true;
         }
         if n == PENDING_KEYS {
@@ -81,9 +114,11 @@ impl Pending {
         }
         if n == 0 {
             self.since_us = now_us;
+            self.changed |= SINCE;
         }
         self.entries[n] = PendingEntry { key, figures: *f, first_seen_us: now_us, last_seen_us: now_us };
         self.count += 1;
+        self.changed |= HEADER | entry_bit(n);
         true
     }
 
@@ -95,7 +130,7 @@ impl Pending {
     /// Empties the charges and the reading (moved to the table and the slot, or reset
     /// away) and takes the current reset generation.
     pub fn clear(&mut self, generation: u32) {
-        *self = Pending { generation, ..Pending::default() };
+        *self = Pending { generation, changed: EVERYTHING, ..Pending::default() };
     }
 }
 
@@ -123,12 +158,13 @@ fn figures_from(w: &[u64]) -> Figures {
 impl Words<PENDING_WORDS> for Pending {
     fn encode(&self) -> [u64; PENDING_WORDS] {
         let mut w = [0u64; PENDING_WORDS];
-        self.store_words(None, |i, v| w[i] = v);
+        self.store_words(EVERYTHING, |i, v| w[i] = v);
         w
     }
 
-    fn encode_changes(&self, before: &Pending, store: impl FnMut(usize, u64)) {
-        self.store_words(Some(before), store);
+    fn store_changes(&mut self, store: impl FnMut(usize, u64)) {
+        let changed = std::mem::take(&mut self.changed);
+        self.store_words(changed, store);
     }
 
     fn decode(w: &[u64; PENDING_WORDS]) -> Pending {
@@ -146,6 +182,7 @@ impl Words<PENDING_WORDS> for Pending {
             count: ((w[0] >> 32) as u32).min(PENDING_KEYS as u32),
             socket,
             since_us: w[8] as i64,
+            changed: 0,
             entries: std::array::from_fn(|i| {
                 let at = 9 + i * ENTRY_WORDS;
                 PendingEntry {
@@ -160,15 +197,13 @@ impl Words<PENDING_WORDS> for Pending {
 }
 
 impl Pending {
-    /// Stores the words of the header ([generation | count << 32]), the socket,
-    /// `since_us` and each entry: all of them, or (with `before`) those of the parts that
-    /// differ from `before`'s.
-    fn store_words(&self, before: Option<&Pending>, mut store: impl FnMut(usize, u64)) {
-        let changed = |same: bool| before.is_none() || !same;
-        if changed(before.is_some_and(|b| (b.generation, b.count) == (self.generation, self.count))) {
+    /// Stores the words of the parts named in `parts` (bits as in `changed`): the header
+    /// ([generation | count << 32]), the socket, `since_us`, the entries.
+    fn store_words(&self, parts: u16, mut store: impl FnMut(usize, u64)) {
+        if parts & HEADER != 0 {
             store(0, self.generation as u64 | (self.count as u64) << 32);
         }
-        if changed(before.is_some_and(|b| b.socket == self.socket)) {
+        if parts & SOCKET != 0 {
             let words = match self.socket {
                 Some(s) => [1, s.bytes_in, s.bytes_out, s.segments_in, s.segments_out, s.retransmits, s.rtt_us],
                 None => [0; 1 + SOCKET_WORDS],
@@ -177,11 +212,11 @@ impl Pending {
                 store(1 + i, v);
             }
         }
-        if changed(before.is_some_and(|b| b.since_us == self.since_us)) {
+        if parts & SINCE != 0 {
             store(8, self.since_us as u64);
         }
         for (i, e) in self.entries.iter().enumerate() {
-            if changed(before.is_some_and(|b| b.entries[i] == *e)) {
+            if parts & entry_bit(i) != 0 {
                 let at = 9 + i * ENTRY_WORDS;
                 let (key, figures) = (e.key.to_words(), figures_words(&e.figures));
                 let times = [e.first_seen_us as u64, e.last_seen_us as u64];
@@ -275,14 +310,14 @@ mod tests {
                 break;
             }
         }
-        p.socket = Some(Socket {
+        p.set_socket(Some(Socket {
             bytes_in: 1,
             bytes_out: u64::MAX,
             segments_in: 3,
             segments_out: 4,
             retransmits: 5,
             rtt_us: 6,
-        });
+        }));
         let back = Pending::decode(&p.encode());
         assert_eq!((back.generation, back.socket, back.since_us), (p.generation, p.socket, p.since_us));
         assert_eq!(back.entries(), p.entries());
@@ -352,8 +387,8 @@ mod tests {
             let r = rng();
             let change = |p: &mut Pending| match r % 8 {
                 0 => p.clear(r >> 8 & 3),
-                1 => p.socket = Some(Socket { bytes_in: step, bytes_out: r as u64, ..Socket::default() }),
-                2 => p.socket = None,
+                1 => p.set_socket(Some(Socket { bytes_in: step, bytes_out: r as u64, ..Socket::default() })),
+                2 => p.set_socket(None),
                 _ => {
                     p.add(key((r >> 8) as u64 % 12), &out(r as u64 % 1000), step as i64);
                 }

@@ -21,11 +21,11 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 pub trait Words<const W: usize>: Sized {
     fn encode(&self) -> [u64; W];
     fn decode(words: &[u64; W]) -> Self;
-    /// Calls `store(i, word)` for word `i` of `self`'s encoding, for at least every word
-    /// that differs from `before`'s. This one stores them all; a value that knows which
-    /// of its fields changed stores fewer (`SeqCell::update_from` writes only these).
-    fn encode_changes(&self, before: &Self, mut store: impl FnMut(usize, u64)) {
-        let _ = before;
+    /// Stores (`store(i, word)`) at least every word changed since the last call, or
+    /// since the value was decoded, and forgets those changes. This one stores them all;
+    /// a value that tracks its own changes stores fewer (`SeqCell::update_from` writes
+    /// only these).
+    fn store_changes(&mut self, mut store: impl FnMut(usize, u64)) {
         for (i, w) in self.encode().into_iter().enumerate() {
             store(i, w);
         }
@@ -64,19 +64,18 @@ impl<const W: usize> SeqCell<W> {
     }
 
     /// Changes the value by `f`, for the one writer that keeps its own copy of it:
-    /// `mine` must be what the cell holds (what this writer last wrote, or read). Nothing
-    /// is read back from the cell, and only the words `encode_changes` names are written:
-    /// a statement's charge changes a few of a backend's 121 words. `f` works on a copy,
-    /// so `mine` and the cell stay equal if it panics.
-    pub fn update_from<T: Words<W> + Clone, R>(&self, mine: &mut T, f: impl FnOnce(&mut T) -> R) -> R {
-        let mut value = mine.clone();
-        let r = f(&mut value);
+    /// `mine` must be what the cell holds but for the changes it has not stored yet (what
+    /// this writer last wrote, or read). Nothing is read back from the cell, and only the
+    /// words `store_changes` names are written: a statement's charge changes a few of a
+    /// backend's 121 words. If `f` panics, nothing is written and `mine` may hold changes
+    /// the cell does not: the writer must then drop its copy and read the cell again.
+    pub fn update_from<T: Words<W>, R>(&self, mine: &mut T, f: impl FnOnce(&mut T) -> R) -> R {
+        let r = f(mine);
         let c = self.changes.load(Ordering::Relaxed);
         self.changes.store(c.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
-        value.encode_changes(mine, |i, w| self.words[i].store(w, Ordering::Relaxed));
+        mine.store_changes(|i, w| self.words[i].store(w, Ordering::Relaxed));
         self.changes.store(c.wrapping_add(2), Ordering::Release);
-        *mine = value;
         r
     }
 
