@@ -96,28 +96,35 @@ fn pending_cells() -> Option<(&'static [PendingCell], &'static AtomicU32)> {
     Some((STATEMENTS.lock_free(|l| l.pending)?, &STATEMENTS.lock_free(|l| l.generation)?[0]))
 }
 
+/// This backend's copy of what its pending cell holds (and the cell's slot): the cell's
+/// one writer need not read it back, and writes only the words a charge changed. Kept
+/// in the backend's state (`stmt_hooks`), lent to `pending_write` for one call.
+pub struct MyPending(RefCell<Option<(u32, Pending)>>);
+
+impl MyPending {
+    pub const fn new() -> Self {
+        MyPending(RefCell::new(None))
+    }
+}
+
 /// Runs `f` on this backend's own pending charges (slot `pos`, which it holds) with the
 /// current reset generation; `None` before shared memory exists. Only the slot's holder
 /// calls it (it writes without the lock): a second writer at once could give readers a
 /// mix of both writes, never undefined behaviour (`SeqCell`).
-pub fn pending_write<R>(pos: u32, f: impl FnOnce(&mut Pending, u32) -> R) -> Option<R> {
+pub fn pending_write<R>(mine: &MyPending, pos: u32, f: impl FnOnce(&mut Pending, u32) -> R) -> Option<R> {
     let (cells, generation) = pending_cells()?;
     let generation = generation.load(Ordering::Acquire);
     let cell = cells.get(pos as usize)?;
-    MINE.try_with(|mine| {
-        // Never lent twice (nothing in `f` writes pending charges); if it were, refuse
-        // rather than write the cell behind the copy's back.
-        let mut mine = mine.try_borrow_mut().ok()?;
-        if mine.as_ref().is_none_or(|(p, _)| *p != pos) {
-            // The slot's holder is the cell's one writer: its value is whole to read.
-            *mine = Some((pos, cell.read()?));
-        }
-        let guard = ForgetOnUnwind(&mut mine);
-        let (_, value) = guard.0.as_mut()?;
-        Some(cell.update_from(value, |p: &mut Pending| f(p, generation)))
-    })
-    .ok()
-    .flatten()
+    // Never lent twice (nothing in `f` writes pending charges); if it were, refuse
+    // rather than write the cell behind the copy's back.
+    let mut mine = mine.0.try_borrow_mut().ok()?;
+    if mine.as_ref().is_none_or(|(p, _)| *p != pos) {
+        // The slot's holder is the cell's one writer: its value is whole to read.
+        *mine = Some((pos, cell.read()?));
+    }
+    let guard = ForgetOnUnwind(&mut mine);
+    let (_, value) = guard.0.as_mut()?;
+    Some(cell.update_from(value, |p: &mut Pending| f(p, generation)))
 }
 
 /// Drops the copy if `f` panicked: it may then hold changes the cell does not.
@@ -129,12 +136,6 @@ impl Drop for ForgetOnUnwind<'_> {
             *self.0 = None;
         }
     }
-}
-
-thread_local! {
-    /// This backend's copy of what its pending cell holds (and the cell's slot): the cell's
-    /// one writer need not read it back, and writes only the words a charge changed.
-    static MINE: RefCell<Option<(u32, Pending)>> = const { RefCell::new(None) };
 }
 
 /// A copy of slot `i`'s pending charges, or `None` when its backend kept writing them
@@ -219,9 +220,13 @@ fn live_slots(slots: &[Conn]) -> Vec<Conn> {
 
 /// Moves this backend's pending charges (slot `id`, which it holds) into the table, its
 /// latest reading into its slot, then runs `f` under the same exclusive lock.
-pub fn flush_pending<R>(id: SlotId, f: impl FnOnce(&mut StatementTable<'_>, &mut Conns<'_>) -> R) -> Option<R> {
+pub fn flush_pending<R>(
+    mine: &MyPending,
+    id: SlotId,
+    f: impl FnOnce(&mut StatementTable<'_>, &mut Conns<'_>) -> R,
+) -> Option<R> {
     write_all(|t, c| {
-        pending_write(id.pos, |p, generation| {
+        pending_write(mine, id.pos, |p, generation| {
             if p.generation() == generation {
                 for e in p.entries() {
                     t.charge_between(e.key, &e.figures, e.first_seen_us, e.last_seen_us);
@@ -237,10 +242,10 @@ pub fn flush_pending<R>(id: SlotId, f: impl FnOnce(&mut StatementTable<'_>, &mut
 }
 
 /// Takes a slot for a backend's connection (`Conns::open`), with no pending charges.
-pub fn open_slot(conn: Conn) -> Option<SlotId> {
+pub fn open_slot(mine: &MyPending, conn: Conn) -> Option<SlotId> {
     write_all(|_, c| {
         let id = c.open(conn)?;
-        pending_write(id.pos, |p, generation| p.clear(generation));
+        pending_write(mine, id.pos, |p, generation| p.clear(generation));
         Some(id)
     })
     .flatten()

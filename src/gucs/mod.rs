@@ -33,6 +33,17 @@ pub static HISTORY: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static SAVE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static MAX_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static TRACK_STATEMENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// pg_netstat.track_statements, read once per statement: without `GucSetting::get`'s
+/// thread check, which costs a thread-local lookup each time (issue 22's profile).
+///
+/// # Safety
+/// On the thread PostgreSQL runs this process on (from a hook or callback), the only
+/// one that sets the variable.
+pub unsafe fn track_statements() -> bool {
+    // SAFETY: by the caller's promise, no write runs while this reads.
+    unsafe { *TRACK_STATEMENTS.as_ptr() }
+}
 /// The raw value of pg_netstat.capture_method (an index into CAPTURE_METHODS).
 static mut CAPTURE_METHOD: std::ffi::c_int = 0;
 

@@ -44,15 +44,18 @@ unsafe extern "C-unwind" {
     );
 }
 
-#[pgrx::pg_guard]
+// The callbacks and hooks below are not #[pg_guard] (see the declarations above): our
+// own work in them runs in `guarded`, and what runs outside it cannot panic.
+
 pub(super) unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE) {
-        with_nesting(Nesting::xact_end);
+        guarded(|| {
+            backend(|b| b.with_nesting(Nesting::xact_end));
+        });
     }
 }
 
-#[pgrx::pg_guard]
 pub(super) unsafe extern "C-unwind" fn on_subxact(
     event: pg_sys::SubXactEvent::Type,
     my_subid: pg_sys::SubTransactionId,
@@ -60,43 +63,38 @@ pub(super) unsafe extern "C-unwind" fn on_subxact(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
-    match event {
-        SUBXACT_EVENT_START_SUB => {
-            with_nesting(|n| n.sub_start(my_subid));
-        }
-        SUBXACT_EVENT_COMMIT_SUB => {
-            with_nesting(|n| n.sub_commit(my_subid));
-        }
-        SUBXACT_EVENT_ABORT_SUB => {
-            with_nesting(|n| n.sub_abort(my_subid));
-        }
-        _ => {}
-    }
+    let change: fn(&mut Nesting, u32) = match event {
+        SUBXACT_EVENT_START_SUB => Nesting::sub_start,
+        SUBXACT_EVENT_COMMIT_SUB => Nesting::sub_commit,
+        SUBXACT_EVENT_ABORT_SUB => Nesting::sub_abort,
+        _ => return,
+    };
+    guarded(|| {
+        backend(|b| b.with_nesting(|n| change(n, my_subid)));
+    });
 }
 
-/// A top-level statement starts (guarded: an error in our own work is reported by pgrx).
-#[pgrx::pg_guard]
-extern "C-unwind" fn on_start(queryid: u64) {
-    start(queryid);
+/// Enters a nesting level (cannot panic: a borrow refused is a level not counted).
+fn enter() {
+    backend(|b| b.with_nesting(Nesting::enter));
 }
 
-/// A COPY FROM STDIN ended: its data is its own.
-#[pgrx::pg_guard]
-extern "C-unwind" fn on_copy_in_end() {
-    boundary(|t, s| t.finish(s));
+fn leave() {
+    backend(|b| b.with_nesting(Nesting::leave));
 }
-
-// The hooks are not #[pg_guard]: see the declarations above. What they do themselves
-// before and after the call down the chain cannot panic, or is in a guarded function.
 
 pub(super) unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int) {
-    if nesting_level() == 0 && in_local() {
-        // u64 in 15 to 17, i64 from 18: the same bits.
-        // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
-        #[allow(clippy::unnecessary_cast)]
-        let queryid = unsafe { (*(*qd).plannedstmt).queryId } as u64;
-        on_start(queryid);
-    }
+    // u64 in 15 to 17, i64 from 18: the same bits.
+    // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
+    #[allow(clippy::unnecessary_cast)]
+    let queryid = unsafe { (*(*qd).plannedstmt).queryId } as u64;
+    guarded(|| {
+        backend(|b| {
+            if b.nesting_level() == 0 {
+                start(b, queryid);
+            }
+        });
+    });
     // SAFETY: the previous hook or the standard function, with our arguments.
     unsafe {
         match PREV_EXECUTOR_START {
@@ -113,7 +111,7 @@ pub(super) unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
-    with_nesting(Nesting::enter);
+    enter();
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_RUN {
@@ -121,7 +119,7 @@ pub(super) unsafe extern "C-unwind" fn executor_run(
             None => standard_executor_run(qd, direction, count, execute_once),
         }
     }
-    with_nesting(Nesting::leave);
+    leave();
 }
 
 #[cfg(feature = "pg18")]
@@ -130,7 +128,7 @@ pub(super) unsafe extern "C-unwind" fn executor_run(
     direction: pg_sys::ScanDirection::Type,
     count: u64,
 ) {
-    with_nesting(Nesting::enter);
+    enter();
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_RUN {
@@ -138,11 +136,11 @@ pub(super) unsafe extern "C-unwind" fn executor_run(
             None => standard_executor_run(qd, direction, count),
         }
     }
-    with_nesting(Nesting::leave);
+    leave();
 }
 
 pub(super) unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
-    with_nesting(Nesting::enter);
+    enter();
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_FINISH {
@@ -150,13 +148,15 @@ pub(super) unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDes
             None => standard_executor_finish(qd),
         }
     }
-    with_nesting(Nesting::leave);
+    leave();
 }
 
 pub(super) unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
-    if nesting_level() == 0 {
-        set_in_statement(false);
-    }
+    backend(|b| {
+        if b.nesting_level() == 0 {
+            b.set_in_statement(false);
+        }
+    });
     // SAFETY: as in executor_start.
     unsafe {
         match PREV_EXECUTOR_END {
@@ -182,7 +182,7 @@ pub(super) unsafe extern "C-unwind" fn process_utility(
     let (node, queryid) = unsafe { ((*pstmt).utilityStmt, (*pstmt).queryId as u64) };
     // SAFETY: a node pointer from the PlannedStmt (NULL-safe).
     let execute = unsafe { pgrx::is_a(node, pg_sys::NodeTag::T_ExecuteStmt) };
-    let top = nesting_level() == 0 && !execute && in_local();
+    let top = !execute && backend(|b| b.nesting_level() == 0 && b.in_local()).unwrap_or(false);
     let copy_in = top && is_copy_from_stdin(node);
     if top {
         // pg_stat_statements zeroes a utility statement's query id before it calls the
@@ -191,12 +191,15 @@ pub(super) unsafe extern "C-unwind" fn process_utility(
         // once per query string, so with pg_stat_statements listed after pg_netstat in
         // shared_preload_libraries, a utility statement after the first of a
         // multi-statement string gets the first one's id.
-        on_start(if queryid != 0 { queryid } else { my_query_id() });
+        let queryid = if queryid != 0 { queryid } else { my_query_id() };
+        guarded(|| {
+            backend(|b| start(b, queryid));
+        });
     }
     // EXECUTE adds no level: the statement it runs is the top-level one, as in
     // pg_stat_statements, so the two have the same query id.
     if !execute {
-        with_nesting(Nesting::enter);
+        enter();
     }
     // SAFETY: as in executor_start.
     unsafe {
@@ -206,13 +209,18 @@ pub(super) unsafe extern "C-unwind" fn process_utility(
         }
     }
     if !execute {
-        with_nesting(Nesting::leave);
+        leave();
     }
     if top {
-        if copy_in {
-            on_copy_in_end();
-        }
-        set_in_statement(false);
+        guarded(|| {
+            backend(|b| {
+                if copy_in {
+                    // A COPY FROM STDIN ended: its data is its own.
+                    boundary(b, |t, s| t.finish(s));
+                }
+                b.set_in_statement(false);
+            });
+        });
     }
 }
 

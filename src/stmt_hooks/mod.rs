@@ -27,7 +27,6 @@ mod session;
 use hooks::{executor_end, executor_finish, executor_run, executor_start, get_user_id, my_query_id, process_utility};
 use hooks::{on_subxact, on_xact};
 pub use session::authenticated;
-use session::conn_local;
 
 use crate::{gucs, owner_hooks, stmtshm};
 use pg_netstat_core::peer::{self, BackendKind};
@@ -50,17 +49,95 @@ struct Local {
     stale: bool,
 }
 
-thread_local! {
-    // A backend's own state: PostgreSQL runs a backend on one thread, so a thread-local
-    // is the process's. Each is reached only through the functions below, which lend it
-    // for one call and refuse a hook that runs while it is lent (an error reported in the
-    // middle of our own work): nothing is ever reachable twice at once, and no hook
-    // waits or panics for it.
-    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+/// A backend's own state, in one thread-local (PostgreSQL runs a backend on one thread,
+/// so it is the process's): each hook looks it up once (a lookup is a call into the
+/// dynamic loader, as this library is loaded at run time). Each part is lent for one
+/// call and refused to a hook that runs while it is lent (an error reported in the
+/// middle of our own work): nothing is ever reachable twice at once, and no hook waits
+/// or panics for it.
+struct Backend {
+    local: RefCell<Option<Local>>,
     /// This backend's connection in the per-connection figures (client backends and
     /// walsenders on TCP); `None` elsewhere.
-    static CONN: Cell<Option<ConnLocal>> = const { Cell::new(None) };
-    static NESTING: RefCell<Nesting> = RefCell::new(Nesting::default());
+    conn: Cell<Option<ConnLocal>>,
+    nesting: RefCell<Nesting>,
+    pending: stmtshm::MyPending,
+}
+
+thread_local! {
+    static BACKEND: Backend = const {
+        Backend {
+            local: RefCell::new(None),
+            conn: Cell::new(None),
+            nesting: RefCell::new(Nesting::new()),
+            pending: stmtshm::MyPending::new(),
+        }
+    };
+}
+
+/// Runs `f` on this backend's state (`None` once the thread's state is gone, at exit).
+fn backend<R>(f: impl FnOnce(&Backend) -> R) -> Option<R> {
+    BACKEND.try_with(f).ok()
+}
+
+impl Backend {
+    /// Runs `f` on the statement nesting; `None` when it is lent already.
+    fn with_nesting<R>(&self, f: impl FnOnce(&mut Nesting) -> R) -> Option<R> {
+        self.nesting.try_borrow_mut().ok().map(|mut n| f(&mut n))
+    }
+
+    /// The nesting level (0: top level; when lent already, as if nested: nothing starts).
+    fn nesting_level(&self) -> i32 {
+        self.with_nesting(|n| n.level()).unwrap_or(i32::MAX)
+    }
+
+    /// Runs `f` on the statement state; `None` when there is none (not a client backend
+    /// on TCP), or when it is lent already: a hook of ours that runs from inside our own
+    /// work (an error reported meanwhile) does nothing rather than reach it twice.
+    fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> Option<R> {
+        self.local.try_borrow_mut().ok()?.as_mut().map(f)
+    }
+
+    fn in_local(&self) -> bool {
+        self.with_local(|_| ()).is_some()
+    }
+
+    fn set_in_statement(&self, v: bool) {
+        self.with_local(|l| l.in_statement = v);
+    }
+
+    fn in_statement(&self) -> bool {
+        self.with_local(|l| l.in_statement).unwrap_or(false)
+    }
+}
+
+/// Runs our own work from a hook that is not pgrx-guarded (its guard costs a sigsetjmp
+/// and a thread check per call): a panic, a bug of ours, is caught here and raised as an
+/// ERROR once `f`'s frames are gone, as pgrx's guard would. The ERROR leaves by longjmp,
+/// so nothing that needs dropping is left in this frame when it is raised (the message
+/// is leaked: one string, once per bug).
+fn guarded(f: impl FnOnce()) {
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let msg = e
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        drop(e);
+        let msg = std::ffi::CString::new(msg.replace('\0', " ")).unwrap_or_default().into_raw();
+        // SAFETY: a C string, never freed.
+        unsafe { raise(msg) };
+    }
+}
+
+/// # Safety
+/// `msg` is a C string.
+#[cold]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn raise(msg: *const c_char) {
+    // SAFETY: by the caller's promise.
+    let msg = unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy();
+    pgrx::error!("pg_netstat: internal error in statement accounting: {msg}");
 }
 
 #[derive(Clone, Copy)]
@@ -100,34 +177,26 @@ pub unsafe fn install() {
     }
 }
 
-/// Runs `f` on this backend's statement nesting; `None` when it is lent already.
-fn with_nesting<R>(f: impl FnOnce(&mut Nesting) -> R) -> Option<R> {
-    NESTING.try_with(|n| n.try_borrow_mut().ok().map(|mut n| f(&mut n))).ok().flatten()
-}
-
-/// The nesting level (0: top level; when lent already, as if nested: nothing starts).
-fn nesting_level() -> i32 {
-    with_nesting(|n| n.level()).unwrap_or(i32::MAX)
-}
-
 fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 /// Reads the socket and lets `f` turn the reading into charges, which go to shared
 /// memory. Nothing when this backend does not count, or counting is off.
-fn boundary(f: impl FnOnce(&mut Tracker<StmtKey>, pg_netstat_core::statements::Sample) -> Charges<StmtKey>) {
-    boundary_with(tcpinfo::read, false, f);
+fn boundary(b: &Backend, f: impl FnOnce(&mut Tracker<StmtKey>, Sample) -> Charges<StmtKey>) {
+    boundary_with(b, tcpinfo::read, false, f);
 }
 
 /// `boundary` with the reading `read` makes (`exiting`: the last one); returns the reading.
 fn boundary_with(
-    read: fn(c_int) -> Option<pg_netstat_core::statements::Sample>,
+    b: &Backend,
+    read: fn(c_int) -> Option<Sample>,
     exiting: bool,
-    f: impl FnOnce(&mut Tracker<StmtKey>, pg_netstat_core::statements::Sample) -> Charges<StmtKey>,
+    f: impl FnOnce(&mut Tracker<StmtKey>, Sample) -> Charges<StmtKey>,
 ) -> Option<Sample> {
-    with_local(|local| {
-        if !gucs::TRACK_STATEMENTS.get() {
+    b.with_local(|local| {
+        // SAFETY: from a hook or callback of this backend.
+        if !unsafe { gucs::track_statements() } {
             local.stale = true;
             return None;
         }
@@ -137,18 +206,10 @@ fn boundary_with(
             local.tracker.resync(sample);
         }
         let charges = f(&mut local.tracker, sample);
-        apply(charges, &sample, exiting);
+        apply(b, charges, &sample, exiting);
         Some(sample)
     })
     .flatten()
-}
-
-fn set_in_statement(v: bool) {
-    with_local(|l| l.in_statement = v);
-}
-
-fn in_statement() -> bool {
-    with_local(|l| l.in_statement).unwrap_or(false)
 }
 
 fn statement_key(queryid: u64) -> StmtKey {
@@ -158,41 +219,30 @@ fn statement_key(queryid: u64) -> StmtKey {
 }
 
 /// A top-level statement starts.
-fn start(queryid: u64) {
-    if in_local() {
+fn start(b: &Backend, queryid: u64) {
+    if b.in_local() {
         // The key only once the socket is read: nothing of it when counting is off.
-        boundary(|t, s| t.start(statement_key(queryid), s));
-        set_in_statement(true);
+        boundary(b, |t, s| t.start(statement_key(queryid), s));
+        b.set_in_statement(true);
     }
-}
-
-fn in_local() -> bool {
-    with_local(|_| ()).is_some()
-}
-
-/// Runs `f` on this backend's state; `None` when it has none (not a client backend on
-/// TCP), or when the state is lent already: a hook of ours that runs from inside our own
-/// work (an error reported meanwhile) does nothing rather than reach it twice.
-fn with_local<R>(f: impl FnOnce(&mut Local) -> R) -> Option<R> {
-    LOCAL.try_with(|l| l.try_borrow_mut().ok()?.as_mut().map(f)).ok().flatten()
 }
 
 /// Charges and the reading go to this backend's pending charges (`statements::pending`:
 /// no lock, no other process's memory), and from there to the shared table when they are
 /// due or a new key finds no place. Without a slot, or at exit, straight to the table.
-fn apply(charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
+fn apply(b: &Backend, charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
     if charges.iter().all(Option::is_none) {
         return;
     }
     let now = now_us();
     let charges = charges.map(|c| c.and_then(|c| Some((key_of(c.target)?, c.figures))));
     let socket = Socket::from_sample(sample);
-    let Some(id) = conn_local().and_then(|c| c.slot) else {
+    let Some(id) = b.conn.get().and_then(|c| c.slot) else {
         stmtshm::write_all(|t, _| charge_all(t, &charges, now));
         return;
     };
     if exiting {
-        stmtshm::flush_pending(id, |t, conns| {
+        stmtshm::flush_pending(&b.pending, id, |t, conns| {
             conns.update(id, socket);
             charge_all(t, &charges, now)
         });
@@ -212,15 +262,15 @@ fn apply(charges: Charges<StmtKey>, sample: &Sample, exiting: bool) {
         p.set_socket(Some(socket));
         Some(p.due(now))
     };
-    match stmtshm::pending_write(id.pos, add) {
+    match stmtshm::pending_write(&b.pending, id.pos, add) {
         Some(Some(false)) | None => {}
         Some(Some(true)) => {
-            stmtshm::flush_pending(id, |_, _| ());
+            stmtshm::flush_pending(&b.pending, id, |_, _| ());
         }
         Some(None) => {
             // No place for a new key: what waits goes to the table, then this.
-            stmtshm::flush_pending(id, |_, _| ());
-            stmtshm::pending_write(id.pos, add);
+            stmtshm::flush_pending(&b.pending, id, |_, _| ());
+            stmtshm::pending_write(&b.pending, id.pos, add);
         }
     }
 }
@@ -259,14 +309,19 @@ fn key_of(target: Target<StmtKey>) -> Option<StmtKey> {
 /// while no statement is running belongs to a statement that failed before it could
 /// start: it becomes one, so its text (in) and its error message (out) are charged to it
 /// and not to its neighbours. Nothing when the report comes from inside our own work:
-/// this backend's state lent (`with_local` refuses) or the statements lock held by this
+/// this backend's state lent (`Backend::with_local` refuses) or the statements lock held by this
 /// backend (a charge would wait for itself).
 pub fn on_report(edata: &pg_sys::ErrorData) {
-    if edata.elevel != pg_sys::PGERROR as i32 || stmtshm::held_by_me() || !in_local() {
+    if edata.elevel != pg_sys::PGERROR as i32 || stmtshm::held_by_me() {
         return;
     }
-    if !in_statement() {
-        start(my_query_id());
-    }
-    set_in_statement(false);
+    backend(|b| {
+        if !b.in_local() {
+            return;
+        }
+        if !b.in_statement() {
+            start(b, my_query_id());
+        }
+        b.set_in_statement(false);
+    });
 }

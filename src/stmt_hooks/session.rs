@@ -23,12 +23,13 @@ pub unsafe fn authenticated(port: *const pg_sys::libpq::be::Port) {
         return;
     }
     let mut tracker = Tracker::new();
-    let on = gucs::TRACK_STATEMENTS.get();
+    // SAFETY: the authentication hook, on this backend's thread.
+    let on = unsafe { gucs::track_statements() };
     if on {
         tracker.authenticated(sample);
     }
     let local = Local { tracker, sock, in_statement: false, stale: !on };
-    let _ = LOCAL.try_with(|l| l.try_borrow_mut().map(|mut l| *l = Some(local)));
+    backend(|b| b.local.try_borrow_mut().map(|mut l| *l = Some(local)));
     // The exit callback is registered once, here.
     // An on_shmem_exit callback: it runs after every before_shmem_exit one, so after
     // ShutdownPostgres has ended the session's transaction and released its locks (the
@@ -48,7 +49,8 @@ pub unsafe fn authenticated(port: *const pg_sys::libpq::be::Port) {
 /// # Safety
 /// As `authenticated`.
 unsafe fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender: bool, sample: &Sample) {
-    if !gucs::TRACK_STATEMENTS.get() {
+    // SAFETY: the authentication hook, on this backend's thread.
+    if !unsafe { gucs::track_statements() } {
         return;
     }
     // SAFETY: by the caller's promise.
@@ -72,8 +74,10 @@ unsafe fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, wal
         socket: Socket::from_sample(sample),
         ..Conn::default()
     };
-    let slot = stmtshm::open_slot(conn);
-    let _ = CONN.try_with(|c| c.set(Some(ConnLocal { key, sock, slot })));
+    backend(|b| {
+        let slot = stmtshm::open_slot(&b.pending, conn);
+        b.conn.set(Some(ConnLocal { key, sock, slot }));
+    });
     if walsender {
         // Client backends close theirs in `on_exit`, after the last statement's charge.
         // SAFETY: PostgreSQL's callback registration, in the backend, once.
@@ -81,8 +85,8 @@ unsafe fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, wal
     }
 }
 
-pub(super) fn conn_local() -> Option<ConnLocal> {
-    CONN.try_with(Cell::get).ok().flatten()
+fn conn_local() -> Option<ConnLocal> {
+    backend(|b| b.conn.get()).flatten()
 }
 
 /// The connection ends: its figures go to the totals. `last` is the final reading, if one
@@ -96,17 +100,22 @@ fn close_connection(last: Option<Sample>) {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_walsender_exit(_code: c_int, _arg: pg_sys::Datum) {
     let Some(c) = conn_local() else { return };
-    let last = if gucs::TRACK_STATEMENTS.get() { tcpinfo::read_final(c.sock) } else { None };
+    // SAFETY: an exit callback of this backend, on its thread.
+    let last = if unsafe { gucs::track_statements() } { tcpinfo::read_final(c.sock) } else { None };
     close_connection(last);
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
-    let last = boundary_with(read_at_exit, true, |t, s| t.exit(s));
-    // Counting off now, or nothing left to charge: what waits still goes to the table.
-    if let Some(id) = conn_local().and_then(|c| c.slot) {
-        stmtshm::flush_pending(id, |_, _| ());
-    }
+    let last = backend(|b| {
+        let last = boundary_with(b, read_at_exit, true, |t, s| t.exit(s));
+        // Counting off now, or nothing left to charge: what waits still goes to the table.
+        if let Some(id) = b.conn.get().and_then(|c| c.slot) {
+            stmtshm::flush_pending(&b.pending, id, |_, _| ());
+        }
+        last
+    })
+    .flatten();
     close_connection(last);
 }
 

@@ -15,6 +15,11 @@ pub struct Nesting {
 }
 
 impl Nesting {
+    /// Level 0, no subtransaction (const: a backend's state is built at compile time).
+    pub const fn new() -> Self {
+        Nesting { level: 0, subs: Vec::new() }
+    }
+
     pub fn level(&self) -> i32 {
         self.level
     }
