@@ -232,12 +232,19 @@ CREATE VIEW pg_netstat_databases AS
            zero_windows, stats_reset
       FROM pg_netstat_totals('database') ORDER BY bytes_in + bytes_out DESC;
 
+CREATE VIEW pg_netstat_unauthenticated AS
+    SELECT connections, packets_in, packets_out, bytes_in, bytes_out,
+           connection_attempts, resets_in, resets_out, retransmits_in, retransmits_out,
+           zero_windows, stats_reset
+      FROM pg_netstat_totals('unauthenticated');
+
 CREATE VIEW pg_netstat_flow_table AS
     SELECT * FROM pg_netstat_flow_table_status();
 
 COMMENT ON VIEW pg_netstat_connections IS 'Traffic and TCP health per connection, joined to pg_stat_activity';
 COMMENT ON VIEW pg_netstat_roles IS 'Cumulative traffic per role since pg_netstat_reset(), ended connections included';
 COMMENT ON VIEW pg_netstat_databases IS 'Cumulative traffic per database since pg_netstat_reset(), ended connections included';
+COMMENT ON VIEW pg_netstat_unauthenticated IS 'Cumulative traffic of connections whose login failed or was refused, under no name';
 COMMENT ON VIEW pg_netstat_flow_table IS 'Size and use of the connection table (pg_netstat.max_flows)';
 COMMENT ON FUNCTION pg_netstat_reset() IS 'Restarts the cumulative figures (roles, databases, statements, device totals) from zero';
 
@@ -246,11 +253,11 @@ COMMENT ON FUNCTION pg_netstat_reset() IS 'Restarts the cumulative figures (role
 REVOKE ALL ON FUNCTION pg_netstat_interval_history(), pg_netstat_flows(), pg_netstat_totals(text),
                         pg_netstat_flow_table_status(), pg_netstat_reset() FROM PUBLIC;
 REVOKE ALL ON pg_netstat_intervals, pg_netstat_connections, pg_netstat_roles,
-              pg_netstat_databases, pg_netstat_flow_table FROM PUBLIC;
+              pg_netstat_databases, pg_netstat_unauthenticated, pg_netstat_flow_table FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pg_netstat_interval_history(), pg_netstat_flows(), pg_netstat_totals(text),
                           pg_netstat_flow_table_status() TO pg_monitor;
 GRANT SELECT ON pg_netstat_intervals, pg_netstat_connections, pg_netstat_roles,
-                pg_netstat_databases, pg_netstat_flow_table TO pg_monitor;
+                pg_netstat_databases, pg_netstat_unauthenticated, pg_netstat_flow_table TO pg_monitor;
 
 -- Statements (the library's functions, as a fresh install defines them).
 CREATE FUNCTION pg_netstat_statement_stats() RETURNS TABLE (

@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 mod flowshm;
 mod gucs;
 mod log_hook;
+mod login;
 mod owner_hooks;
 mod persist;
 mod region;
@@ -54,58 +55,6 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: as above.
     unsafe { stmt_hooks::install() };
     worker::register();
-    least_privilege();
-}
-
-/// Only the capture worker needs CAP_NET_RAW. The postmaster keeps it permitted only
-/// (children start without it in effect, programs they run never get it); client
-/// backends drop it for good as they authenticate; the worker raises it when it starts.
-/// No other capability is touched: this runs before the postmaster opens its listen
-/// sockets, which may need CAP_NET_BIND_SERVICE. Linux-native builds only: the portable
-/// build changes no privilege and says so in the log.
-fn least_privilege() {
-    #[cfg(linux_native)]
-    if let Err(e) = pg_netstat_core::privileges::postmaster_keep_net_raw_permitted_only() {
-        warning!("pg_netstat: could not restrict CAP_NET_RAW in the postmaster: {e}");
-    }
-    #[cfg(not(linux_native))]
-    log!(
-        "pg_netstat: this build (libpcap only, no Linux capability handling) does not restrict capture \
-         privileges: every server process keeps whatever privilege the server was started with"
-    );
-    // SAFETY: hook chaining during _PG_init in the postmaster, before any backend exists.
-    unsafe {
-        PREV_CLIENT_AUTH_HOOK = pg_sys::libpq::ClientAuthentication_hook;
-        pg_sys::libpq::ClientAuthentication_hook = Some(drop_privileges_on_auth);
-    }
-}
-
-static mut PREV_CLIENT_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type = None;
-
-#[pg_guard]
-unsafe extern "C-unwind" fn drop_privileges_on_auth(port: *mut pg_sys::libpq::be::Port, status: i32) {
-    // Before anything the client can make this backend do, authenticated or not.
-    #[cfg(linux_native)]
-    if let Err(e) = pg_netstat_core::privileges::drop_net_raw() {
-        warning!("pg_netstat: could not drop CAP_NET_RAW in this backend: {e}");
-    }
-    // Who this connection is, for pg_netstat_connections / _roles / _databases.
-    let outcome = if status == pg_sys::STATUS_OK as i32 {
-        pg_netstat_core::flows::OwnerStatus::Authenticated
-    } else {
-        pg_netstat_core::flows::OwnerStatus::AuthFailed
-    };
-    // SAFETY: the hook's own Port, which lives as long as the backend.
-    unsafe {
-        owner_hooks::register(port, outcome);
-        if status == pg_sys::STATUS_OK as i32 {
-            stmt_hooks::authenticated(port);
-        }
-    }
-    // SAFETY: calling the hook that was installed before ours, with the same arguments.
-    unsafe {
-        if let Some(prev) = PREV_CLIENT_AUTH_HOOK {
-            prev(port, status);
-        }
-    }
+    // SAFETY: as above.
+    unsafe { login::install() };
 }

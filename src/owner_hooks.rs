@@ -1,7 +1,8 @@
 //! The backend side of per-connection accounting (the registry itself is flows/owners.rs):
 //! each TCP backend records who it is (role, database, PID) under its client address and
-//! port as it authenticates, or as it is refused, and marks the record ended when it
-//! exits. The record goes to the flows already captured for it at once, and to flows
+//! port once its session has begun (`login`), or as it is refused, and marks the record
+//! ended when it exits. A refused login's names go to the connection's own row only: the
+//! table counts its traffic under no name (`UNAUTHENTICATED_ROW`). The record goes to the flows already captured for it at once, and to flows
 //! captured later when they appear, so a flow keeps its role and database after the
 //! backend is gone.
 
@@ -132,8 +133,8 @@ pub(crate) struct AppKeyParts {
     pub ipv6: bool,
 }
 
-/// Records this backend's connection, once. Called from the ClientAuthentication hook
-/// with the outcome of authentication.
+/// Records this backend's connection, once: by `login`, as authentication fails or once
+/// the session has begun.
 ///
 /// # Safety
 /// As `describe`.

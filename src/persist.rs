@@ -234,10 +234,8 @@ fn apply(s: &SavedState, statements: Vec<Row>) -> Loaded {
         }
     }
     let f = s.flow_stats;
-    let (roles, databases): (Vec<_>, Vec<_>) =
-        (s.roles.iter().map(|r| r.1).collect(), s.databases.iter().map(|r| r.1).collect());
     flowshm::write(|t| {
-        t.restore_totals(&roles, &databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us);
+        t.restore_totals(&s.roles, &s.databases, [f.evictions, f.folded, f.owner_overflow], f.stats_reset_us);
         t.restore_egress(&s.egress);
     });
     let a = s.application_table;

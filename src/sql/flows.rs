@@ -167,10 +167,26 @@ rows_fn! {
 
 type TotalsRow = (Option<String>, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, Option<TimestampWithTimeZone>);
 
-fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
+/// Which totals a view reads.
+#[derive(Clone, Copy)]
+enum TotalsKind {
+    Role,
+    Database,
+    /// Connections that never began a session: one row, under no name.
+    Unauthenticated,
+}
+
+fn totals_rows(kind: TotalsKind) -> Vec<TotalsRow> {
     // A copy of a few hundred rows under the shared lock: the totals are kept up to date
     // by the worker, never summed from the flows here.
-    let Some((reset, rows)) = flowshm::read(|v| (v.header.stats_reset_us, v.totals(by_role))) else {
+    let Some((reset, rows)) = flowshm::read(|v| {
+        let rows = match kind {
+            TotalsKind::Role => v.totals(true),
+            TotalsKind::Database => v.totals(false),
+            TotalsKind::Unauthenticated => vec![v.unauthenticated()],
+        };
+        (v.header.stats_reset_us, rows)
+    }) else {
         return Vec::new();
     };
     rows.iter()
@@ -196,8 +212,11 @@ fn totals_rows(by_role: bool) -> Vec<TotalsRow> {
 
 rows_fn! {
     /// Cumulative traffic per role (`kind` = 'role') or per database ('database') since the
-    /// last reset: ended connections (folded) and live ones. The row with a NULL name holds
-    /// connections no backend claimed. Behind the pg_netstat_roles / _databases views.
+    /// last reset: ended connections (folded) and live ones, of sessions that began. The
+    /// row with a NULL name holds connections no backend claimed (and names beyond the
+    /// rows kept). With 'unauthenticated': one row, under no name, of the connections
+    /// whose login failed or was refused. Behind the pg_netstat_roles / _databases /
+    /// _unauthenticated views.
     fn pg_netstat_totals(kind: &str) -> rows(
         name: Option<String>,
         connections: i64,
@@ -213,12 +232,13 @@ rows_fn! {
         zero_windows: i64,
         stats_reset: Option<TimestampWithTimeZone>,
     ) {
-        let by_role = match kind {
-            "role" => true,
-            "database" => false,
-            other => error!("pg_netstat_totals: kind must be 'role' or 'database', not '{other}'"),
+        let kind = match kind {
+            "role" => TotalsKind::Role,
+            "database" => TotalsKind::Database,
+            "unauthenticated" => TotalsKind::Unauthenticated,
+            other => error!("pg_netstat_totals: kind must be 'role', 'database' or 'unauthenticated', not '{other}'"),
         };
-        TableIterator::new(totals_rows(by_role))
+        TableIterator::new(totals_rows(kind))
     }
 }
 

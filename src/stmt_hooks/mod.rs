@@ -26,7 +26,7 @@ mod session;
 
 use hooks::{executor_end, executor_finish, executor_run, executor_start, get_user_id, my_query_id, process_utility};
 use hooks::{on_subxact, on_xact};
-pub use session::authenticated;
+pub use session::session_begun;
 
 use crate::{gucs, owner_hooks, stmtshm};
 use pg_netstat_core::peer::{self, BackendKind};

@@ -1,15 +1,17 @@
-//! A connection's life: counting starts at authentication (TCP client backends only)
-//! and ends at exit, with the last reading taken once nothing more goes to the client.
+//! A connection's life: counting starts when its session has begun (`login`: after
+//! authentication and every check of InitPostgres; TCP client backends only) and ends at
+//! exit, with the last reading taken once nothing more goes to the client.
 
 use super::*;
 
-/// Called when authentication succeeded: a TCP client backend starts counting; any
-/// other connection (Unix socket, walsender) never does.
+/// Called once the session has begun (`login`): a TCP client backend starts counting;
+/// any other connection (Unix socket, walsender) never does. Everything received and
+/// sent so far (startup, TLS, authentication, the server's first messages) is the
+/// session's setup.
 ///
 /// # Safety
-/// `port` is NULL or this backend's Port (the authentication hook's), which lives as
-/// long as the backend.
-pub unsafe fn authenticated(port: *const pg_sys::libpq::be::Port) {
+/// `port` is NULL or this backend's Port (MyProcPort), which lives as long as the backend.
+pub unsafe fn session_begun(port: *const pg_sys::libpq::be::Port) {
     // SAFETY: a plain read of a flag set before authentication; `port` by the caller's
     // promise, `sock` its first field in every major.
     let (walsender, sock) = unsafe { (pg_sys::am_walsender, if port.is_null() { -1 } else { (*port).sock }) };
@@ -23,7 +25,7 @@ pub unsafe fn authenticated(port: *const pg_sys::libpq::be::Port) {
         return;
     }
     let mut tracker = Tracker::new();
-    // SAFETY: the authentication hook, on this backend's thread.
+    // SAFETY: a transaction callback, on this backend's thread.
     let on = unsafe { gucs::track_statements() };
     if on {
         tracker.authenticated(sample);
@@ -47,9 +49,9 @@ pub unsafe fn authenticated(port: *const pg_sys::libpq::be::Port) {
 /// Takes this connection's slot in the per-connection figures, with its first reading.
 ///
 /// # Safety
-/// As `authenticated`.
+/// As `session_begun`.
 unsafe fn open_connection(port: *const pg_sys::libpq::be::Port, sock: c_int, walsender: bool, sample: &Sample) {
-    // SAFETY: the authentication hook, on this backend's thread.
+    // SAFETY: a transaction callback, on this backend's thread.
     if !unsafe { gucs::track_statements() } {
         return;
     }

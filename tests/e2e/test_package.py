@@ -206,7 +206,7 @@ def test_alter_extension_update_from_the_first_release_equals_a_fresh_install(de
     # new columns and views answer, for pg_monitor too.
     traffic_and_rows(c, "pg_netstat_intervals", "upgraded")
     for view in ("pg_netstat", "pg_netstat_intervals", "pg_netstat_devices", "pg_netstat_connections",
-                 "pg_netstat_roles", "pg_netstat_databases", "pg_netstat_flow_table"):
+                 "pg_netstat_roles", "pg_netstat_databases", "pg_netstat_unauthenticated", "pg_netstat_flow_table"):
         c.sql(f"SELECT * FROM {view}", dbname="upgraded", user="watcher")
     # Two TCP connections were made (before and after the update); the new column counts both.
     wait_for("both connections in connection_attempts", lambda: int(c.sql(

@@ -31,7 +31,7 @@ mod totals;
 pub use flow::Flow;
 pub use key::{device_bytes, name_bytes, name_str, FlowKey, OwnerKey, NAME_LEN};
 pub use owners::{Owner, OwnerStatus, ENDED_KEPT_US};
-pub use totals::{Totals, TOTALS_ROWS};
+pub use totals::{Totals, TOTALS_ROWS, UNAUTHENTICATED_ROW};
 
 use crate::capture::packet::{TcpFields, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::capture::{Direction, MAX_DEVICES};
@@ -101,6 +101,11 @@ impl FlowView<'_> {
     /// alike, since the last reset.
     pub fn totals(&self, by_role: bool) -> Vec<Totals> {
         totals::visible(if by_role { self.roles } else { self.databases })
+    }
+
+    /// What connections that never began a session moved (refused, or failed to log in).
+    pub fn unauthenticated(&self) -> Totals {
+        totals::unauthenticated(self.roles)
     }
 
     /// The egress rows that hold anything, with their peer class and backend kind.
@@ -201,7 +206,12 @@ impl FlowTable<'_> {
         if !o.fits(f.first_seen_us, f.opened_here) {
             return;
         }
-        let (role_row, db_row) = (totals::row_for(self.roles, &o.role), totals::row_for(self.databases, &o.database));
+        let (role_row, db_row) = if o.status == OwnerStatus::Authenticated {
+            (totals::row_for(self.roles, &o.role), totals::row_for(self.databases, &o.database))
+        } else {
+            // Refused or failed: the names are only what the client claimed.
+            (totals::UNAUTHENTICATED_ROW, totals::UNAUTHENTICATED_ROW)
+        };
         let f = &mut self.flows[pos];
         (f.status, f.pid, f.role, f.database, f.application, f.kind) =
             (o.status, o.pid, o.role, o.database, o.application, o.kind);
@@ -217,9 +227,23 @@ impl FlowTable<'_> {
     }
 
     /// Forgets the flow at `pos` and frees its place. Its figures are already in the
-    /// totals; a flow pushed out before its owner was known still gets it here.
-    fn fold(&mut self, pos: usize) {
+    /// totals; a flow pushed out before its owner was known still gets it here. A
+    /// connection that opened under the capture and ended with no backend ever saying
+    /// who it was never began a session (a session's backend registers before its first
+    /// ReadyForQuery): a startup packet and nothing more, a TLS handshake left hanging, a
+    /// scan. Its figures move to the unauthenticated row then; not when it is pushed out
+    /// of a full table (`evicted`), when its login may still be under way.
+    fn fold(&mut self, pos: usize, evicted: bool) {
         self.resolve(pos);
+        let f = &self.flows[pos];
+        if !evicted && f.status == OwnerStatus::Unknown && f.opened_here {
+            let c = f.contribution();
+            let unauth = totals::UNAUTHENTICATED_ROW as usize;
+            self.roles[f.role_row as usize].remove(&c);
+            self.databases[f.db_row as usize].remove(&c);
+            self.roles[unauth].add(&c);
+            self.databases[unauth].add(&c);
+        }
         if let (i, true) = self.slot(&self.flows[pos].key) {
             let flows = &*self.flows;
             index::remove(self.index, i, |p| flows[p].key.hash());
@@ -256,7 +280,7 @@ impl FlowTable<'_> {
         }
         if self.header.count as usize >= self.flows.len() {
             if let Some(v) = self.victim() {
-                self.fold(v);
+                self.fold(v, true);
                 self.header.evictions += 1;
             }
         }
@@ -358,7 +382,7 @@ impl FlowTable<'_> {
             // connection, not more of the old one.
             if let Some(pos) = self.flow_pos(key) {
                 if self.flows[pos].closed_us != 0 {
-                    self.fold(pos);
+                    self.fold(pos, false);
                 }
             }
         }
@@ -419,14 +443,14 @@ impl FlowTable<'_> {
         let mut n = 0;
         while n < budget {
             match self.header.closed.front() {
-                Some(p) if now_us - self.flows[p].closed_us > linger_us => self.fold(p),
+                Some(p) if now_us - self.flows[p].closed_us > linger_us => self.fold(p, false),
                 _ => break,
             }
             n += 1;
         }
         while idle_us > 0 && n < budget {
             match self.header.open.front() {
-                Some(p) if now_us - self.flows[p].last_seen_us > idle_us => self.fold(p),
+                Some(p) if now_us - self.flows[p].last_seen_us > idle_us => self.fold(p, false),
                 _ => break,
             }
             n += 1;
@@ -705,6 +729,43 @@ mod tests {
     }
 
     #[test]
+    fn names_claimed_by_failed_logins_take_no_row_and_their_traffic_is_counted_apart() {
+        // More failed logins under invented names than there are rows, then two sessions.
+        let mut s = Storage::new(1024, 1024);
+        let mut t = s.table();
+        t.set_devices(&[String::new()]);
+        let failed = TOTALS_ROWS as u16 + 50;
+        for i in 0..failed {
+            let port = 41000 + i;
+            t.rec(&key(port), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(1));
+            t.rec(&key(port), Direction::In, Some(&tcp(2, TCP_ACK, 40)), 94, at(1));
+            let status = if i % 2 == 0 { OwnerStatus::AuthFailed } else { OwnerStatus::Rejected };
+            let o = Owner { status, ..owner(port, 1000 + i as i32, &format!("fake_{i}"), &format!("fakedb_{i}")) };
+            t.register_owner(o, SERVER);
+        }
+        for (port, role, db) in [(42000, "alice", "sales"), (42001, "bob", "reports")] {
+            t.rec(&key(port), Direction::In, Some(&tcp(1, TCP_SYN, 0)), 74, at(2));
+            t.register_owner(Owner { started_us: 2_500_000, ..owner(port, 7, role, db) }, SERVER);
+            t.rec(&key(port), Direction::Out, Some(&tcp(1, TCP_ACK, 2000)), 2054, at(2));
+        }
+        for by_role in [true, false] {
+            let names: Vec<String> = t.view().totals(by_role).iter().map(|r| name_str(&r.name).to_string()).collect();
+            let want = if by_role { ["alice", "bob"] } else { ["sales", "reports"] };
+            assert_eq!(names, want, "no invented name, no NULL row: every connection had an owner");
+        }
+        let alice = t.view().totals(true)[0];
+        assert_eq!((alice.connections, alice.counters.bytes_out, alice.counters.bytes_in), (1, 2054, 74));
+        let u = t.view().unauthenticated();
+        assert_eq!(
+            (u.connections, u.counters.packets_in, u.counters.bytes_in),
+            (failed as u64, 2 * failed as u64, 168 * failed as u64)
+        );
+        assert_eq!(u.name[0], 0);
+        // The failed connections themselves still show the names they claimed.
+        assert_eq!(name_str(&t.get(&key(41001)).unwrap().role), "fake_1");
+    }
+
+    #[test]
     fn reset_restarts_totals_but_not_connections() {
         let mut s = Storage::new(8, 8);
         let mut t = s.table();
@@ -748,7 +809,7 @@ mod tests {
             let p = 30000 + (rng() % 200) as u16;
             if rng().is_multiple_of(3) {
                 if let Some(pos) = t.flow_pos(&key(p)) {
-                    t.fold(pos);
+                    t.fold(pos, false);
                     live.remove(&p);
                 }
             } else {
@@ -905,8 +966,11 @@ mod tests {
         // Idle flows go too once their time is up.
         assert!(!t.sweep(12_000_000, 5_000_000, 10_000_000, 100));
         assert!(t.get(&key(43100)).is_none());
-        let unknown = t.view().totals(true)[0];
-        assert_eq!((unknown.connections, unknown.counters.packets()), (10, 21), "folded flows stay in the totals");
+        // The flows closed after their SYN with no backend ever claiming them never began
+        // a session: unauthenticated; the others (no SYN seen) stay unknown.
+        let (unknown, unauth) = (t.view().totals(true)[0], t.view().unauthenticated());
+        assert_eq!((unknown.connections, unknown.counters.packets()), (4, 9), "folded flows stay in the totals");
+        assert_eq!((unauth.connections, unauth.counters.packets()), (6, 12));
     }
 
     #[test]
@@ -947,14 +1011,15 @@ mod tests {
                     bytes += 64;
                 }
             }
-            let roles = t.view().totals(true);
+            let mut roles = t.view().totals(true);
+            roles.push(t.view().unauthenticated());
             let sum: u64 = roles.iter().map(|r| r.counters.bytes_in).sum();
             assert_eq!(sum, bytes, "step {step}");
             // Every SYN of a flow not yet counted is a connection; a flow counts once.
             let conns: u64 = roles.iter().map(|r| r.connections).sum();
             assert!(conns <= syns, "step {step}");
             let dbs: u64 = t.view().totals(false).iter().map(|r| r.counters.bytes_in).sum();
-            assert_eq!(dbs, bytes, "step {step}");
+            assert_eq!(dbs + t.view().unauthenticated().counters.bytes_in, bytes, "step {step}");
             assert_eq!(t.header.count as usize, t.flows.iter().filter(|f| f.in_use).count(), "step {step}");
             assert_eq!(t.header.owner_count as usize, t.owners.iter().filter(|o| o.in_use).count(), "step {step}");
         }
@@ -965,11 +1030,12 @@ mod tests {
     fn saved_totals_go_back_by_name_and_add_to_what_was_counted_meanwhile() {
         let mut st = Storage::new(4, 4);
         let mut t = st.table();
-        // Counted before the load: a row for "bob" already exists, in row 1.
+        // Counted before the load: a row for "bob" already exists, in the first named row.
         let bob = name_bytes(b"bob");
         let at = totals::row_for(t.roles, &bob);
-        assert_eq!(at, 1);
-        t.roles[1].counters.bytes_out = 5;
+        assert_eq!(at, 2);
+        t.roles[2].counters.bytes_out = 5;
+        t.roles[1].counters.bytes_out = 3;
         let saved = |name: &str, bytes_out: u64| Totals {
             in_use: !name.is_empty(),
             name: name_bytes(name.as_bytes()),
@@ -977,17 +1043,19 @@ mod tests {
             counters: Counters { bytes_out, ..Counters::default() },
             ..Totals::default()
         };
-        t.restore_totals(&[saved("", 7), saved("alice", 100), saved("bob", 20)], &[], [1, 2, 3], 42);
+        let rows = [(0, saved("", 7)), (1, saved("", 11)), (4, saved("alice", 100)), (2, saved("bob", 20))];
+        t.restore_totals(&rows, &[], [1, 2, 3], 42);
         let by_name: Vec<(String, u64)> =
             totals::visible(t.roles).iter().map(|r| (name_str(&r.name).to_string(), r.counters.bytes_out)).collect();
         assert_eq!(by_name, vec![("".into(), 7), ("bob".into(), 25), ("alice".into(), 100)]);
+        assert_eq!(t.view().unauthenticated().counters.bytes_out, 14, "the unnamed row of failed logins to itself");
         assert_eq!(
             (t.header.evictions, t.header.folded, t.header.owner_overflow, t.header.stats_reset_us),
             (1, 2, 3, 42)
         );
         // A name whose figures are all zero is not saved: rows never fill up for good.
-        t.roles[2].clear();
+        t.roles[3].clear();
         let kept: Vec<u16> = t.view().saved_rows(true).iter().map(|r| r.0).collect();
-        assert_eq!(kept, vec![0, 1]);
+        assert_eq!(kept, vec![0, 1, 2]);
     }
 }

@@ -5,13 +5,24 @@ use super::*;
 
 impl FlowTable<'_> {
     /// Adds role and database totals and the table's counters saved before a restart
-    /// (see `persist`): each saved row goes to the row of its name (row 0 to row 0), taken
-    /// as a new name would be, so rows that filled up and emptied before the restart are
-    /// not carried over, and anything counted before the load is kept.
-    pub fn restore_totals(&mut self, roles: &[Totals], databases: &[Totals], counters: [u64; 3], stats_reset_us: i64) {
+    /// (see `persist`): each saved row goes to the row of its name (the two unnamed rows,
+    /// 0 and `UNAUTHENTICATED_ROW`, to themselves), taken as a new name would be, so rows
+    /// that filled up and emptied before the restart are not carried over, and anything
+    /// counted before the load is kept.
+    pub fn restore_totals(
+        &mut self,
+        roles: &[(u16, Totals)],
+        databases: &[(u16, Totals)],
+        counters: [u64; 3],
+        stats_reset_us: i64,
+    ) {
         for (rows, saved) in [(&mut *self.roles, roles), (&mut *self.databases, databases)] {
-            for t in saved {
-                let at = if t.name[0] == 0 { 0 } else { totals::row_for(rows, &t.name) };
+            for (pos, t) in saved {
+                let at = match (t.name[0], *pos) {
+                    (0, totals::UNAUTHENTICATED_ROW) => totals::UNAUTHENTICATED_ROW,
+                    (0, _) => 0,
+                    _ => totals::row_for(rows, &t.name),
+                };
                 rows[at as usize].merge(t);
             }
         }
