@@ -65,10 +65,17 @@ pub unsafe fn init(capacity: usize) {
     unsafe { FLOWS.reserve(l, size, SHMEM_NAME, TRANCHE, set_capacity) };
 }
 
-/// All-zero bytes are a valid empty table but for its capacity.
+/// All-zero bytes are a valid empty table but for its capacity and its indexes' hash
+/// secret, drawn here, once per creation (each server start and crash restart).
 fn set_capacity(base: *mut u8) {
     // SAFETY: called by the startup hook with this region, just created.
-    unsafe { FLOWS.on_create(base, |l, mut x| x.one(l.header).capacity = l.flows.len() as u32) };
+    unsafe {
+        FLOWS.on_create(base, |l, mut x| {
+            let header = x.one(l.header);
+            header.capacity = l.flows.len() as u32;
+            header.hash_key = pg_netstat_core::flows::HashKey::random();
+        })
+    };
 }
 
 pub fn enabled() -> bool {

@@ -29,7 +29,7 @@ mod seq;
 mod totals;
 
 pub use flow::Flow;
-pub use key::{device_bytes, name_bytes, name_str, FlowKey, OwnerKey, NAME_LEN};
+pub use key::{device_bytes, name_bytes, name_str, FlowKey, HashKey, OwnerKey, NAME_LEN};
 pub use owners::{Owner, OwnerStatus, ENDED_KEPT_US};
 pub use totals::{Totals, TOTALS_ROWS, UNAUTHENTICATED_ROW};
 
@@ -44,6 +44,8 @@ use list::List;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Header {
+    /// The indexes' hash secret (`HashKey`), set when the table is created.
+    pub hash_key: HashKey,
     pub capacity: u32,
     pub count: u32,
     /// Flows pushed out because the table was full.
@@ -134,7 +136,7 @@ pub struct Storage {
 impl Storage {
     pub fn new(capacity: usize, owners: usize) -> Storage {
         Storage {
-            header: Header { capacity: capacity as u32, ..Header::default() },
+            header: Header { capacity: capacity as u32, hash_key: HashKey::random(), ..Header::default() },
             index: vec![0; index::len_for(capacity)],
             flows: vec![Flow::default(); capacity],
             owner_index: vec![0; index::len_for(owners)],
@@ -181,7 +183,7 @@ impl FlowTable<'_> {
 
     fn slot(&self, key: &FlowKey) -> (usize, bool) {
         let flows = &*self.flows;
-        index::find(self.index, key.hash(), |p| flows[p].key == *key)
+        index::find(self.index, key.hash(&self.header.hash_key), |p| flows[p].key == *key)
     }
 
     fn flow_pos(&self, key: &FlowKey) -> Option<usize> {
@@ -246,7 +248,8 @@ impl FlowTable<'_> {
         }
         if let (i, true) = self.slot(&self.flows[pos].key) {
             let flows = &*self.flows;
-            index::remove(self.index, i, |p| flows[p].key.hash());
+            let hk = self.header.hash_key;
+            index::remove(self.index, i, |p| flows[p].key.hash(&hk));
         }
         if self.flows[pos].closed_us != 0 {
             self.header.closed.remove(self.flows, pos);
@@ -535,6 +538,7 @@ mod tests {
         // data and bare ACKs, with SYNs, FINs, RSTs, zero windows, repeats, gaps,
         // interval edges, an owner appearing, and sweeps. Everything must stay equal.
         let (mut a, mut b) = (Storage::new(2, 4), Storage::new(2, 4));
+        b.header.hash_key = a.header.hash_key; // the same secret: the same index layout
         let mut next = crate::capture::testframes::xorshift(0xfa57);
         let mut seq = [[1000u32; 2]; 3];
         let mut ts_us = 1_000_000_000i64;

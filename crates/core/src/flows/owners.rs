@@ -101,7 +101,7 @@ impl Owner {
 
 impl FlowTable<'_> {
     fn owner_slot(&self, key: &OwnerKey) -> (usize, bool) {
-        index::find(self.owner_index, key.hash(), |p| self.owners[p].key == *key)
+        index::find(self.owner_index, key.hash(&self.header.hash_key), |p| self.owners[p].key == *key)
     }
 
     /// The newest record for a connection, if any.
@@ -117,7 +117,8 @@ impl FlowTable<'_> {
         let key = self.owners[pos].key;
         if let (i, true) = self.owner_slot(&key) {
             let owners = &*self.owners;
-            index::remove(self.owner_index, i, |p| owners[p].key.hash());
+            let hk = self.header.hash_key;
+            index::remove(self.owner_index, i, |p| owners[p].key.hash(&hk));
         }
         if self.owners[pos].ended_us != 0 {
             self.header.ended.remove(self.owners, pos);
