@@ -142,23 +142,26 @@ pub fn load_once() {
         shared.loaded = true;
     }
     let path = path();
-    // A file that cannot be read is set aside too: the next save would replace it.
-    let problem = match savefile::read(&path) {
-        Ok(None) => return,
-        Err(e) => format!("it could not be read: {e}"),
-        Ok(Some(bytes)) => match savefile::decode(&bytes) {
-            Ok(mut s) => match not_for_us(&s) {
-                None => {
-                    let started = Instant::now();
-                    let statements = std::mem::take(&mut s.statements);
-                    let loaded = apply(&s, statements);
-                    log_loaded(&s, &loaded, bytes.len(), started.elapsed());
-                    return;
-                }
-                Some(why) => why,
-            },
-            Err(e) => e.to_string(),
-        },
+    let problem = if savefile::load_unfinished(&path) {
+        // The last load of this file never ended: it killed its process (or the machine).
+        let _ = savefile::end_load(&path);
+        if !path.exists() {
+            return;
+        }
+        "a load of it began and never finished (the process loading it ended: killed, out of memory, or a crash), so it is not loaded again".to_string()
+    } else {
+        if let Err(e) = savefile::begin_load(&path) {
+            log!(
+                "pg_netstat: could not mark the saved state \"{}\" as being loaded ({e}): a load that kills the collector would be tried again",
+                path.display()
+            );
+        }
+        let problem = load_file(&path);
+        let _ = savefile::end_load(&path);
+        match problem {
+            None => return,
+            Some(p) => p,
+        }
     };
     let now_s = now_us() / 1_000_000;
     match savefile::set_aside(&path, now_s) {
@@ -172,6 +175,29 @@ pub fn load_once() {
             path.display()
         ),
     }
+}
+
+/// Loads the file at `path` if it is there, whole and this server's; what kept it from
+/// loading otherwise.
+fn load_file(path: &std::path::Path) -> Option<String> {
+    // A file that cannot be read is set aside too: the next save would replace it.
+    Some(match savefile::read(path) {
+        Ok(None) => return None,
+        Err(e) => format!("it could not be read: {e}"),
+        Ok(Some(bytes)) => match savefile::decode(&bytes) {
+            Ok(mut s) => match not_for_us(&s) {
+                None => {
+                    let started = Instant::now();
+                    let statements = std::mem::take(&mut s.statements);
+                    let loaded = apply(&s, statements);
+                    log_loaded(&s, &loaded, bytes.len(), started.elapsed());
+                    return None;
+                }
+                Some(why) => why,
+            },
+            Err(e) => e.to_string(),
+        },
+    })
 }
 
 /// What a load put into shared memory.

@@ -6,9 +6,14 @@ pg_netstat_statements is saved too (issue 14), and a table made smaller than the
 one folds the surplus into 'other' rows. Each test runs its own server, since each
 restarts it."""
 
+import os
 import re
+import signal
 import struct
+import subprocess
 import time
+import zlib
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +21,8 @@ from conftest import CAPTURE_METHOD
 from harness import PGBIN, Cluster, free_port, quiesce, run, wait_for
 from savefile_format import saved_file as saved_file_bytes
 from savefile_format import statement_row
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE_CONF = ["pg_netstat.interval = 1", "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
              "pg_netstat.devices = 'lo'", "pg_netstat.capture_loopback = on",
@@ -268,6 +275,19 @@ def valid_file_bytes(c):
     return data
 
 
+def with_sections_added(good, tag, record, copies):
+    """`good` with `copies` more one-record sections of `tag`, resealed (length and checksum)."""
+    body = good[32:] + b"".join(struct.pack("<III", tag, len(record), 1) + record for _ in range(copies))
+    return good[:16] + struct.pack("<QI", len(body), zlib.crc32(body)) + good[28:32] + body
+
+
+def seventeen_devices(good):
+    """A file whose every section is within its limit, with 17 device sections of one
+    device each (issue 29: such a file used to load 17 devices, over the most there are)."""
+    record = struct.pack("<16s10Q", b"eth9", *([0] * 10))
+    return with_sections_added(good, 2, record, 16)
+
+
 BAD_FILES = {
     "empty": (lambda good: b"", "the file is empty"),
     "truncated": (lambda good: good[:len(good) // 2], "the file is truncated: "),
@@ -276,6 +296,7 @@ BAD_FILES = {
     "wrong version": (lambda good: good[:8] + struct.pack("<II", 999, 999) + good[16:],
                       "the file has format 999, readable only from format 999 on"),
     "foreign": (lambda good: b"PGDMP\x01\x0e\x00 not ours at all" * 10, "not a pg_netstat file"),
+    "seventeen devices": (seventeen_devices, "it holds 17 records of kind 2, more than the 16 that can exist"),
 }
 
 
@@ -448,6 +469,56 @@ def test_alter_extension_update_with_a_saved_file_present():
         assert c.sql("SELECT extversion FROM pg_extension WHERE extname = 'pg_netstat'") != "0.1.0"
         assert c.rows(columns)[:len(before)] == before
         assert c.sql("SELECT bytes_out > 120 * 1024 FROM pg_netstat_roles WHERE role = 'alice'") == "t"
+    finally:
+        c.stop()
+        c.remove()
+
+
+def test_a_file_whose_load_killed_the_collector_is_not_loaded_again(tmp_path):
+    """The collector killed (SIGKILL) while it loads a large file: the crash restart that
+    follows sets the file aside instead of loading it again (issue 29: a file that kills
+    its loader would otherwise do so at every restart)."""
+    c = Cluster(free_port(), conf=CONF)
+    c.start()
+    try:
+        c.sql("CREATE EXTENSION pg_netstat")
+        sysid = int(c.sql("SELECT system_identifier FROM pg_control_system()"))
+        c.stop("fast")
+        now = int(time.time())
+        # The most statement rows a file may hold: a load that takes a while.
+        rows = [statement_row("statement", userid=10, dbid=5, queryid=q + 1, calls=1, bytes_out=100,
+                              first_seen_us=(now - 200) * 1_000_000, last_seen_us=(now - 150) * 1_000_000)
+                for q in range(1_000_000)]
+        big = file_with_history(sysid, "lo", 10, now - 100, statements=rows)
+        path = saved_file(c)
+        mark_path = path.with_name(path.name + ".loading")
+        path.write_bytes(big)
+        run(["chown", "postgres:postgres", str(path)])
+        mark = len(c.log())
+        env = dict(os.environ, NO_CAP_NET_RAW="", EXTRA_CAPS="")
+        starter = subprocess.Popen([str(ROOT / "scripts" / "cluster"), "start", str(c.dir)], env=env)
+        killed = None
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline:
+            if mark_path.exists():
+                pid = c.worker_pid()
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = pid
+            time.sleep(0.002)
+        starter.wait(timeout=60)
+        assert killed, "the load was never seen under way"
+        wait_for("the crash restart", lambda: "all server processes terminated; reinitializing" in c.log()[mark:])
+        wait_for("lo capturing again", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing",
+                 timeout=60)
+        lines = [l for l in c.log()[mark:].splitlines() if "pg_netstat.stat" in l and "not loaded" in l]
+        assert len(lines) == 1 and "a load of it began and never finished" in lines[0], lines
+        aside = list(path.parent.glob("pg_netstat.stat.bad-*"))
+        assert len(aside) == 1 and aside[0].read_bytes() == big
+        assert not mark_path.exists() and not path.exists() or path.read_bytes() != big
+        # Nothing of it was loaded by the new collector; counting goes on.
+        assert c.sql("SELECT count(*) FROM pg_netstat_statements WHERE queryid < 1000001 AND bytes_out = 100") == "0"
+        assert int(c.sql(f"SELECT count(*) FROM pg_netstat_intervals WHERE ts < to_timestamp({now - 50})")) == 0
     finally:
         c.stop()
         c.remove()

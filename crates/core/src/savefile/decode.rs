@@ -90,6 +90,9 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
     let mut row_device: Vec<u32> = Vec::new();
     let mut rows: Vec<Slot> = Vec::new();
     let mut at = 0usize;
+    // Records of each known kind so far: the limits hold for the file, not per section
+    // (a file of many one-record sections must not pass where one section would not).
+    let mut seen = [0usize; 16];
     while at < body.len() {
         let mut sh = In { b: body.get(at..at + SECTION_HEADER_LEN).unwrap_or(&[]), at: 0 };
         if body.len() - at < SECTION_HEADER_LEN {
@@ -101,9 +104,12 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, BadFile> {
             if count > 0 && record_len < min_len {
                 return Err(BadFile::Malformed(format!("section {tag} has records of {record_len} bytes")));
             }
-            if count > max_count {
+            let total = &mut seen[tag as usize % 16];
+            *total = total.saturating_add(count);
+            if *total > max_count {
                 return Err(BadFile::Malformed(format!(
-                    "section {tag} has {count} records, more than the {max_count} that can exist"
+                    "it holds {} records of kind {tag}, more than the {max_count} that can exist",
+                    *total
                 )));
             }
         }

@@ -1,4 +1,5 @@
-//! The file on disk: replaced atomically, read with a size limit, set aside when bad.
+//! The file on disk: replaced atomically, read with a size limit, set aside when bad,
+//! marked while it is being loaded.
 
 use super::*;
 
@@ -61,4 +62,33 @@ pub fn set_aside(path: &Path, now_s: i64) -> io::Result<PathBuf> {
         }
     }
     Ok(to)
+}
+
+/// The mark a load leaves beside the file while it runs (`<file>.loading`): a load that
+/// never finished (the process killed, out of memory, a crash) leaves it behind, and the
+/// next start sets the file aside instead of loading it again (issue 29: a file that
+/// kills its loader would otherwise do so at every crash restart).
+pub fn loading_mark(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".loading");
+    PathBuf::from(p)
+}
+
+/// Whether a load of `path` began and never ended.
+pub fn load_unfinished(path: &Path) -> bool {
+    loading_mark(path).exists()
+}
+
+/// Marks a load of `path` as begun. (No fsync: the mark is for a process that dies, and
+/// the machine crashing during a load does not make the next load fail.)
+pub fn begin_load(path: &Path) -> io::Result<()> {
+    File::create(loading_mark(path)).map(drop)
+}
+
+/// Marks the load of `path` as over, however it ended.
+pub fn end_load(path: &Path) -> io::Result<()> {
+    match fs::remove_file(loading_mark(path)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }

@@ -46,7 +46,7 @@ mod tests;
 use decode::LATEST_UNIX_US;
 pub use decode::{decode, LATEST_UNIX_S, LONGEST_INTERVAL_S};
 pub use encode::encode;
-pub use files::{read, set_aside, write_atomically};
+pub use files::{begin_load, end_load, load_unfinished, loading_mark, read, set_aside, write_atomically};
 
 use crate::capture::{valid_device_name, MAX_DEVICES};
 use crate::counters::{Counters, TcpCounters};

@@ -354,6 +354,62 @@ fn hostile_counts_and_record_lengths_are_refused_quickly() {
     assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
+/// `sections` copies of one section of `tag` with `count` records, each record the
+/// first of that kind in a real file, in one file with its checksum made right.
+fn repeated_section(tag: u32, record: &[u8], count: u32, sections: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    for _ in 0..sections {
+        for v in [tag, record.len() as u32, count] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        for _ in 0..count {
+            body.extend_from_slice(record);
+        }
+    }
+    let mut file = encode(&SavedState::default())[..HEADER_LEN].to_vec();
+    file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    file[24..28].copy_from_slice(&crc32(&body).to_le_bytes());
+    file.extend_from_slice(&body);
+    file
+}
+
+/// The first record of section `tag` in a real file.
+fn a_real_record(tag: u32) -> Vec<u8> {
+    let file = encode(&sample());
+    let mut at = HEADER_LEN;
+    loop {
+        let word = |i: usize| u32::from_le_bytes(file[i..i + 4].try_into().unwrap()) as usize;
+        let (t, len, count) = (word(at), word(at + 4), word(at + 8));
+        if t as u32 == tag && count > 0 {
+            return file[at + 12..at + 12 + len].to_vec();
+        }
+        at += 12 + len * count;
+    }
+}
+
+/// The limits are the file's, not each section's: as many sections of one kind as it
+/// takes to pass any limit are refused, where one section of them loads (issue 29: 17
+/// one-device sections made 17 devices, over the most there can be).
+#[test]
+fn many_sections_of_one_kind_are_limited_as_one() {
+    let device = a_real_record(DEVICE);
+    assert_eq!(decode(&repeated_section(DEVICE, &device, 1, 1)).map(|s| s.devices.len()), Ok(1));
+    assert_eq!(decode(&repeated_section(DEVICE, &device, 1, MAX_DEVICES)).map(|s| s.devices.len()), Ok(MAX_DEVICES));
+    let too_many = decode(&repeated_section(DEVICE, &device, 1, MAX_DEVICES + 1));
+    assert!(matches!(&too_many, Err(BadFile::Malformed(m)) if m.contains("17 records of kind 2")), "{too_many:?}");
+    let role = a_real_record(ROLE);
+    assert!(decode(&repeated_section(ROLE, &role, 128, 2)).is_ok());
+    assert!(matches!(decode(&repeated_section(ROLE, &role, 128, 3)), Err(BadFile::Malformed(_))));
+    // A file of the largest size read, made of sections each under its limit: refused at
+    // the section that passes it, having decoded no more than one kind's limit.
+    let statement = a_real_record(STATEMENT);
+    let per_section = 100_000;
+    let started = std::time::Instant::now();
+    let big = repeated_section(STATEMENT, &statement, per_section, MOST_ENTRIES / per_section as usize + 1);
+    assert!(matches!(decode(&big), Err(BadFile::Malformed(_))));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
 /// A crafted file passes the checksum: the same bytes with the checksum made again.
 fn resealed(mut file: Vec<u8>) -> Vec<u8> {
     if file.len() >= HEADER_LEN {
