@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CAPTURE_METHOD
-from harness import PGBIN, Cluster, free_port, quiesce, run, wait_for
+from harness import PGBIN, Cluster, SqlError, free_port, quiesce, run, wait_for
 from savefile_format import saved_file as saved_file_bytes
 from savefile_format import statement_row
 
@@ -509,8 +509,13 @@ def test_a_file_whose_load_killed_the_collector_is_not_loaded_again(tmp_path):
         starter.wait(timeout=60)
         assert killed, "the load was never seen under way"
         wait_for("the crash restart", lambda: "all server processes terminated; reinitializing" in c.log()[mark:])
-        wait_for("lo capturing again", lambda: c.sql("SELECT state FROM pg_netstat_devices") == "capturing",
-                 timeout=60)
+
+        def capturing_again():
+            try:
+                return c.sql("SELECT state FROM pg_netstat_devices") == "capturing"
+            except SqlError:  # still in crash recovery
+                return False
+        wait_for("lo capturing again", capturing_again, timeout=60)
         lines = [l for l in c.log()[mark:].splitlines() if "pg_netstat.stat" in l and "not loaded" in l]
         assert len(lines) == 1 and "a load of it began and never finished" in lines[0], lines
         aside = list(path.parent.glob("pg_netstat.stat.bad-*"))
