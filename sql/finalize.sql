@@ -108,6 +108,9 @@ GRANT SELECT ON pg_netstat, pg_netstat_intervals, pg_netstat_devices, pg_netstat
 -- database (same key: role, database, query id); NULL otherwise.
 CREATE FUNCTION pg_netstat_statement_texts() RETURNS TABLE (userid oid, dbid oid, queryid bigint, query text)
 LANGUAGE plpgsql STABLE
+-- Pinned, as for any function of an extension script: nothing it names can be taken
+-- from a schema the caller put first (everything below is qualified anyway).
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     nsp name;

@@ -9,12 +9,14 @@
 \echo Use "ALTER EXTENSION pg_netstat UPDATE TO '0.2.0'" to load this file. \quit
 
 -- pg_netstat_interval_history() gains the TCP health columns. A function's result type
--- cannot be changed in place, so it and the view over it are made again. A view of
--- your own on top of pg_netstat_intervals stops the update with PostgreSQL's
--- "cannot drop ... because other objects depend on it": drop it, update, re-create it.
-DROP VIEW pg_netstat_intervals;
-DROP FUNCTION pg_netstat_interval_history();
-CREATE FUNCTION pg_netstat_interval_history() RETURNS TABLE (
+-- cannot be changed in place, and dropping it would take the view over it along, with
+-- the grants a user gave on that view (issue 29). So the new function is made under a
+-- temporary name, the view is replaced in place over it (the old columns come first,
+-- unchanged, so CREATE OR REPLACE VIEW may add the new ones after them: the view keeps
+-- its privileges), the old function is dropped and the new one takes its name. A view
+-- of your own on top of pg_netstat_intervals is kept too; it goes on showing the
+-- columns it was made with.
+CREATE FUNCTION pg_netstat_interval_history_0_2_0() RETURNS TABLE (
 	"device" TEXT,
 	"ts" timestamp with time zone,
 	"interval_seconds" INT,
@@ -38,7 +40,12 @@ CREATE FUNCTION pg_netstat_interval_history() RETURNS TABLE (
 STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'pg_netstat_interval_history_wrapper';
-CREATE VIEW pg_netstat_intervals AS
+CREATE OR REPLACE VIEW pg_netstat_intervals AS
+    SELECT * FROM pg_netstat_interval_history_0_2_0() ORDER BY device, ts;
+DROP FUNCTION pg_netstat_interval_history();
+ALTER FUNCTION pg_netstat_interval_history_0_2_0() RENAME TO pg_netstat_interval_history;
+-- Once more under the function's own name (the view's text names what it selects from).
+CREATE OR REPLACE VIEW pg_netstat_intervals AS
     SELECT * FROM pg_netstat_interval_history() ORDER BY device, ts;
 COMMENT ON VIEW pg_netstat_intervals IS 'Every closed interval with its own length, kernel drops, late packets and TCP health';
 
@@ -301,6 +308,7 @@ AS 'MODULE_PATHNAME', 'pg_netstat_statement_table_status_wrapper';
 -- database (same key: role, database, query id); NULL otherwise.
 CREATE FUNCTION pg_netstat_statement_texts() RETURNS TABLE (userid oid, dbid oid, queryid bigint, query text)
 LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     nsp name;

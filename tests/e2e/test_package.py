@@ -156,7 +156,7 @@ WITH member AS (
 SELECT 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
        concat_ws(' / ', pg_get_function_result(p.oid), p.prosrc, p.probin, p.provolatile, p.proisstrict,
                  p.proparallel, p.procost, p.prorows, p.proacl::text, obj_description(p.oid, 'pg_proc'),
-                 i.initprivs::text)
+                 i.initprivs::text, p.proconfig::text)
   FROM member m JOIN pg_proc p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid
   LEFT JOIN pg_init_privs i ON i.classoid = 'pg_proc'::regclass AND i.objoid = p.oid AND i.objsubid = 0
 UNION ALL
@@ -189,6 +189,18 @@ def test_alter_extension_update_from_the_first_release_equals_a_fresh_install(de
     assert len(c.rows("SELECT * FROM pg_netstat_intervals LIMIT 1", dbname="upgraded")[0]) == 10
     assert c.rows("SELECT device FROM pg_netstat_devices", dbname="upgraded", user="watcher") == [["lo"]]
 
+    # A user's grant on a view the update changes, in a database of its own (grants
+    # made before an update become part of the extension's initial privileges there, so
+    # this catalog would differ from a fresh install's).
+    c.sql("CREATE DATABASE granted")
+    c.sql("DROP ROLE IF EXISTS reporter; CREATE ROLE reporter LOGIN")
+    c.sql(f"CREATE EXTENSION pg_netstat VERSION '{FIRST_RELEASE}'", dbname="granted")
+    c.sql("GRANT SELECT ON pg_netstat_intervals TO reporter", dbname="granted")
+    c.sql("ALTER EXTENSION pg_netstat UPDATE", dbname="granted")
+    assert c.sql("SELECT has_table_privilege('reporter', 'pg_netstat_intervals', 'SELECT')", dbname="granted") == "t"
+    c.sql("GRANT EXECUTE ON FUNCTION pg_netstat_interval_history() TO reporter", dbname="granted")
+    assert len(c.rows("SELECT * FROM pg_netstat_intervals LIMIT 1", dbname="granted", user="reporter")[0]) == 19
+
     c.sql("ALTER EXTENSION pg_netstat UPDATE", dbname="upgraded")
     c.sql("CREATE EXTENSION pg_netstat", dbname="fresh")
     versions = [c.sql("SELECT extversion FROM pg_extension WHERE extname = 'pg_netstat'", dbname=db)
@@ -201,6 +213,9 @@ def test_alter_extension_update_from_the_first_release_equals_a_fresh_install(de
     extra = [r for r in upgraded if r not in fresh]
     assert not missing and not extra, f"after the update, missing: {missing}\nnot in a fresh install: {extra}"
     assert len(fresh) >= 15
+    # Functions in SQL run with a fixed search_path, not the caller's.
+    assert c.sql("SELECT proconfig FROM pg_proc WHERE proname = 'pg_netstat_statement_texts'",
+                 dbname="fresh") == "{\"search_path=pg_catalog, pg_temp\"}"
 
     # The data lives in shared memory, not in the catalog: it is all still there, and the
     # new columns and views answer, for pg_monitor too.
