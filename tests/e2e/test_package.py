@@ -196,7 +196,9 @@ def test_alter_extension_update_from_the_first_release_equals_a_fresh_install(de
     c.sql("DROP ROLE IF EXISTS reporter; CREATE ROLE reporter LOGIN")
     c.sql(f"CREATE EXTENSION pg_netstat VERSION '{FIRST_RELEASE}'", dbname="granted")
     c.sql("GRANT SELECT ON pg_netstat_intervals TO reporter", dbname="granted")
+    c.sql("CREATE VIEW my_intervals AS SELECT device, ts, bytes_in FROM pg_netstat_intervals", dbname="granted")
     c.sql("ALTER EXTENSION pg_netstat UPDATE", dbname="granted")
+    c.sql("SELECT * FROM my_intervals", dbname="granted")
     assert c.sql("SELECT has_table_privilege('reporter', 'pg_netstat_intervals', 'SELECT')", dbname="granted") == "t"
     c.sql("GRANT EXECUTE ON FUNCTION pg_netstat_interval_history() TO reporter", dbname="granted")
     assert len(c.rows("SELECT * FROM pg_netstat_intervals LIMIT 1", dbname="granted", user="reporter")[0]) == 19
