@@ -221,10 +221,13 @@ CREATE VIEW pg_netstat_connections AS
        AND o.server_addr = f.server_addr AND o.server_port = f.server_port
       -- The backend's own socket counters: the same connection on whichever device it
       -- was captured, or alone when nothing was captured (no CAP_NET_RAW).
+      -- Address and port are NULL on both sides for a connection the caller may not see
+      -- in full (another role's, without pg_read_all_stats): then the PID alone matches.
       FULL JOIN pg_netstat_backend_connections() b
-        ON b.pid = f.pid AND b.client_port = f.client_port AND b.client_addr = f.client_addr
+        ON b.pid = f.pid AND b.client_port IS NOT DISTINCT FROM f.client_port
+       AND b.client_addr IS NOT DISTINCT FROM f.client_addr
       LEFT JOIN pg_stat_activity a
-        ON a.pid = coalesce(f.pid, b.pid) AND a.client_port = coalesce(f.client_port, b.client_port)
+        ON a.pid = coalesce(f.pid, b.pid) AND a.client_port IS NOT DISTINCT FROM coalesce(f.client_port, b.client_port)
      ORDER BY coalesce(f.bytes_in + f.bytes_out, b.bytes_in + b.bytes_out) DESC, f.first_seen;
 
 CREATE VIEW pg_netstat_roles AS

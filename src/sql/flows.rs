@@ -2,6 +2,7 @@
 //! database totals, egress by peer class, the table's own state.
 
 use super::*;
+use pg_netstat_core::flows::OwnerStatus;
 
 rows_fn! {
     /// Every TCP connection the worker is tracking, with what the backends told about
@@ -10,8 +11,8 @@ rows_fn! {
     // Long only because it has 32 columns, one per line.
     fn pg_netstat_flows() -> rows(
         device: String,
-        client_addr: String,
-        client_port: i32,
+        client_addr: Option<String>,
+        client_port: Option<i32>,
         server_addr: String,
         server_port: i32,
         pid: Option<i32>,
@@ -44,19 +45,23 @@ rows_fn! {
     ) {
         let s = Settings::current();
         let last_closed = align(now_us() / 1_000_000 - s.packet_wait_time as i64, s.interval) - s.interval as i64;
-        let row = |f: &Flow| {
+        let mut viewer = Viewer::current();
+        let mut row = |f: &Flow| {
             let (status, pid, role, db) = (f.status, f.pid, &f.role, &f.database);
             let iv = f.interval(last_closed);
             let t = f.tcp;
+            let full = visible(&mut viewer, f);
+            // Names a refused or failed login claimed: to the privileged only.
+            let names = status == OwnerStatus::Authenticated || viewer.sees_all();
             (
                 name_str(&f.key.device).to_string(),
-                addr_text(&f.key.client_addr, f.key.ipv6),
-                f.key.client_port as i32,
+                full.then(|| addr_text(&f.key.client_addr, f.key.ipv6)),
+                full.then_some(f.key.client_port as i32),
                 addr_text(&f.key.server_addr, f.key.ipv6),
                 f.key.server_port as i32,
                 (pid > 0).then_some(pid),
-                opt_name(role),
-                opt_name(db),
+                opt_name(role).filter(|_| names),
+                opt_name(db).filter(|_| names),
                 status.as_str().map(str::to_string),
                 as_i64(f.total.packets_in),
                 as_i64(f.total.packets_out),
@@ -86,9 +91,15 @@ rows_fn! {
         // Copied a chunk at a time, rows built outside the lock: the worker never waits
         // for the formatting of a large table. Owners are resolved in the table itself as
         // soon as a backend registers, so a connection shows its role from then on.
-        let rows: Vec<_> = flowshm::snapshot_flows().iter().map(row).collect();
+        let rows: Vec<_> = flowshm::snapshot_flows().iter().map(&mut row).collect();
         TableIterator::new(rows)
     }
+}
+
+/// Whether the caller sees this connection in full (`Viewer`): a session of a role
+/// whose privileges it has, or everything.
+fn visible(viewer: &mut Viewer, f: &Flow) -> bool {
+    viewer.sees_all() || (f.status == OwnerStatus::Authenticated && viewer.sees_role_named(&f.role))
 }
 
 rows_fn! {
@@ -105,8 +116,12 @@ rows_fn! {
         backend_type: Option<String>,
         peer_class: String,
     ) {
+        // Rows the caller may not see in full are left out: they would only say what
+        // pg_netstat_flows() leaves out for it (the view joins the two on the address).
+        let mut viewer = Viewer::current();
         let rows: Vec<_> = flowshm::snapshot_flows()
             .iter()
+            .filter(|f| visible(&mut viewer, f))
             .map(|f| {
                 (
                     name_str(&f.key.device).to_string(),

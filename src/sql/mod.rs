@@ -135,6 +135,9 @@ fn check_result_columns(fcinfo: pg_sys::FunctionCallInfo, function: &str, column
 mod devices;
 mod flows;
 mod statements;
+mod viewer;
+
+use viewer::Viewer;
 
 /// Makes the capture worker raise an ERROR at its next wake-up, so an operator (or a
 /// test) can see it restarted and capture resumed. Superuser only. Returns the PID of

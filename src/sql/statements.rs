@@ -32,6 +32,7 @@ rows_fn! {
         };
         let reset = counters.stats_reset_us;
         entries.sort_by_key(|e| std::cmp::Reverse(e.figures.bytes_in + e.figures.bytes_out));
+        let viewer = Viewer::current();
         let rows: Vec<_> = entries
             .iter()
             .map(|e| {
@@ -40,11 +41,14 @@ rows_fn! {
                 let kind = e.key.map_or(Kind::Other, |k| k.kind());
                 let key = e.key.unwrap_or_default();
                 let known = e.key.is_some();
+                // Another role's query ids only to those who may see its sessions, as
+                // pg_stat_statements shows them (its text then comes with them).
+                let queryid = kind == Kind::Statement && viewer.sees_role(key.role);
                 (
                     kind.as_str().to_string(),
                     known.then_some(key.role as i64),
                     known.then_some(key.database as i64),
-                    (kind == Kind::Statement).then_some(key.queryid as i64),
+                    queryid.then_some(key.queryid as i64),
                     as_i64(f.calls),
                     as_i64(f.bytes_in),
                     as_i64(f.bytes_out),
@@ -120,8 +124,8 @@ rows_fn! {
     /// since the connection was accepted. Behind pg_netstat_connections' socket_* columns.
     fn pg_netstat_backend_connections() -> rows(
         pid: i32,
-        client_addr: String,
-        client_port: i32,
+        client_addr: Option<String>,
+        client_port: Option<i32>,
         role: String,
         database: String,
         application: String,
@@ -136,16 +140,19 @@ rows_fn! {
         backend_start: TimestampWithTimeZone,
     ) {
         let slots: Vec<Conn> = stmtshm::copy_conns().map(|(_, slots, _)| slots).unwrap_or_default();
+        let mut viewer = Viewer::current();
         let rows: Vec<_> = slots
             .iter()
             .map(|c| {
                 let (role, database, application, class, kind) = app_key_texts(&c.key);
+                let full = viewer.sees_role_named(&c.key.role);
                 (
                     c.pid,
-                    addr_text(&c.client_addr, c.ipv6),
-                    c.client_port as i32,
+                    full.then(|| addr_text(&c.client_addr, c.ipv6)),
+                    full.then_some(c.client_port as i32),
                     role.unwrap_or_default(),
                     database.unwrap_or_default(),
+                    // Shown to all, as pg_stat_activity shows application_name.
                     application.unwrap_or_default(),
                     kind,
                     class,
