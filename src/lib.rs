@@ -13,6 +13,7 @@ mod flowshm;
 mod gucs;
 mod log_hook;
 mod login;
+mod net_raw;
 mod owner_hooks;
 mod persist;
 mod region;

@@ -28,6 +28,9 @@ pub unsafe fn install() {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_report(edata: *mut pg_sys::ErrorData) {
+    // The checkpointer, the background writer, the WAL writer: no code of ours runs in
+    // them but this, at their first report (`net_raw`). Nothing to report an error to.
+    let _ = crate::net_raw::drop_here();
     if !edata.is_null() {
         // SAFETY: PostgreSQL passes the report being emitted, valid for this call and
         // ours to change (as log hooks may), in the memory context it is built in.

@@ -12,7 +12,7 @@
 //! records itself as it fails (here, or in the log hook for the FATALs after
 //! authentication), and its traffic is counted under no name.
 
-use crate::{owner_hooks, stmt_hooks};
+use crate::{net_raw, owner_hooks, stmt_hooks};
 use pg_netstat_core::flows::OwnerStatus;
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,12 +24,12 @@ static mut PREV_CLIENT_AUTH_HOOK: pg_sys::libpq::ClientAuthentication_hook_type 
 /// Set when this backend authenticated; cleared when its session began.
 static SESSION_PENDING: AtomicBool = AtomicBool::new(false);
 
-/// Restricts CAP_NET_RAW in the postmaster and installs the authentication hook.
+/// Restricts CAP_NET_RAW in the postmaster (`net_raw`) and installs the authentication hook.
 ///
 /// # Safety
 /// From _PG_init only, once.
 pub unsafe fn install() {
-    least_privilege();
+    net_raw::restrict_postmaster();
     // SAFETY: by the caller's promise: hook chaining during _PG_init in the postmaster,
     // before any backend exists.
     unsafe {
@@ -38,29 +38,10 @@ pub unsafe fn install() {
     }
 }
 
-/// Only the capture worker needs CAP_NET_RAW. The postmaster keeps it permitted only
-/// (children start without it in effect, programs they run never get it); client
-/// backends drop it for good as they authenticate; the worker raises it when it starts.
-/// No other capability is touched: this runs before the postmaster opens its listen
-/// sockets, which may need CAP_NET_BIND_SERVICE. Linux-native builds only: the portable
-/// build changes no privilege and says so in the log.
-fn least_privilege() {
-    #[cfg(linux_native)]
-    if let Err(e) = pg_netstat_core::privileges::postmaster_keep_net_raw_permitted_only() {
-        warning!("pg_netstat: could not restrict CAP_NET_RAW in the postmaster: {e}");
-    }
-    #[cfg(not(linux_native))]
-    log!(
-        "pg_netstat: this build (libpcap only, no Linux capability handling) does not restrict capture \
-         privileges: every server process keeps whatever privilege the server was started with"
-    );
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn on_authentication(port: *mut pg_sys::libpq::be::Port, status: i32) {
     // Before anything the client can make this backend do, authenticated or not.
-    #[cfg(linux_native)]
-    if let Err(e) = pg_netstat_core::privileges::drop_net_raw() {
+    if let Err(e) = net_raw::drop_here() {
         warning!("pg_netstat: could not drop CAP_NET_RAW in this backend: {e}");
     }
     if status == pg_sys::STATUS_OK as i32 {

@@ -84,6 +84,9 @@ fn leave() {
 }
 
 pub(super) unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: c_int) {
+    // A parallel worker, another extension's background worker: its first statement is
+    // the first code of ours it runs (`net_raw`).
+    let _ = crate::net_raw::drop_here();
     // u64 in 15 to 17, i64 from 18: the same bits.
     // SAFETY: PostgreSQL passes a valid QueryDesc with its PlannedStmt.
     #[allow(clippy::unnecessary_cast)]
@@ -177,6 +180,7 @@ pub(super) unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    let _ = crate::net_raw::drop_here();
     // SAFETY: PostgreSQL passes a valid PlannedStmt for a utility statement.
     #[allow(clippy::unnecessary_cast)]
     let (node, queryid) = unsafe { ((*pstmt).utilityStmt, (*pstmt).queryId as u64) };

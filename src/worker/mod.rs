@@ -38,11 +38,15 @@ const PGINVALID_SOCKET: pg_sys::pgsocket = -1;
 const SWEEP_BUDGET: usize = 1024;
 const SWEEP_ROUNDS: usize = 64;
 
+/// The worker's entry point as the postmaster finds it (also how `net_raw` knows the
+/// process that keeps CAP_NET_RAW).
+pub const MAIN_FUNCTION: &std::ffi::CStr = c"pg_netstat_worker_main";
+
 pub fn register() {
     BackgroundWorkerBuilder::new(WORKER_NAME)
         .set_type("pg_netstat")
         .set_library("pg_netstat")
-        .set_function("pg_netstat_worker_main")
+        .set_function(MAIN_FUNCTION.to_str().unwrap_or_default())
         // A connection to no database, as the logical replication launcher has: it is what
         // lists the worker in pg_stat_activity (backend_type "pg_netstat", its wait event
         // while it waits). Such a worker may start once the server is consistent: at once

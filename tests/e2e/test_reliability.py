@@ -5,6 +5,7 @@ reason (test_settings.py walks every setting), and only the capture worker can u
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -206,6 +207,57 @@ def test_only_the_capture_worker_holds_cap_net_raw(cluster):
     text = out.read_text()
     assert text.startswith("DENIED"), text
     assert all(v == 0 for v in cap_bits(text).values()), text
+
+
+def postmaster_children(cluster):
+    """{pid: /proc status text} of the postmaster's children."""
+    parent, out = cluster.postmaster_pid(), {}
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            status = open(f"/proc/{proc}/status").read()
+        except OSError:
+            continue
+        if f"\nPPid:\t{parent}\n" in status:
+            out[int(proc)] = status
+    return out
+
+
+@native_only
+def test_cap_net_raw_is_dropped_where_code_of_ours_first_runs_and_the_window_that_remains(cluster):
+    """Where PostgreSQL runs code of ours in a process, it drops CAP_NET_RAW there first:
+    the checkpointer at its first report, a parallel worker at its first statement
+    (issue 29). What remains (docs/security.md): a client backend before authentication
+    holds it permitted, never effective."""
+    # The checkpointer reports each checkpoint (log_checkpoints is on from PostgreSQL 15).
+    cluster.sql("CHECKPOINT")
+    pid = int(cluster.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'"))
+    checkpointer = cap_bits(open(f"/proc/{pid}/status").read())
+    assert checkpointer["CapPrm"] & CAP_NET_RAW == 0 and checkpointer["CapEff"] == 0, f"checkpointer: {checkpointer}"
+
+    # A parallel worker, while it runs a statement.
+    force = "debug_parallel_query" if int(cluster.sql("SHOW server_version_num")) >= 160000 else "force_parallel_mode"
+    sleeper = subprocess.Popen([str(PGBIN / "psql"), "-X", "-h", str(cluster.dir), "-p", str(cluster.port),
+                                "-U", "postgres", "-d", "postgres", "-c",
+                                f"SET {force} = on; SET parallel_setup_cost = 0; SELECT pg_sleep(4)"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pid = int(wait_for("a parallel worker", lambda: cluster.sql(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'parallel worker'")))
+        worker = cap_bits(open(f"/proc/{pid}/status").read())
+        assert worker["CapPrm"] & CAP_NET_RAW == 0 and worker["CapEff"] == 0, f"parallel worker: {worker}"
+    finally:
+        sleeper.wait(timeout=30)
+
+    # A client that connects and sends nothing: its backend holds CAP_NET_RAW permitted
+    # (not effective) until it authenticates.
+    before = set(postmaster_children(cluster))
+    with socket.create_connection(("127.0.0.1", cluster.port)) as s:
+        pid = wait_for("the new backend", lambda: next(iter(set(postmaster_children(cluster)) - before), None))
+        waiting = cap_bits(postmaster_children(cluster)[pid])
+        assert waiting["CapEff"] == 0 and waiting["CapPrm"] == CAP_NET_RAW, f"backend before authentication: {waiting}"
+        s.sendall(b"")
 
 
 @pytest.mark.skipif(BUILD != "portable", reason="the native build restricts CAP_NET_RAW (tested above)")
