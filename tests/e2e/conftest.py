@@ -35,6 +35,13 @@ def pytest_configure(config):
         enter_private_world()
 
 
+def capture_conf(device):
+    """The settings of a test server that captures `device`: 2-second intervals, a short
+    retire timeout so intervals close quickly, the capture method of this run."""
+    return [f"pg_netstat.interval = {INTERVAL}", "pg_netstat.packet_wait_time = 1", "pg_netstat.pcap_timeout = 100",
+            f"pg_netstat.devices = '{device}'", f"pg_netstat.capture_method = {CAPTURE_METHOD}"]
+
+
 @pytest.fixture(scope="module")
 def netns():
     ns = Netns(str(os.getpid() % 100000))
@@ -49,14 +56,7 @@ def cluster(netns):
     one file share it and leave it as they found it; no other file sees it."""
     c = Cluster(
         free_port(),
-        conf=[
-            f"pg_netstat.interval = {INTERVAL}",
-            "pg_netstat.packet_wait_time = 1",
-            "pg_netstat.pcap_timeout = 100",
-            f"pg_netstat.devices = '{netns.host_if}'",
-            "pg_netstat.capture_loopback = on",
-            f"pg_netstat.capture_method = {CAPTURE_METHOD}",
-        ],
+        conf=capture_conf(netns.host_if) + ["pg_netstat.capture_loopback = on"],
         listen=f"127.0.0.1,::1,{netns.host_ip},{netns.host_ip6}",
         hba_extra=f"host all all {netns.host_ip.rsplit('.', 1)[0]}.0/30 trust\nhost all all {netns.host_ip6}/64 trust",
     )

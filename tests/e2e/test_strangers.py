@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CAPTURE_METHOD, CRASH_MARKERS, INTERVAL
+from conftest import CRASH_MARKERS, INTERVAL, capture_conf
 from harness import PGBIN, Cluster, Tcpdump, free_port, pcap_by_client, run, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +33,7 @@ def cluster(netns):
     net = f"{netns.host_ip.rsplit('.', 1)[0]}.0/30"
     c = Cluster(
         free_port(),
-        conf=[
-            f"pg_netstat.interval = {INTERVAL}",
-            "pg_netstat.packet_wait_time = 1",
-            "pg_netstat.pcap_timeout = 100",
-            f"pg_netstat.devices = '{netns.host_if}'",
-            f"pg_netstat.capture_method = {CAPTURE_METHOD}",
+        conf=capture_conf(netns.host_if) + [
             "authentication_timeout = '1s'",
             "password_encryption = 'scram-sha-256'",
             "ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'",
