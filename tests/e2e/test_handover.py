@@ -17,16 +17,21 @@ pytestmark = pytest.mark.alone
 
 
 def test_rebuilds_under_load_lose_and_double_nothing(cluster, tmp_path):
-    # A ring of 4 MB: libpcap (the pcap backend) takes longer than the ring to open a
-    # capture, and a flood must not overflow the old one meanwhile.
+    # A ring of 16 MB: libpcap (the pcap backend) takes longer than the ring to open a
+    # capture, and the load must not overflow the old one meanwhile. The load has a set
+    # rate, the same on every machine: flat out, how fast the collector drains depends
+    # on what else the two CPUs run, and a fresh-clone run on a faster day (250,000
+    # packets in, 4 MB) overflowed the portable build's old ring by 8,162 frames. What
+    # is tested here is the handover; the collector's throughput is the capture
+    # benchmark's (docs/performance.md).
     try:
-        cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = '4MB'")
+        cluster.change_settings("ALTER SYSTEM SET pg_netstat.pcap_buffer_size = '16MB'")
         mark = len(cluster.log())
         start_in_a_fresh_interval(cluster, INTERVAL)
         with Tcpdump("lo", cluster.port, tmp_path) as dump:
             load = subprocess.Popen(
-                [str(PGBIN / "pgbench"), "-n", "-S", "-c", "4", "-j", "2", "-T", "9", "-h", "127.0.0.1",
-                 "-p", str(cluster.port), "-U", "postgres", "postgres"],
+                [str(PGBIN / "pgbench"), "-n", "-S", "-c", "4", "-j", "2", "-T", "9", "-R", "12000",
+                 "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "postgres"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # input: the load runs at full rate before the first rebuild
             for i in range(REBUILDS):
