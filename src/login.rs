@@ -64,10 +64,17 @@ unsafe extern "C-unwind" fn on_authentication(port: *mut pg_sys::libpq::be::Port
 }
 
 /// The first commit after authentication ends InitPostgres: the session has begun.
-/// (Registered for the backend's life: later commits cost one atomic read.)
-#[pg_guard]
+/// (Registered for the backend's life: every later commit costs one atomic read here,
+/// and no guard, which is why the work of the first is in a function of its own.)
 unsafe extern "C-unwind" fn on_first_commit(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    if event != pg_sys::XactEvent::XACT_EVENT_COMMIT || !SESSION_PENDING.swap(false, Ordering::AcqRel) {
+    if event == pg_sys::XactEvent::XACT_EVENT_COMMIT && SESSION_PENDING.load(Ordering::Relaxed) {
+        session_begun();
+    }
+}
+
+#[pg_guard]
+extern "C-unwind" fn session_begun() {
+    if !SESSION_PENDING.swap(false, Ordering::AcqRel) {
         return;
     }
     // SAFETY: a plain read of this backend's Port, set before authentication.
